@@ -1,0 +1,17 @@
+"""ECLoss (explainable channel loss) over the full activation-template set, fused.
+
+    import ecloss_fast as ef
+    loss = ef.ecloss(maps)               # maps: post-ReLU (B, C, H, W) of the last conv
+    criterion = ef.ECLoss(estimator="marginal")
+
+See SPEC.md for the definitions; ``available_backends()`` lists what runs here.
+"""
+from ecloss_fast import _ops  # noqa: F401  (registers the torch.library ops)
+from ecloss_fast._dispatch import BackendUnavailableError, available_backends
+from ecloss_fast._templates import make_templates, num_templates
+from ecloss_fast.functional import ecloss
+from ecloss_fast.module import ECLoss
+
+__all__ = ["ecloss", "ECLoss", "make_templates", "num_templates", "available_backends",
+           "BackendUnavailableError"]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Backend names, their modules, availability, and what ``backend="auto"`` picks."""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "PRECISIONS", "available_backends", "backend_module", "resolve_backend",
+           "resolve_precision", "BackendUnavailableError"]
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
+PRECISIONS = ("ieee", "tf32", "bf16")
+_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+_MODULES = {
+    "torch": "ecloss_fast.backends.streaming",
+    "triton": "ecloss_fast.backends.triton_fused",
+    "cuda": "ecloss_fast.backends.cpp_cuda",
+    "cpu": "ecloss_fast.backends.cpp_cpu",
+}
+
+# Fastest first, per device type; see bench/NOTES.md for the measurements behind the order.
+_AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+_AUTO_FALLBACK = ("torch",)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says how to get it."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as error:
+        return None, f"its module could not be imported ({error})"
+    return module, module.availability()
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module of a fused backend; raises ``BackendUnavailableError`` saying why not."""
+    module, why_not = _load(name)
+    if why_not is not None:
+        raise BackendUnavailableError(f"ECLoss backend {name!r} is not available: {why_not}")
+    return module
+
+
+def available_backends() -> list[str]:
+    """Backends that can run in this process, in the order of ``BACKENDS``."""
+    return ["reference"] + [name for name in BACKENDS[1:] if _load(name)[1] is None]
+
+
+def _accepts(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    module, why_not = _load(name)
+    if why_not is not None or not module.supports(device):
+        return False
+    return getattr(module, "supports_dtype", lambda _: True)(dtype)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs ``x`` of this device and dtype; ``"auto"`` picks the fastest."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, _AUTO_FALLBACK):
+            if _accepts(candidate, device, dtype):
+                return candidate
+        return "torch"
+    if name == "reference":
+        return name
+    module = backend_module(name)
+    if not module.supports(device):
+        raise ValueError(f"backend {name!r} does not run tensors on {device.type}; "
+                         f"x is on {device} (use backend='auto' or move x)")
+    if not getattr(module, "supports_dtype", lambda _: True)(dtype):
+        raise TypeError(f"backend {name!r} does not take x of dtype {dtype}; "
+                        f"use backend='torch' or 'auto' for it")
+    return name
+
+
+def resolve_precision(precision: str) -> str:
+    """``""`` (the API's ``None``) follows ``torch.get_float32_matmul_precision()`` now.
+
+    Resolved inside the ops, at run time, so a compiled graph follows the setting too.
+    """
+    return precision or _MATMUL_PRECISION[torch.get_float32_matmul_precision()]

@@ -1,0 +1,44 @@
+"""The ground truth: SPEC sections 2 and 3 in plain PyTorch autograd.
+
+It materialises the ``B x C x N`` scores (2.5 GB per copy at the paper's setting) and
+lets autograd differentiate everything, including the marginal prior's dependence on
+``x``, which the fused backends drop because it contributes exactly zero (SPEC section 3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["channel_loss"]
+
+
+def channel_loss(x: torch.Tensor, templates: torch.Tensor, tau: float, marginal: bool,
+                 process_group=None) -> torch.Tensor:
+    """``loss[c] = -MI[c]`` for ``x`` of shape ``(B, C, H, W)`` and templates ``(N, H*W)``.
+
+    Computed in ``templates.dtype`` (float64 for float64 input, else float32), whatever
+    autocast is doing. With ``process_group`` (marginal only) ``pbar`` is the mean over the
+    group's global batch; it is then a constant for autograd, as in the fused backends.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        batch = x.shape[0]
+        rows = x.reshape(batch, x.shape[1], -1).to(templates.dtype)
+        scores = tau * torch.einsum("bck,nk->bcn", rows, templates)
+        log_p = torch.log_softmax(scores, dim=-1)
+        p = log_p.exp()
+        if marginal:
+            if process_group is None:
+                pbar = p.mean(0)
+            else:
+                totals = torch.cat([p.detach().sum(0).flatten(),
+                                    p.new_tensor([float(batch)])])
+                dist.all_reduce(totals, group=process_group)
+                pbar = (totals[:-1] / totals[-1]).view_as(p[0])
+            log_q = pbar.clamp_min(torch.finfo(p.dtype).tiny).log()
+        else:
+            log_q = torch.full((), -math.log(templates.shape[0]), dtype=p.dtype, device=p.device)
+        # A term with p = 0 contributes 0; NaN must still propagate, so mask on p == 0.
+        kl_terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
+        return -kl_terms.sum(-1).mean(0)

@@ -1,0 +1,131 @@
+"""Backend ``torch``: streaming ECLoss in plain PyTorch, on any device.
+
+It walks the templates in chunks sized so that a ``rows x chunk`` score block stays near
+``_CHUNK_ELEMENTS``, keeps the online-softmax state per row, and recomputes the scores in
+the backward pass, so nothing of size ``B x C x N`` is allocated. It is the fused
+kernels' algorithm written with library GEMMs; see ``ecloss_fast.backends`` for the contract.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["availability", "supports", "row_stats", "column_sums", "input_grad"]
+
+# 1 MB of float32 per score block: GEMMs of (rows x 196) @ (196 x chunk) stay efficient
+# while the streaming peak stays a few percent of the reference's B x C x N tensor
+# (tests/test_memory.py measures it).
+_CHUNK_ELEMENTS = 1 << 18
+_MIN_CHUNK = 32
+
+
+def availability() -> str | None:
+    return None
+
+
+def supports(device: torch.device) -> bool:
+    return True
+
+
+def _chunks(num_rows: int, num_templates: int):
+    width = max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(num_rows, 1))
+    for start in range(0, num_templates, width):
+        yield slice(start, min(start + width, num_templates))
+
+
+@contextlib.contextmanager
+def _matmul_precision(device: torch.device, precision: str):
+    """TF32 on CUDA when asked; elsewhere float32 GEMMs stay IEEE (more exact than asked)."""
+    if device.type != "cuda" or precision != "tf32":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
+def _operands(x: torch.Tensor, templates: torch.Tensor, precision: str):
+    """Rows ``(B*C, K)`` and templates in the accumulation dtype, rounded for ``bf16``."""
+    rows = x.reshape(-1, x.shape[-1]).to(templates.dtype)
+    if precision == "bf16" and templates.dtype == torch.float32:
+        return rows.bfloat16().float(), templates.bfloat16().float()
+    return rows, templates
+
+
+def _scores(rows, templates, chunk, tau):
+    return torch.mm(rows, templates[chunk].t()).mul_(tau)
+
+
+def row_stats(x, templates, tau, precision):
+    batch, channels, _ = x.shape
+    rows, templates = _operands(x, templates, precision)
+    running_max = sum_exp = sum_exp_shifted = None
+    with _matmul_precision(x.device, precision):
+        for chunk in _chunks(rows.shape[0], templates.shape[0]):
+            scores = _scores(rows, templates, chunk, tau)
+            chunk_max = scores.amax(dim=1)
+            if running_max is None:
+                new_max = chunk_max
+                sum_exp = torch.zeros_like(chunk_max)
+                sum_exp_shifted = torch.zeros_like(chunk_max)
+            else:
+                # Rescale sum e^(s-m) and sum e^(s-m)(s-m) from the old max m to m'.
+                new_max = torch.maximum(running_max, chunk_max)
+                shift = running_max - new_max
+                decay = shift.exp()
+                sum_exp_shifted = decay * (sum_exp_shifted + shift * sum_exp)
+                sum_exp = decay * sum_exp
+            shifted = scores.sub_(new_max[:, None])
+            weights = shifted.exp()
+            sum_exp += weights.sum(dim=1)
+            sum_exp_shifted += weights.mul_(shifted).sum(dim=1)
+            running_max = new_max
+    log_sum = sum_exp.log()
+    lse = running_max + log_sum
+    neg_entropy = sum_exp_shifted / sum_exp - log_sum
+    return lse.view(batch, channels), neg_entropy.view(batch, channels)
+
+
+def column_sums(x, templates, tau, lse, precision):
+    batch, channels, _ = x.shape
+    rows, templates = _operands(x, templates, precision)
+    sums = torch.empty(channels, templates.shape[0], dtype=templates.dtype, device=x.device)
+    row_lse = lse.reshape(-1, 1)
+    with _matmul_precision(x.device, precision):
+        for chunk in _chunks(rows.shape[0], templates.shape[0]):
+            p = _scores(rows, templates, chunk, tau).sub_(row_lse).exp_()
+            sums[:, chunk] = p.view(batch, channels, -1).sum(dim=0)
+    return sums
+
+
+def input_grad(x, templates, tau, lse, neg_entropy, log_q, row_weight, precision):
+    batch, channels, pixels = x.shape
+    rows, templates = _operands(x, templates, precision)
+    row_lse = lse.reshape(-1, 1)
+    # ds = w p (s - lse - h - log q + r): everything but s - log q is a per-row constant.
+    offset = (lse + neg_entropy).reshape(-1, 1)
+    with _matmul_precision(x.device, precision):
+        if log_q is not None:
+            expected_log_q = torch.zeros_like(lse)
+            for chunk in _chunks(rows.shape[0], templates.shape[0]):
+                p = _scores(rows, templates, chunk, tau).sub_(row_lse).exp_()
+                expected_log_q += (p.view(batch, channels, -1) * log_q[None, :, chunk]).sum(-1)
+            offset = offset - expected_log_q.reshape(-1, 1)
+        grad = torch.zeros_like(rows)
+        weight = row_weight.reshape(-1, 1)
+        for chunk in _chunks(rows.shape[0], templates.shape[0]):
+            scores = _scores(rows, templates, chunk, tau)
+            p = (scores - row_lse).exp_()
+            factor = scores.sub_(offset)
+            if log_q is not None:
+                factor = (factor.view(batch, channels, -1) - log_q[None, :, chunk]).view_as(p)
+            grad_scores = p.mul_(factor).mul_(weight)
+            if precision == "bf16" and grad_scores.dtype == torch.float32:
+                grad_scores = grad_scores.bfloat16().float()
+            grad.addmm_(grad_scores, templates[chunk])
+    return grad.mul_(tau).view(batch, channels, pixels).to(x.dtype)

@@ -1,0 +1,109 @@
+"""``ecloss``: the public entry point of SPEC section 5, with its input validation."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ecloss_fast import _ops
+from ecloss_fast._dispatch import BACKENDS, PRECISIONS
+from ecloss_fast._templates import num_templates, subset_indices, template_matrix
+from ecloss_fast.backends import reference
+
+__all__ = ["ecloss", "ESTIMATORS", "REDUCTIONS", "PRECISIONS"]
+
+ESTIMATORS = ("uniform", "marginal")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_input(x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W); got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W); got {x.dim()} dimensions "
+                         f"{tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty; got shape (B, C, H, W) = {tuple(x.shape)}")
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite; got {value}")
+    return float(value)
+
+
+def _template_tensor(templates, x, dtype):
+    if templates.dim() != 3:
+        raise ValueError(f"templates must have shape (N, H, W); got {tuple(templates.shape)}")
+    if templates.shape[1:] != x.shape[2:]:
+        raise ValueError(f"templates must have the maps' H x W = {tuple(x.shape[2:])}; "
+                         f"got templates of shape {tuple(templates.shape)}")
+    if templates.shape[0] == 0:
+        raise ValueError("templates must hold at least one template; got N = 0")
+    if not templates.dtype.is_floating_point:
+        raise TypeError(f"templates must be a floating tensor; got {templates.dtype}")
+    return templates.detach().to(x.device, dtype).reshape(templates.shape[0], -1).contiguous()
+
+
+def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates="full",
+           estimator: str = "uniform", reduction: str = "mean", backend: str = "auto",
+           precision: str | None = None, process_group=None) -> torch.Tensor:
+    """ECLoss, ``-MI(T; X)`` per channel of the post-ReLU maps ``x`` of shape ``(B, C, H, W)``.
+
+    ``s[b,c,t] = tau * <x[b,c], T[t]>``, ``p = softmax_t(s)``, and per channel
+    ``loss[c] = -(1/B) sum_b KL(p[b,c] || q[c])`` with ``q`` uniform (``estimator="uniform"``,
+    the paper) or the batch marginal ``pbar[c] = mean_b p[b,c]`` (``"marginal"``; with
+    ``process_group``, the mean over that group's global batch). ``templates`` is
+    ``"full"`` (all ``num_templates(H, W)``), an int ``k`` (the paper's evenly spaced
+    subset) or a tensor ``(N, H, W)``. ``reduction`` is ``"mean"`` or ``"sum"`` over
+    channels, or ``"none"`` for the ``(C,)`` vector. The result is float32 (float64 for
+    float64 input); the gradient has ``x``'s dtype. See SPEC.md for every definition.
+    """
+    _check_input(x)
+    tau = _check_positive("tau", tau)
+    radius = _check_positive("radius", radius)
+    _choice("estimator", estimator, ESTIMATORS)
+    _choice("reduction", reduction, REDUCTIONS)
+    _choice("backend", backend, BACKENDS + ("auto",))
+    _choice("precision", precision, PRECISIONS + (None,))
+    marginal = estimator == "marginal"
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    height, width = x.shape[-2:]
+
+    template_rows, subset = None, 0
+    if isinstance(templates, torch.Tensor):
+        template_rows = _template_tensor(templates, x, dtype)
+    elif isinstance(templates, str):
+        _choice("templates", templates, ("full",))
+    elif isinstance(templates, int) and not isinstance(templates, bool):
+        subset_indices(num_templates(height, width), templates)  # validates k
+        subset = templates
+    else:
+        raise TypeError("templates must be 'full', an int k or a tensor (N, H, W); "
+                        f"got {type(templates).__name__}")
+
+    if backend == "reference":
+        if template_rows is None:
+            template_rows = template_matrix(height, width, radius, subset or None, x.device, dtype)
+        per_channel = reference.channel_loss(
+            x, template_rows, tau, marginal, process_group if marginal else None)
+    else:
+        # The op resolves "auto" and precision=None itself, at run time (see ecloss_fast._ops).
+        group = _ops.register_process_group(process_group) if marginal and process_group else ""
+        per_channel = torch.ops.ecloss_fast.channel_loss(
+            x, template_rows, radius, subset, tau, marginal, precision or "", backend, group)[0]
+
+    if reduction == "mean":
+        return per_channel.mean()
+    if reduction == "sum":
+        return per_channel.sum()
+    return per_channel

@@ -1,0 +1,129 @@
+"""Public API: validation, Module, precision, autocast, non-finite input, torch.compile."""
+import math
+
+import pytest
+import torch
+
+import ecloss_fast as ef
+from _inputs import peaked_maps, random_maps
+
+
+@pytest.mark.parametrize("make_input, kwargs, error, words", [
+    (lambda: [[1.0]], {}, TypeError, "x must be a torch.Tensor"),
+    (lambda: torch.rand(2, 3, 4), {}, ValueError, "(B, C, H, W)"),
+    (lambda: torch.ones(2, 3, 4, 4, dtype=torch.int64), {}, TypeError, "torch.int64"),
+    (lambda: torch.rand(0, 3, 4, 4), {}, ValueError, "must not be empty"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(estimator="bayes"), ValueError, "estimator"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(reduction="max"), ValueError, "reduction"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(backend="fortran"), ValueError, "backend"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(precision="fp8"), ValueError, "precision"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(tau=0.0), ValueError, "tau"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(tau="big"), TypeError, "tau"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(radius=float("nan")), ValueError, "radius"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates="most"), ValueError, "templates"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates=0), ValueError, "subset"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates=1.5), TypeError, "templates"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates=torch.rand(5, 4, 5)), ValueError, "H x W"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates=torch.rand(5, 16)), ValueError, "(N, H, W)"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates=torch.ones(5, 4, 4, dtype=torch.int32)),
+     TypeError, "floating"),
+])
+def test_bad_input_errors(make_input, kwargs, error, words):
+    with pytest.raises(error) as info:
+        ef.ecloss(make_input(), **kwargs)
+    assert words in str(info.value)
+
+
+def test_unavailable_backend_says_how_to_get_it(monkeypatch):
+    from ecloss_fast import _dispatch
+    monkeypatch.setitem(_dispatch._MODULES, "cuda", "ecloss_fast.backends.does_not_exist")
+    _dispatch._load.cache_clear()
+    try:
+        with pytest.raises(ef.BackendUnavailableError, match="'cuda' is not available"):
+            ef.ecloss(torch.rand(1, 1, 2, 2), backend="cuda")
+        assert "cuda" not in ef.available_backends()
+    finally:
+        _dispatch._load.cache_clear()
+
+
+def test_available_backends_lists_reference_and_torch():
+    names = ef.available_backends()
+    assert names[:2] == ["reference", "torch"]
+    assert set(names) <= {"reference", "torch", "triton", "cuda", "cpu"}
+
+
+def test_module_equals_functional_and_reductions():
+    x = peaked_maps(3, 4, 5, 5, seed=1)
+    per_channel = ef.ecloss(x, reduction="none", estimator="marginal")
+    assert per_channel.shape == (4,)
+    torch.testing.assert_close(ef.ECLoss(estimator="marginal", reduction="sum")(x), per_channel.sum())
+    torch.testing.assert_close(ef.ECLoss(estimator="marginal")(x), per_channel.mean())
+    assert "marginal" in repr(ef.ECLoss(estimator="marginal"))
+    assert torch.all(per_channel <= 1e-6) and torch.all(per_channel >= -math.log(ef.num_templates(5)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_gives_non_finite_loss(backend, bad):
+    x = random_maps(2, 2, 3, 3)
+    x[1, 0, 1, 1] = bad
+    for estimator in ("uniform", "marginal"):
+        loss = ef.ecloss(x, backend=backend, estimator=estimator)
+        assert not torch.isfinite(loss)
+
+
+def test_precision_none_follows_matmul_precision():
+    x = peaked_maps(2, 3, 6, 6, seed=4)
+    ieee = ef.ecloss(x, backend="torch", precision="ieee")
+    bf16 = ef.ecloss(x, backend="torch", precision="bf16")
+    assert ieee != bf16  # operands rounded to bfloat16 change the scores
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert ef.ecloss(x, backend="torch") == bf16
+        torch.set_float32_matmul_precision("highest")
+        assert ef.ecloss(x, backend="torch") == ieee
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    reference = ef.ecloss(x.double(), backend="reference")
+    assert abs(bf16.item() - reference.item()) <= 3e-2 * abs(reference.item())
+
+
+def test_autocast_bfloat16_input():
+    layer = torch.nn.Conv2d(3, 4, 3, padding=1)
+    images = torch.rand(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = torch.relu(layer(images))
+        assert maps.dtype == torch.bfloat16
+        loss = ef.ecloss(maps, backend="torch")
+        reference = ef.ecloss(maps, backend="reference")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5 * math.log(ef.num_templates(6)))
+    loss.backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_custom_ops_pass_opcheck():
+    x = peaked_maps(2, 3, 4, 3, seed=9).requires_grad_()
+    for marginal in (False, True):
+        torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default,
+                              (x, None, 4.0, 0, 1e-3, marginal, "ieee", "torch", ""))
+    lse = torch.zeros(2, 3)
+    torch.library.opcheck(torch.ops.ecloss_fast.input_grad.default,
+                          (x.detach(), None, 4.0, 7, 1e-3, lse, lse, None, torch.ones(2, 3), "ieee", "torch"))
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+
+    def step(images):
+        maps = torch.relu(conv(images))
+        return ef.ecloss(maps, estimator="marginal", backend="torch") + maps.mean()
+
+    images = torch.rand(2, 2, 5, 5)
+    eager = step(images)
+    (eager_grad,) = torch.autograd.grad(eager, conv.weight)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(images)
+    (compiled_grad,) = torch.autograd.grad(compiled, conv.weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
