@@ -123,7 +123,7 @@ def test_torch_compile_fullgraph_equals_eager():
     images = torch.rand(2, 2, 5, 5)
     eager = step(images)
     (eager_grad,) = torch.autograd.grad(eager, conv.weight)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(images)
+    compiled = torch.compile(step, fullgraph=True)(images)
     (compiled_grad,) = torch.autograd.grad(compiled, conv.weight)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)

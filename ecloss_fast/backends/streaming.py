@@ -34,19 +34,23 @@ def _chunks(num_rows: int, num_templates: int):
         yield slice(start, min(start + width, num_templates))
 
 
+# bf16 is emulated exactly (operands rounded, float32 GEMM), so it needs full float32 GEMMs.
+_GEMM_SETTING = {"ieee": "highest", "tf32": "high", "bf16": "highest"}
+
+
 @contextlib.contextmanager
-def _matmul_precision(device: torch.device, precision: str):
-    """TF32 on CUDA when asked; elsewhere float32 GEMMs stay IEEE (more exact than asked)."""
-    if device.type != "cuda" or precision != "tf32":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = True
+def _matmul_precision(precision: str):
+    """PyTorch's own switch set for the asked precision and restored, whatever it was before.
+
+    Without this a global ``set_float32_matmul_precision("high")`` would make an explicit
+    ``precision="ieee"`` run in TF32 on CUDA.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(_GEMM_SETTING[precision])
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        torch.set_float32_matmul_precision(previous)
 
 
 def _operands(x: torch.Tensor, templates: torch.Tensor, precision: str):
@@ -65,7 +69,7 @@ def row_stats(x, templates, tau, precision):
     batch, channels, _ = x.shape
     rows, templates = _operands(x, templates, precision)
     running_max = sum_exp = sum_exp_shifted = None
-    with _matmul_precision(x.device, precision):
+    with _matmul_precision(precision):
         for chunk in _chunks(rows.shape[0], templates.shape[0]):
             scores = _scores(rows, templates, chunk, tau)
             chunk_max = scores.amax(dim=1)
@@ -96,7 +100,7 @@ def column_sums(x, templates, tau, lse, precision):
     rows, templates = _operands(x, templates, precision)
     sums = torch.empty(channels, templates.shape[0], dtype=templates.dtype, device=x.device)
     row_lse = lse.reshape(-1, 1)
-    with _matmul_precision(x.device, precision):
+    with _matmul_precision(precision):
         for chunk in _chunks(rows.shape[0], templates.shape[0]):
             p = _scores(rows, templates, chunk, tau).sub_(row_lse).exp_()
             sums[:, chunk] = p.view(batch, channels, -1).sum(dim=0)
@@ -109,7 +113,7 @@ def input_grad(x, templates, tau, lse, neg_entropy, log_q, row_weight, precision
     row_lse = lse.reshape(-1, 1)
     # ds = w p (s - lse - h - log q + r): everything but s - log q is a per-row constant.
     offset = (lse + neg_entropy).reshape(-1, 1)
-    with _matmul_precision(x.device, precision):
+    with _matmul_precision(precision):
         if log_q is not None:
             expected_log_q = torch.zeros_like(lse)
             for chunk in _chunks(rows.shape[0], templates.shape[0]):
