@@ -1,0 +1,278 @@
+"""The ``triton`` backend: fused Triton kernels for ECLoss, forward and backward.
+
+Implements the contract of ``ecloss_fast.backends`` (``availability``, ``supports``,
+``row_stats``, ``column_sums``, ``input_grad``) plus ``supports_dtype``. The kernels, one
+per file, are in ``ecloss_fast.triton_kernels``; this module picks the compiled or the
+interpreted copy, the operand precision, the ``K`` chunking and the launch configuration,
+and launches them.
+
+Sweeps over the ``M x N`` scores (``M = B*C`` feature maps, ``N`` templates), SPEC section 6:
+
+* ``row_stats``: 1 (online softmax; one ``2MNK`` product);
+* ``column_sums``: 1 (one product; each program owns all maps of its channels, or
+  per-batch-block partials are summed in a fixed order afterwards);
+* ``input_grad``: 1 for the uniform prior (two products: recompute, then ``dx += w T``),
+  2 with a prior (``row_prior`` first computes ``r = sum_t p log_q``, which every
+  template's weight needs).
+
+Nothing of size ``B x C x N`` is allocated: the outputs are ``(B, C)``, ``(C, N)`` (times
+the number of batch blocks when ``B`` exceeds one tile) and ``dx``.
+
+CPU tensors run in Triton's interpreter (slow, for tests), CUDA tensors compiled; setting
+``TRITON_INTERPRET=1`` interprets CUDA tensors too. ``ECLOSS_TRITON_AUTOTUNE=1`` times
+every candidate configuration of ``triton_kernels.configs`` on the first call of each
+shape instead of taking the default.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
+           "input_grad"]
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TUNED: dict[tuple, object] = {}
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def availability() -> str | None:
+    """``None`` when Triton imports and there is a GPU or ``TRITON_INTERPRET=1``; else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return (f"the triton backend needs the triton package ({error}); "
+                "install it with `pip install triton` (Linux, CUDA GPUs)")
+    if not (torch.cuda.is_available() or _interpret_requested()):
+        return ("the triton backend needs a CUDA GPU (torch.cuda.is_available() is False); "
+                "set TRITON_INTERPRET=1 to run its kernels in Triton's (slow) CPU interpreter")
+    return None
+
+
+def supports(device: torch.device) -> bool:
+    """CUDA devices; CPU only under ``TRITON_INTERPRET=1`` (Triton's interpreter)."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and _interpret_requested())
+
+
+def supports_dtype(dtype: torch.dtype) -> bool:
+    """Input dtypes the kernels take: float16, bfloat16, float32 and float64.
+
+    Float64 runs float64 matrix instructions (``mma`` f64 on Ampere and Hopper, about
+    1/15 of the bfloat16 rate) with float64 accumulation, as SPEC section 4 asks.
+    """
+    return dtype in _INPUT_DTYPES
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" or _interpret_requested()
+
+
+def _operands(x: torch.Tensor, precision: str, interpreted: bool) -> str:
+    """The kernels' ``OPERANDS`` value: what the matrix unit multiplies (see ``_tiles``).
+
+    The one place that routes bfloat16 products to float32 products of bfloat16-rounded
+    operands under the interpreter, whose bfloat16 ``tl.dot`` is wrong (triton 3.8).
+    """
+    if x.dtype == torch.float64:
+        return "fp64"
+    if precision not in ("ieee", "tf32", "bf16"):
+        raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and interpreted:
+        return "bf16_emulated"
+    return precision
+
+
+def _operand_templates(templates: torch.Tensor, operands: str) -> torch.Tensor:
+    """Templates as the kernels read them: bfloat16 copies halve the traffic for ``"bf16"``."""
+    return templates.to(torch.bfloat16) if operands == "bf16" else templates
+
+
+def _chunks(k: int) -> tuple[int, int, int]:
+    """Up to three power-of-two widths (at least 16) covering ``k``: 196 -> (128, 64, 16).
+
+    ``k`` is rounded up to a multiple of 16 and split into its two highest powers of two;
+    what remains, if anything, is rounded up to a power of two (so 240 -> 128, 64, 64).
+    """
+    padded = -(-k // 16) * 16
+    first = 1 << (padded.bit_length() - 1)
+    rest = padded - first
+    second = 1 << (rest.bit_length() - 1) if rest else 0
+    rest -= second
+    third = 1 << (rest - 1).bit_length() if rest else 0
+    return first, second, third
+
+
+def _common_constants(x: torch.Tensor, tau: float, precision: str):
+    import triton.language as tl
+
+    interpreted = _interpreted(x)
+    operands = _operands(x, precision, interpreted)
+    chunks = _chunks(x.shape[-1])
+    return interpreted, operands, dict(
+        TAU=float(tau), K=x.shape[-1], K0=chunks[0], K1=chunks[1], K2=chunks[2],
+        OPERANDS=operands, ACC=tl.float64 if operands == "fp64" else tl.float32)
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _launch(kernel, grid, interpreted: bool, *args, **kwargs) -> None:
+    if interpreted:
+        from ecloss_fast.triton_kernels import run_interpreted
+
+        run_interpreted(kernel, grid, *args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, rows: int,
+         templates: int, launch) -> None:
+    """Launch ``launch(config)`` with the default, interpreter or tuned configuration."""
+    from ecloss_fast.triton_kernels import configs
+
+    if interpreted:
+        launch(configs.interpreter(kernel_name, rows, templates))
+        return
+    with torch.cuda.device(x.device):
+        capability = torch.cuda.get_device_capability(x.device)
+        if os.environ.get("ECLOSS_TRITON_AUTOTUNE", "0") != "1":
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            launch(configs.default(kernel_name, operands, capability, rows, sms))
+            return
+        import triton.testing
+
+        # Rows bucketed by powers of two: the best tile depends on how many programs fill
+        # the chip, not on the exact batch.
+        key = (kernel_name, operands, capability, 1 << max(rows - 1, 0).bit_length(),
+               templates, x.shape[-1], x.dtype)
+        if key not in _TUNED:
+            timings = {config: triton.testing.do_bench(lambda config=config: launch(config))
+                       for config in configs.candidates(kernel_name, operands, capability)}
+            _TUNED[key] = min(timings, key=timings.get)
+        launch(_TUNED[key])
+
+
+def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
+              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lse`` and ``neg_entropy`` per feature map, one online-softmax sweep (contract).
+
+    ``x``: ``(B, C, K)`` contiguous, float16/bfloat16/float32/float64. ``templates``:
+    ``(N, K)`` contiguous, unit-scaled, accumulation dtype. Returns two ``(B, C)`` tensors
+    in the accumulation dtype: ``lse = log sum_t exp s`` and ``sum_t p (s - lse)``.
+    """
+    from ecloss_fast.triton_kernels.row_stats import row_stats_kernel
+
+    interpreted, operands, constants = _common_constants(x, tau, precision)
+    batch, channels, _ = x.shape
+    rows, count = batch * channels, templates.shape[0]
+    x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
+    lse = torch.empty(batch, channels, device=x.device, dtype=_accumulation_dtype(x))
+    neg_entropy = torch.empty_like(lse)
+
+    def launch(config):
+        _launch(row_stats_kernel, (math.ceil(rows / config.block_m),), interpreted,
+            x, templates, lse, neg_entropy, rows, count, **constants,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+
+    _run("row_stats", x, operands, interpreted, rows, count, launch)
+    return lse, neg_entropy
+
+
+def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.Tensor,
+                precision: str) -> torch.Tensor:
+    """``sum_b p[b,c,t]`` as a ``(C, N)`` tensor in the accumulation dtype (contract).
+
+    Deterministic: a program owns ``channels x block_b`` maps and a range of templates;
+    when ``B`` spans several batch blocks their partial sums are added by ``torch.sum``
+    over the block axis, a fixed order. No atomics.
+    """
+    from ecloss_fast.triton_kernels.column_sums import column_sums_kernel
+
+    interpreted, operands, constants = _common_constants(x, tau, precision)
+    batch, channels, _ = x.shape
+    count = templates.shape[0]
+    x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
+    lse = lse.contiguous()
+    result = {}
+
+    def launch(config):
+        block_b = min(1 << max(batch - 1, 0).bit_length(), config.block_m)
+        per_program = config.block_m // block_b
+        grid_channels = math.ceil(channels / per_program)
+        batch_blocks = math.ceil(batch / block_b)
+        tiles = math.ceil(count / config.block_n)
+        splits = 1
+        if not interpreted:
+            # Split the templates so that the grid has two programs per multiprocessor.
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            splits = min(tiles, math.ceil(2 * sms / (grid_channels * batch_blocks)))
+        tiles_per_program = math.ceil(tiles / splits)
+        splits = math.ceil(tiles / tiles_per_program)
+        partial = torch.empty(batch_blocks, channels, count, device=x.device,
+                              dtype=_accumulation_dtype(x))
+        _launch(column_sums_kernel, (grid_channels, batch_blocks, splits), interpreted,
+            x, templates, lse, partial, batch, channels, count, tiles_per_program,
+            **constants, CHANNELS=per_program, BLOCK_B=block_b, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        result["partial"] = partial
+
+    _run("column_sums", x, operands, interpreted, batch * channels, count, launch)
+    partial = result["partial"]
+    return partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)
+
+
+def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.Tensor,
+               neg_entropy: torch.Tensor, log_q: torch.Tensor | None,
+               row_weight: torch.Tensor, precision: str) -> torch.Tensor:
+    """``dx`` of ECLoss, scores recomputed, shape and dtype of ``x`` (contract)::
+
+        r[b,c]    = sum_t p[b,c,t] * log_q[c,t]                       (0 when uniform)
+        dx[b,c,:] = tau * row_weight[b,c] * sum_k p[b,c,k]
+                      * (s[b,c,k] - lse[b,c] - neg_entropy[b,c] - log_q[c,k] + r[b,c])
+                      * templates[k,:]
+
+    ``log_q`` is ``(C, N)`` or ``None`` (uniform); ``lse``, ``neg_entropy`` and
+    ``row_weight`` are ``(B, C)`` in the accumulation dtype. With a prior, ``r`` takes a
+    sweep of its own (``row_prior_kernel``) before the gradient sweep.
+    """
+    from ecloss_fast.triton_kernels.input_grad import input_grad_kernel
+    from ecloss_fast.triton_kernels.row_prior import row_prior_kernel
+
+    interpreted, operands, constants = _common_constants(x, tau, precision)
+    batch, channels, _ = x.shape
+    rows, count = batch * channels, templates.shape[0]
+    x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
+    lse, neg_entropy = lse.contiguous(), neg_entropy.contiguous()
+    row_weight = row_weight.to(_accumulation_dtype(x)).contiguous()
+    has_prior = log_q is not None
+    prior = lse  # an unread placeholder pointer when there is no prior
+    if has_prior:
+        log_q = log_q.contiguous()
+        prior = torch.empty_like(lse)
+
+        def launch_prior(config):
+            _launch(row_prior_kernel, (math.ceil(rows / config.block_m),), interpreted,
+                x, templates, lse, log_q, prior, batch, channels, count, **constants,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+        _run("row_prior", x, operands, interpreted, rows, count, launch_prior)
+    dx = torch.empty_like(x)
+
+    def launch(config):
+        _launch(input_grad_kernel, (math.ceil(rows / config.block_m),), interpreted,
+            x, templates, lse, neg_entropy, log_q if has_prior else lse, prior, row_weight, dx,
+            batch, channels, count, **constants, HAS_PRIOR=has_prior,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+
+    _run("input_grad", x, operands, interpreted, rows, count, launch)
+    return dx

@@ -1,0 +1,136 @@
+"""Tile helpers shared by the ECLoss kernels: row mapping, chunked loads, the two products.
+
+The reduction length ``K = H*W`` is rarely a power of two (196 for 14x14) and ``tl.arange``
+needs one, so a row of ``x`` or of the templates is held as up to three power-of-two
+chunks of widths ``K0 >= K1 >= K2`` (multiples of 16, the matrix unit's step) that cover
+``K`` rounded up to 16: 196 -> 128 + 64 + 16 = 208, so only 6% of the products are padding
+(a single 256-wide tile would waste 30%). Loads are masked at ``K`` (zero fill), so nothing
+is padded in memory. An absent chunk has width 0; the helpers then return the first
+chunk in its place, which the callers never read (the compiler drops it).
+
+``OPERANDS`` (a constexpr string chosen by the launcher) fixes what the matrix unit sees:
+
+* ``"ieee"``: float32 operands, full-precision products (``input_precision="ieee"``);
+* ``"tf32"``: float32 operands, TF32 products;
+* ``"bf16"``: operands rounded to bfloat16, float32 accumulation;
+* ``"bf16_emulated"``: the same rounding, then float32 products. Only the Triton
+  interpreter uses it: its ``tl.dot`` on bfloat16 operands returns garbage (triton 3.8),
+  while rounding to bfloat16 and multiplying in float32 is the same arithmetic (a product
+  of two bfloat16 values is exact in float32);
+* ``"fp64"``: float64 operands and accumulation (float64 inputs).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_coordinates(rows, B, C, CHANNEL_MAJOR: tl.constexpr):
+    """Feature map ``(b, c)`` of each flat row index (int64 ``[R]``).
+
+    Batch-major rows (``row = b*C + c``) are the memory order of ``x``; channel-major rows
+    (``row = c*B + b``) keep the ``B`` maps of a channel together, so a tile reads few rows
+    of the ``(C, N)`` prior and those repeat (cache hits).
+    """
+    if CHANNEL_MAJOR:
+        b = rows % B
+        c = rows // B
+    else:
+        b = rows // C
+        c = rows % C
+    return b, c
+
+
+@triton.jit
+def to_operand(values, OPERANDS: tl.constexpr):
+    """Cast a tile to the matrix unit's operand type (see the module docstring)."""
+    if OPERANDS == "bf16":
+        return values.to(tl.bfloat16)
+    elif OPERANDS == "bf16_emulated":
+        return values.to(tl.bfloat16).to(tl.float32)
+    elif OPERANDS == "fp64":
+        return values.to(tl.float64)
+    else:
+        return values.to(tl.float32)
+
+
+@triton.jit
+def _load_chunk(ptr, row_offsets, row_mask, START: tl.constexpr, WIDTH: tl.constexpr,
+                K: tl.constexpr, OPERANDS: tl.constexpr):
+    columns = START + tl.arange(0, WIDTH)
+    mask = row_mask[:, None] & (columns < K)[None, :]
+    values = tl.load(ptr + row_offsets[:, None] + columns[None, :], mask=mask, other=0.0)
+    return to_operand(values, OPERANDS)
+
+
+@triton.jit
+def load_chunks(ptr, row_offsets, row_mask, K: tl.constexpr, K0: tl.constexpr,
+                K1: tl.constexpr, K2: tl.constexpr, OPERANDS: tl.constexpr):
+    """Rows ``ptr[row_offsets + k]``, ``k < K``, as three operand chunks (masked rows are 0).
+
+    ``row_offsets`` is int64 ``[R]`` (element offsets of each row's first value),
+    ``row_mask`` bool ``[R]``. Returns tiles ``[R, K0]``, ``[R, K1]``, ``[R, K2]``.
+    """
+    chunk0 = _load_chunk(ptr, row_offsets, row_mask, 0, K0, K, OPERANDS)
+    chunk1 = chunk0
+    chunk2 = chunk0
+    if K1 > 0:
+        chunk1 = _load_chunk(ptr, row_offsets, row_mask, K0, K1, K, OPERANDS)
+    if K2 > 0:
+        chunk2 = _load_chunk(ptr, row_offsets, row_mask, K0 + K1, K2, K, OPERANDS)
+    return chunk0, chunk1, chunk2
+
+
+@triton.jit
+def _dot(a, b, acc, OPERANDS: tl.constexpr):
+    if OPERANDS == "tf32":
+        return tl.dot(a, b, acc, input_precision="tf32")
+    elif OPERANDS == "bf16":
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def products(x0, x1, x2, t0, t1, t2, K1: tl.constexpr, K2: tl.constexpr,
+             OPERANDS: tl.constexpr, ACC: tl.constexpr):
+    """Unscaled scores ``x @ templates^T``: ``[R, Nt]`` in ``ACC`` from chunks ``[R, Kc]``, ``[Nt, Kc]``."""
+    acc = tl.zeros((x0.shape[0], t0.shape[0]), dtype=ACC)
+    acc = _dot(x0, tl.trans(t0), acc, OPERANDS)
+    if K1 > 0:
+        acc = _dot(x1, tl.trans(t1), acc, OPERANDS)
+    if K2 > 0:
+        acc = _dot(x2, tl.trans(t2), acc, OPERANDS)
+    return acc
+
+
+@triton.jit
+def accumulate_weighted(acc0, acc1, acc2, weights, t0, t1, t2, K1: tl.constexpr,
+                        K2: tl.constexpr, OPERANDS: tl.constexpr):
+    """``acc += weights @ templates`` per chunk: ``weights [R, Nt]``, ``t [Nt, Kc]``, ``acc [R, Kc]``."""
+    w = to_operand(weights, OPERANDS)
+    acc0 = _dot(w, t0, acc0, OPERANDS)
+    if K1 > 0:
+        acc1 = _dot(w, t1, acc1, OPERANDS)
+    if K2 > 0:
+        acc2 = _dot(w, t2, acc2, OPERANDS)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def store_chunks(ptr, row_offsets, row_mask, chunk0, chunk1, chunk2, K: tl.constexpr,
+                 K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """Write the three chunks back as rows ``ptr[row_offsets + k]``, ``k < K``, in ``ptr``'s dtype."""
+    columns = tl.arange(0, K0)
+    mask = row_mask[:, None] & (columns < K)[None, :]
+    tl.store(ptr + row_offsets[:, None] + columns[None, :],
+             chunk0.to(ptr.dtype.element_ty), mask=mask)
+    if K1 > 0:
+        columns = K0 + tl.arange(0, K1)
+        mask = row_mask[:, None] & (columns < K)[None, :]
+        tl.store(ptr + row_offsets[:, None] + columns[None, :],
+                 chunk1.to(ptr.dtype.element_ty), mask=mask)
+    if K2 > 0:
+        columns = K0 + K1 + tl.arange(0, K2)
+        mask = row_mask[:, None] & (columns < K)[None, :]
+        tl.store(ptr + row_offsets[:, None] + columns[None, :],
+                 chunk2.to(ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,255 @@
+"""The Triton backend against an independent float64 evaluation of SPEC sections 2-3.
+
+On the CPU every kernel runs in Triton's interpreter: ``ecloss_fast.triton_kernels.
+run_interpreted`` interprets a kernel whatever ``TRITON_INTERPRET`` was when ``triton``
+was imported (see that module), so these tests do not depend on the order in which pytest
+imports modules, and CPU tensors always take the interpreted path. The tests through
+``ecloss(backend="triton")`` set ``TRITON_INTERPRET=1`` (the backend's availability rule
+for CPU tensors) and clear the dispatcher's cache around it.
+
+Tolerances (SPEC section 4): relative error at most 1e-5 (ieee), 3e-3 (tf32) or 3e-2
+(bf16) of the result, or, where the result is itself a small difference of larger terms
+(near-uniform softmaxes, the ``B = 1`` marginal gradient, which is exactly 0), at most a
+few times the error of PyTorch's own float32 evaluation with the same operand rounding.
+GPU tests (``@pytest.mark.gpu``) repeat the comparisons on CUDA for every precision.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import ecloss_fast as ef  # noqa: E402
+from ecloss_fast import _dispatch  # noqa: E402
+from ecloss_fast._templates import template_matrix  # noqa: E402
+from ecloss_fast.backends import triton_fused  # noqa: E402
+
+from _inputs import peaked_maps, random_maps  # noqa: E402
+
+TAU = 1e-3
+TOLERANCE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2}
+BASELINE_MARGIN = 8.0  # the kernel may be this many times less exact than PyTorch's float32
+
+
+def _templates(h, w, device="cpu", dtype=torch.float32):
+    return template_matrix(h, w, 4.0, None, torch.device(device), dtype)
+
+
+def _evaluate(x, templates, row_weight, marginal):
+    """SPEC sections 2-3 by einsum at the dtype of the arguments (materialises B x C x N).
+
+    Returns ``lse``, ``neg_entropy``, ``column_sums``, ``log_q`` and ``dx``.
+    """
+    scores = TAU * torch.einsum("bck,nk->bcn", x, templates)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse[..., None])
+    neg_entropy = (p * (scores - lse[..., None])).sum(-1)
+    sums = p.sum(0)
+    coefficient = scores - lse[..., None] - neg_entropy[..., None]
+    log_q = None
+    if marginal:
+        log_q = torch.log((sums / x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny))
+        coefficient = coefficient - log_q + (p * log_q).sum(-1, keepdim=True)
+    dx = TAU * row_weight[..., None] * torch.einsum("bcn,nk->bck", p * coefficient, templates)
+    return lse, neg_entropy, sums, log_q, dx
+
+
+def _rounded(tensor, precision):
+    """The operand rounding the kernels apply, for the float32 baseline."""
+    return tensor.to(torch.bfloat16).float() if precision == "bf16" else tensor.float()
+
+
+def _check(name, got, truth, baseline, precision, scale=0.0):
+    """``got`` within the SPEC tolerance of ``truth`` or a few times ``baseline``'s error.
+
+    ``scale`` is the size of the terms whose difference ``truth`` is, where that matters;
+    a bfloat16 result also carries its own rounding (relative ``2^-8``).
+    """
+    error = (got.double() - truth).norm().item()
+    tolerance = max(TOLERANCE[precision], 2.0 ** -8 if got.dtype == torch.bfloat16 else 0.0)
+    allowed = max(tolerance * max(truth.norm().item(), scale),
+                  BASELINE_MARGIN * (baseline.double() - truth).norm().item(), 1e-30)
+    assert error <= allowed, f"{name}: error {error:.3g} > allowed {allowed:.3g}"
+
+
+def _compare(x, templates, precision, marginal, seed=0):
+    """Run the three contract functions on ``x (B, C, K)`` and check them all."""
+    batch, channels, _ = x.shape
+    row_weight = torch.rand(batch, channels, generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64, device="cpu").to(x.device) + 0.5
+    truth = _evaluate(x.double(), templates.double(), row_weight, marginal)
+    baseline = _evaluate(_rounded(x, precision), _rounded(templates, precision),
+                         row_weight.float(), marginal)
+
+    lse, neg_entropy = triton_fused.row_stats(x, templates, TAU, precision)
+    assert lse.dtype == neg_entropy.dtype == torch.float32 and lse.shape == (batch, channels)
+    _check("lse", lse, truth[0], baseline[0], precision)
+    _check("neg_entropy", neg_entropy, truth[1], baseline[1], precision)
+    log_q = None
+    if marginal:
+        sums = triton_fused.column_sums(x, templates, TAU, lse, precision)
+        assert sums.shape == (channels, templates.shape[0]) and sums.dtype == torch.float32
+        _check("column_sums", sums, truth[2], baseline[2], precision)
+        log_q = torch.log((sums / batch).clamp_min(torch.finfo(torch.float32).tiny))
+    dx = triton_fused.input_grad(x, templates, TAU, lse, neg_entropy, log_q,
+                                 row_weight.float(), precision)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    # With B = 1 the marginal gradient is exactly 0: measure it on the scale of SPEC
+    # section 4's near-uniform rule, log N times the size of tau * row_weight * sum_k p_k T_k.
+    p = torch.softmax(TAU * torch.einsum("bck,nk->bcn", x.double(), templates.double()), -1)
+    scale = (math.log(templates.shape[0]) * TAU * row_weight[..., None]
+             * torch.einsum("bcn,nk->bck", p, templates.double().abs())).norm().item()
+    _check("dx", dx, truth[4], baseline[4], precision, scale if batch == 1 else 0.0)
+
+
+# (height, width, B, C): K and N multiples of no block; rectangular maps; B = 1.
+SMALL_SHAPES = [(3, 5, 2, 3), (3, 5, 1, 2), (7, 7, 3, 2)]
+
+
+@pytest.mark.parametrize("marginal", [False, True], ids=["uniform", "marginal"])
+@pytest.mark.parametrize("maps", [peaked_maps, random_maps], ids=["peaked", "random"])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernels_match_float64_float32_input(shape, maps, marginal):
+    h, w, b, c = shape
+    x = maps(b, c, h, w, seed=sum(shape)).reshape(b, c, h * w)
+    _compare(x, _templates(h, w), "ieee", marginal)
+
+
+@pytest.mark.parametrize("marginal", [False, True], ids=["uniform", "marginal"])
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_kernels_match_float64_bfloat16(precision, marginal):
+    """bfloat16 maps; and bfloat16 products (emulated in the interpreter, see ``_tiles``)."""
+    x = peaked_maps(3, 2, 7, 7, seed=5).reshape(3, 2, 49)
+    x = x.to(torch.bfloat16) if precision == "ieee" else x
+    _compare(x, _templates(7, 7), precision, marginal)
+
+
+def test_kernels_match_float64_14x14():
+    """The paper's maps: 19,307 templates, B x C tiny (the interpreter runs in Python)."""
+    x = peaked_maps(2, 1, 14, 14, seed=3).reshape(2, 1, 196)
+    _compare(x, _templates(14, 14), "ieee", marginal=True)
+
+
+def test_float64_input_accumulates_in_float64():
+    x = peaked_maps(2, 2, 3, 5, seed=9, dtype=torch.float64).reshape(2, 2, 15)
+    templates = _templates(3, 5, dtype=torch.float64)
+    lse, neg_entropy = triton_fused.row_stats(x, templates, TAU, "ieee")
+    truth = _evaluate(x, templates, torch.ones(2, 2, dtype=torch.float64), marginal=False)
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(lse, truth[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(neg_entropy, truth[1], rtol=1e-10, atol=1e-14)
+
+
+def test_column_sums_are_deterministic():
+    x = random_maps(3, 3, 3, 5, seed=1).reshape(3, 3, 15)
+    templates = _templates(3, 5)
+    lse, _ = triton_fused.row_stats(x, templates, TAU, "ieee")
+    first = triton_fused.column_sums(x, templates, TAU, lse, "ieee")
+    assert torch.equal(first, triton_fused.column_sums(x, templates, TAU, lse, "ieee"))
+
+
+def test_non_finite_input_gives_non_finite_statistics():
+    x = peaked_maps(1, 2, 3, 5, seed=2).reshape(1, 2, 15)
+    x[0, 0, 3] = float("nan")
+    x[0, 1, 4] = float("inf")
+    lse, neg_entropy = triton_fused.row_stats(x, _templates(3, 5), TAU, "ieee")
+    assert not torch.isfinite(lse).any() or not torch.isfinite(neg_entropy).any()
+    assert not torch.isfinite(lse[0, 0])
+
+
+@pytest.mark.parametrize("k, chunks", [(196, (128, 64, 16)), (49, (64, 0, 0)), (15, (16, 0, 0)),
+                                       (240, (128, 64, 64)), (256, (256, 0, 0)),
+                                       (100, (64, 32, 16))])
+def test_k_chunks_cover_k_with_little_padding(k, chunks):
+    assert triton_fused._chunks(k) == chunks
+    assert k <= sum(chunks) < k + 64
+
+
+def test_availability_and_dtypes():
+    assert triton_fused.supports(torch.device("cuda")) is True
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert triton_fused.supports_dtype(dtype)
+    assert not triton_fused.supports_dtype(torch.int32)
+    with pytest.raises(ValueError, match="precision"):
+        triton_fused.row_stats(torch.ones(1, 1, 15), _templates(3, 5), TAU, "fp8")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """``TRITON_INTERPRET=1`` so that the dispatcher offers ``triton`` for CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch._load.cache_clear()
+    yield
+    monkeypatch.undo()
+    _dispatch._load.cache_clear()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+def test_ecloss_matches_reference(interpret, estimator, reduction):
+    assert triton_fused.availability() is None and triton_fused.supports(torch.device("cpu"))
+    x = peaked_maps(3, 2, 3, 5, seed=11)
+    results = {}
+    for backend in ("reference", "triton"):
+        leaf = x.clone().requires_grad_(True)
+        loss = ef.ecloss(leaf, tau=TAU, estimator=estimator, reduction=reduction,
+                         backend=backend, precision="ieee")
+        upstream = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+        (loss * upstream).sum().backward()
+        results[backend] = (loss.detach(), leaf.grad)
+    loss, grad = results["triton"]
+    truth_loss, truth_grad = results["reference"]
+    # The marginal loss is H(pbar) - mean H(p), a difference of values of size log N.
+    size = math.log(ef.num_templates(3, 5))
+    torch.testing.assert_close(loss.double(), truth_loss.double(), rtol=1e-5, atol=1e-5 * size)
+    assert (grad.double() - truth_grad.double()).norm() <= 1e-4 * truth_grad.double().norm()
+
+
+# ---- GPU: the same comparisons compiled, every precision (bench/gpu_check.sh runs them) ----
+
+GPU_CASES = [(14, 14, 4, 8), (7, 7, 130, 3), (3, 5, 1, 5)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("marginal", [False, True], ids=["uniform", "marginal"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("maps", [peaked_maps, random_maps], ids=["peaked", "random"])
+@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_kernels_match_float64(shape, maps, dtype, precision, marginal):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    h, w, b, c = shape
+    x = maps(b, c, h, w, seed=sum(shape), dtype=dtype).reshape(b, c, h * w).cuda()
+    templates = _templates(h, w, device="cuda")
+    if precision == "tf32":
+        # The float32 baseline cannot round like TF32; SPEC's bound alone decides.
+        global BASELINE_MARGIN
+        saved, BASELINE_MARGIN = BASELINE_MARGIN, 3e-3 / 1e-7 * (1 if maps is random_maps else 0)
+        try:
+            _compare(x, templates, precision, marginal)
+        finally:
+            BASELINE_MARGIN = saved
+    else:
+        _compare(x, templates, precision, marginal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+def test_gpu_ecloss_matches_reference(estimator):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = peaked_maps(4, 8, 14, 14, seed=1).cuda()
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaf = x.clone().requires_grad_(True)
+        loss = ef.ecloss(leaf, tau=TAU, estimator=estimator, backend=backend, precision="ieee")
+        loss.backward()
+        grads[backend] = (loss.detach().double(), leaf.grad.double())
+    assert math.isclose(grads["triton"][0].item(), grads["reference"][0].item(),
+                        rel_tol=1e-5, abs_tol=1e-6)
+    error = (grads["triton"][1] - grads["reference"][1]).norm()
+    assert error <= 1e-4 * grads["reference"][1].norm()
