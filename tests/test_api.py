@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ecloss_fast as ef
-from _inputs import peaked_maps, random_maps
+from ecloss_fast.testing import peaked_maps, random_maps
 
 
 @pytest.mark.parametrize("make_input, kwargs, error, words", [

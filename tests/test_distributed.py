@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ecloss_fast as ef
-from _inputs import peaked_maps
+from ecloss_fast.testing import peaked_maps
 
 
 def _free_port():

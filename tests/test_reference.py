@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ecloss_fast as ef
-from _inputs import peaked_maps, random_maps
+from ecloss_fast.testing import peaked_maps, random_maps
 from _numpy_ecloss import loss_and_grad
 
 

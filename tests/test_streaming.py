@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ecloss_fast as ef
 from ecloss_fast.backends import streaming
-from _inputs import peaked_maps, random_maps
+from ecloss_fast.testing import peaked_maps, random_maps
 
 # Relative tolerance per input dtype: float32 and float64 accumulate in float32 / float64;
 # half inputs also accumulate in float32, but their gradient is rounded to the input dtype.

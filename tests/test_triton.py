@@ -27,7 +27,7 @@ from ecloss_fast import _dispatch  # noqa: E402
 from ecloss_fast._templates import template_matrix  # noqa: E402
 from ecloss_fast.backends import triton_fused  # noqa: E402
 
-from _inputs import peaked_maps, random_maps  # noqa: E402
+from ecloss_fast.testing import peaked_maps, random_maps  # noqa: E402
 
 TAU = 1e-3
 TOLERANCE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2}

@@ -1,9 +1,15 @@
-"""Input generators shared by the tests: random maps and maps with a peaked softmax."""
+"""Inputs for testing and benchmarking ECLoss: random maps, and maps with a peaked softmax.
+
+Random post-ReLU maps give a nearly uniform softmax over templates (small ``tau``), which
+hides indexing and rescaling errors; trained maps look like templates, so test with both.
+"""
 from __future__ import annotations
 
 import torch
 
-import ecloss_fast as ef
+from ecloss_fast._templates import make_templates
+
+__all__ = ["random_maps", "peaked_maps"]
 
 
 def random_maps(b, c, h, w, *, dtype=torch.float32, seed=0, scale=1.0):
@@ -19,7 +25,7 @@ def peaked_maps(b, c, h, w, *, dtype=torch.float32, seed=0, scale=None, noise=0.
     over templates peaked (a few templates hold most of the mass), as on trained maps.
     """
     g = torch.Generator().manual_seed(seed)
-    templates = ef.make_templates(h, w, radius=radius, dtype=torch.float64)
+    templates = make_templates(h, w, radius=radius, dtype=torch.float64)
     n = templates.shape[0]
     if scale is None:
         scale = 4e4 / (h * w)

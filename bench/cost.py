@@ -1,0 +1,76 @@
+"""The cost model of SPEC section 6: flops, exponentials and bytes per estimator and pass.
+
+Rows ``M = B*C``, templates ``N``, reduction length ``K = H*W``. One sweep of scores is a
+GEMM of ``2*M*N*K`` flops plus ``M*N`` exponentials. These are the *useful* counts of the
+loss: a route that does more work (the reference, the SDPA route's ``P V`` product and
+``dK, dV``) is charged the same, so its TFLOP/s shows how far it is from the floor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["PASSES", "gemm_count", "sweep_count", "Workload"]
+
+PASSES = ("forward", "backward", "forward_backward")
+
+# (GEMMs of 2MNK, sweeps of M x N scores) per estimator and pass, SPEC section 6's table.
+_FORWARD = {"uniform": (1, 1), "marginal": (2, 2)}
+_BACKWARD = {"uniform": (2, 1), "marginal": (3, 2)}
+
+
+def _counts(estimator: str, pass_name: str) -> tuple[int, int]:
+    if estimator not in _FORWARD:
+        raise ValueError(f"estimator must be 'uniform' or 'marginal'; got {estimator!r}")
+    if pass_name == "forward":
+        return _FORWARD[estimator]
+    if pass_name == "backward":
+        return _BACKWARD[estimator]
+    if pass_name == "forward_backward":
+        (g1, s1), (g2, s2) = _FORWARD[estimator], _BACKWARD[estimator]
+        return g1 + g2, s1 + s2
+    raise ValueError(f"pass_name must be one of {PASSES}; got {pass_name!r}")
+
+
+def gemm_count(estimator: str, pass_name: str) -> int:
+    """GEMMs of ``2*M*N*K`` flops that the pass needs (uniform forward: 1, backward: 2)."""
+    return _counts(estimator, pass_name)[0]
+
+
+def sweep_count(estimator: str, pass_name: str) -> int:
+    """Sweeps of the ``M x N`` scores (each one ``M*N`` exponentials)."""
+    return _counts(estimator, pass_name)[1]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One problem size: ``batch`` maps of ``channels`` channels, ``pixels = H*W`` each,
+    ``templates = N``."""
+
+    batch: int
+    channels: int
+    pixels: int
+    templates: int
+
+    @property
+    def rows(self) -> int:
+        """``M = B*C``, the rows of the score GEMM."""
+        return self.batch * self.channels
+
+    @property
+    def gemm_flops(self) -> int:
+        """``2*M*N*K``: one sweep's multiply-adds, counted as two flops each."""
+        return 2 * self.rows * self.templates * self.pixels
+
+    def flops(self, estimator: str, pass_name: str) -> int:
+        return gemm_count(estimator, pass_name) * self.gemm_flops
+
+    def exponentials(self, estimator: str, pass_name: str) -> int:
+        return sweep_count(estimator, pass_name) * self.rows * self.templates
+
+    def input_bytes(self, element_size: int) -> int:
+        """Bytes of ``x``: ``M*K`` elements."""
+        return self.rows * self.pixels * element_size
+
+    def score_tensor_bytes(self, element_size: int = 4) -> int:
+        """Bytes of one materialised ``B x C x N`` tensor (what the reference keeps several of)."""
+        return self.rows * self.templates * element_size
