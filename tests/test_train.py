@@ -1,0 +1,397 @@
+"""The trainer: config, schedules, sampler, training, resume, signals, DDP on gloo, bad data."""
+import copy
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from models import build_model
+from train.beta import BetaSchedule
+from train.checkpoint import load_checkpoint, load_for_eval
+from train.config import BetaConfig, Config, OptimConfig, config_from_dict, load_config
+from train.data import BadDataError
+from train.data.sampler import GlobalBatchSampler
+from train.data.synthetic import SyntheticFaces
+from train.optim import lr_factor
+from train.trainer import Trainer, fit, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: OpenMP threads only add contention on a shared 2-core runner.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, name="run", **sections):
+    """A VGG13 at 1/16 width on 64x64 synthetic faces (4x4 maps, 137 templates)."""
+    config = {
+        "model": {"arch": "vgg13", "width": 1 / 16, "input_size": 64, "embedding_dim": 16,
+                  "batch_norm": True},
+        "data": {"num_identities": 4, "images_per_identity": 6, "num_workers": 0},
+        "beta": {"update_every": 2},
+        "optim": {"lr": 0.05, "warmup_epochs": 0.5},
+        "train": {"epochs": 2, "batch_size": 4, "output_dir": str(tmp_path), "run_name": name,
+                  "progress": False, "tensorboard": False, "log_every": 1,
+                  "deterministic": True},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_rejects_unknown_keys_and_bad_types(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'optim.momentun'.*did you mean 'momentum'"):
+        load_config(overrides=["optim.momentun=0.1"])
+    with pytest.raises(ValueError, match="unknown config key 'trainer'"):
+        config_from_dict({"trainer": {}})
+    with pytest.raises(ValueError, match="train.epochs must be an integer"):
+        load_config(overrides=["train.epochs=1.5"])
+    with pytest.raises(ValueError, match="head.kind must be one of"):
+        load_config(overrides=["head.kind=sphereface"])
+    with pytest.raises(ValueError, match="data.path is required"):
+        load_config(overrides=["data.source=recordio"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(overrides=["epochs=3"])
+
+
+def test_config_layers_file_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {arch: vgg19, width: 0.5}\noptim: {milestones: [3, 6]}\n")
+    config = load_config(tmp_path / "a.yaml", ["model.width=0.25", "ecloss.templates=400",
+                                               "head.m=null"])
+    assert (config.model.arch, config.model.width, config.optim.milestones) == ("vgg19", 0.25, (3.0, 6.0))
+    assert config.ecloss.templates == 400 and config.head.m is None
+    assert config.model.input_size == Config().model.input_size  # untouched defaults
+    (tmp_path / "b.py").write_text("config = {'head': {'kind': 'arcface'}, 'train': {'amp': 'bf16'}}\n")
+    config = load_config(tmp_path / "b.py", ["train.amp=none"])
+    assert config.head.kind == "arcface" and config.train.amp == "none"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "train" / "configs").iterdir()))
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def test_beta_schedules():
+    constant = BetaSchedule(BetaConfig(schedule="constant", value=0.3), alpha=1.0)
+    assert constant.value(0) == constant.value(1000) == 0.3
+    warmup = BetaSchedule(BetaConfig(schedule="warmup", value=0.4, warmup_steps=10), alpha=1.0)
+    assert [warmup.value(s) for s in (0, 5, 10, 20)] == [0.0, 0.2, 0.4, 0.4]
+    # The constant schedule only reports the ratio: 0.3 * 2 / (1 * 4).
+    constant.observe(0, ce_grad_norm=4.0, ecloss_grad_norm=2.0)
+    assert constant.ratio == pytest.approx(0.15) and constant.value(1) == 0.3
+
+
+def test_auto_beta_solves_for_the_gradient_ratio():
+    auto = BetaSchedule(BetaConfig(schedule="auto", value=1e-5, grad_ratio=0.5, ema=0.75,
+                                   update_every=3, max_growth=4.0), alpha=2.0)
+    assert auto.value(0) == pytest.approx(1e-5) and auto.measures_at(0) and not auto.measures_at(1)
+    # Target 0.5 * 2 * 8 / 0.001 = 8000: far above, so beta grows by max_growth only. The
+    # reported ratio is the one the current beta gave: 1e-5 * 0.001 / (2 * 8).
+    auto.observe(0, ce_grad_norm=8.0, ecloss_grad_norm=1e-3)
+    assert auto.value(1) == pytest.approx(4e-5)
+    assert auto.ratio == pytest.approx(1e-5 * 1e-3 / 16)
+    auto.log_beta = math.log(8000.0)
+    # Target 0.5 * 2 * 8 / 0.0005 = 16000, close: raised smoothly, a geometric EMA.
+    auto.observe(3, ce_grad_norm=8.0, ecloss_grad_norm=5e-4)
+    smoothed = 8000 ** 0.75 * 16000 ** 0.25
+    assert auto.value(4) == pytest.approx(smoothed)
+    assert auto.ratio == pytest.approx(8000 * 5e-4 / 16)
+    # Third: target 0.5 * 2 * 8 / 0.1 = 80, far below half of beta: taken at once.
+    auto.observe(6, ce_grad_norm=8.0, ecloss_grad_norm=0.1)
+    assert auto.value(7) == pytest.approx(80.0)
+    assert auto.ratio == pytest.approx(smoothed * 0.1 / 16)
+    before = auto.state_dict()
+    auto.observe(9, ce_grad_norm=0.0, ecloss_grad_norm=1.0)  # unusable: ignored
+    auto.observe(9, ce_grad_norm=math.nan, ecloss_grad_norm=1.0)
+    assert auto.state_dict() == before
+
+
+def test_lr_schedule():
+    cosine = OptimConfig(lr=0.1, warmup_epochs=1, decay="cosine", min_lr=0.01)
+    factors = [lr_factor(s, cosine, steps_per_epoch=4, total_steps=12) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[8] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    step = OptimConfig(lr=0.1, decay="step", milestones=(1, 2), gamma=0.1)
+    assert [lr_factor(s, step, 4, 12) for s in (0, 3, 4, 8, 11)] == pytest.approx(
+        [1, 1, 0.1, 0.01, 0.01])
+
+
+def test_global_batch_sampler_is_rank_independent():
+    whole = GlobalBatchSampler(22, 6, world_size=1, seed=5)
+    halves = [GlobalBatchSampler(22, 3, world_size=2, rank=r, seed=5) for r in range(2)]
+    for s in [whole, *halves]:
+        s.set_epoch(2)
+    one = list(whole)
+    two = [a + b for a, b in zip(*halves)]
+    assert one == two and len(one) == 3 and sorted(sum(one, [])) == sorted(set(sum(one, [])))
+    whole.set_epoch(2, start_batch=2)
+    assert list(whole) == one[2:]
+    whole.set_epoch(3)
+    assert list(whole) != one
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatchSampler(5, 3, world_size=2, rank=0)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_training_reduces_the_loss_and_writes_the_run(tmp_path):
+    config = tiny(tmp_path, train={"epochs": 6, "checkpoint_every": 4, "keep_checkpoints": 2,
+                                   "tensorboard": True, "log_every": 6},
+                  optim={"lr": 0.1})
+    run_dir = train(config)
+    rows = (run_dir / "log.csv").read_text().splitlines()
+    header, rows = rows[0].split(","), [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
+    assert [int(r["step"]) for r in rows] == [6, 12, 18, 24, 30, 36]
+    ce = [float(r["ce"]) for r in rows]
+    assert ce[-1] < 0.8 * ce[0] and ce[-1] < math.log(4), ce  # below chance level
+    assert all(math.isfinite(float(r["grad_ratio"])) and float(r["beta"]) > 0 for r in rows[1:])
+    assert {"ecloss", "accuracy", "images_per_s", "lr"} <= set(header)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config_from_dict(saved).model.arch == "vgg13" and saved["train"]["run_name"] == "run"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["last.pt", "step_000000032.pt", "step_000000036.pt"]
+    assert any((run_dir / "tensorboard").iterdir())
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)
+
+    model, loaded = load_for_eval(run_dir)
+    assert not model.training and loaded.model.width == 1 / 16
+    state = load_checkpoint(run_dir)
+    assert state["step"] == 36 and state["world_size"] == 1 and len(state["rng"]) == 1
+    faces = SyntheticFaces(4, 6, size=64)
+    with torch.no_grad():
+        embedding = model(torch.stack([faces[i]["image"] for i in range(4)])).embedding
+    assert embedding.shape == (4, 16) and torch.isfinite(embedding).all()
+
+
+def _assert_same_state(a, b):
+    for part in ("model", "head"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert a["beta"] == b["beta"] and a["step"] == b["step"]
+
+
+def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+    # Dropout and flips draw random numbers, so the RNG states must come back too.
+    sections = dict(model={"dropout": 0.3}, train={"epochs": 2})
+    straight = train(tiny(tmp_path, "straight", **sections))
+    stopped = train(tiny(tmp_path, "stopped", **copy.deepcopy(sections) | {
+        "train": {"epochs": 2, "stop_at_step": 4}}))
+    assert load_checkpoint(stopped)["step"] == 4 and load_checkpoint(stopped)["batch_in_epoch"] == 4
+    with pytest.raises(ValueError, match="model.width is 0.125"):
+        train(tiny(tmp_path, "stopped", model={"dropout": 0.3, "width": 0.125},
+                   train={"epochs": 2, "resume": str(stopped)}))
+    resumed = train(tiny(tmp_path, "stopped", **copy.deepcopy(sections) | {
+        "train": {"epochs": 2, "resume": str(stopped)}}))
+    assert resumed == stopped
+    _assert_same_state(load_checkpoint(straight), load_checkpoint(resumed))
+    # The log of the resumed run continues where the stopped one ended.
+    steps = [line.split(",")[0] for line in (resumed / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [str(s) for s in range(1, 13)]
+
+
+def test_nonfinite_step_is_skipped_and_reported(tmp_path):
+    config = config_from_dict(tiny(tmp_path, train={"epochs": 1}))
+    from train import distributed
+    trainer = Trainer(config, distributed.setup("cpu"))
+    criterion = trainer.criterion
+
+    def poisoned(maps):  # a NaN ECLoss at step 2 only
+        loss = criterion(maps)
+        return loss * math.nan if trainer.step == 2 else loss
+
+    trainer.criterion = poisoned
+    snapshots = {}
+    step = trainer._train_step
+
+    def recording(batch):
+        snapshots[trainer.step] = [p.detach().clone() for p in trainer.module.parameters()]
+        return step(batch)
+
+    trainer._train_step = recording
+    trainer.run()
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4]))
+    # Steps are numbered as in log.csv: the third one.
+    assert "step 3: non-finite gradient" in (trainer.run_dir / "train.log").read_text()
+    rows = (trainer.run_dir / "log.csv").read_text().splitlines()
+    assert rows[-1].split(",")[-2] == "1"  # skipped_steps
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tmp_path, amp):
+    trainer = fit(tiny(tmp_path, train={"epochs": 1, "amp": amp, "stop_at_step": 2}))
+    state = load_checkpoint(trainer.run_dir)
+    assert state["step"] == 2
+    if amp == "fp16":
+        assert state["scaler"]["scale"] > 0  # the GradScaler state is checkpointed
+    rows = (trainer.run_dir / "log.csv").read_text().splitlines()[1:]
+    assert all(math.isfinite(float(r.split(",")[4])) for r in rows)
+
+
+def test_head_kinds_and_full_template_set(tmp_path):
+    # ArcFace with the marginal estimator; CosFace with the paper's subset of templates.
+    # The second also measures the gradient ratio at the maps instead of the weights.
+    for name, head, ecloss, measure_at in (("arc", "arcface", {"estimator": "marginal"}, "weights"),
+                                           ("cos", "cosface", {"templates": 50}, "maps")):
+        run_dir = train(tiny(tmp_path, name, head={"kind": head}, ecloss=ecloss,
+                             beta={"measure_at": measure_at, "value": 1e12, "update_every": 1},
+                             train={"epochs": 1, "stop_at_step": 2}))
+        state = load_checkpoint(run_dir)
+        assert state["step"] == 2 and state["skipped_steps"] == 0
+        assert 0.05 < state["beta"]["ratio"] < 1  # measured after beta fell to its target
+
+
+def test_sigint_saves_a_checkpoint_and_exits(tmp_path):
+    overrides = [f"{k}={v}" for k, v in {
+        "model.arch": "vgg13", "model.width": 0.0625, "model.input_size": 64,
+        "model.embedding_dim": 16, "data.num_identities": 4, "data.images_per_identity": 6,
+        "data.num_workers": 1, "train.batch_size": 4, "train.epochs": 500,
+        "train.output_dir": str(tmp_path), "train.run_name": "sig", "train.log_every": 1,
+        "train.tensorboard": "false"}.items()]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # Its own process group, signalled as a whole as a terminal's Ctrl-C does: the DataLoader
+    # worker gets SIGINT too and must leave the decision to the main process.
+    process = subprocess.Popen([sys.executable, "-m", "train", *overrides], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    log = tmp_path / "sig" / "log.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) > 2:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "stopped by SIGINT" in stderr and stderr.count("SIGINT received") == 1
+    state = load_checkpoint(tmp_path / "sig")
+    assert 2 <= state["step"] < 500 * 6
+    # The command line resumes from the checkpoint's own config, overrides on top.
+    from train.__main__ import main
+    assert main(["--resume", str(tmp_path / "sig"), f"train.stop_at_step={state['step'] + 1}",
+                 "train.progress=false"]) == 0
+    assert load_checkpoint(tmp_path / "sig")["step"] == state["step"] + 1
+
+
+# ---------------------------------------------------------------------------- DDP on gloo
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without_batchnorm(monkeypatch=None):
+    """Build models whose embedding-head BatchNorms are identities.
+
+    BatchNorm statistics are per process (SyncBatchNorm needs a GPU), so only a model
+    without them has a DDP gradient equal to the one-process gradient of the global batch.
+    """
+    import train.trainer
+
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.bn_maps, model.bn_embedding = torch.nn.Identity(), torch.nn.Identity()
+        return model
+
+    if monkeypatch is None:
+        train.trainer.build_model = build
+    else:
+        monkeypatch.setattr(train.trainer, "build_model", build)
+
+
+def _ddp_worker(rank, world_size, port, config):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    _without_batchnorm()
+    train(config)
+
+
+def test_two_process_gloo_equals_one_process_with_the_global_batch(tmp_path, monkeypatch):
+    # No BatchNorm, dropout or flips: then DDP's averaged gradient, with the marginal
+    # estimator's pbar over the global batch, is the one-process gradient of batch 2 x 4.
+    # Without BatchNorm, a small lr keeps the maps from running away (see train/beta.py).
+    _without_batchnorm(monkeypatch)
+    # A seed far above the automatic beta: it drops to its target at the first measurement,
+    # so that ECLoss weighs in from the first step.
+    sections = dict(model={"batch_norm": False}, data={"flip": False}, optim={"lr": 0.01},
+                    ecloss={"estimator": "marginal"}, beta={"value": 1e12, "update_every": 1},
+                    train={"epochs": 1, "deterministic": False})
+    one = train(tiny(tmp_path, "one", **copy.deepcopy(sections) | {
+        "train": {"epochs": 1, "batch_size": 8}}))
+    config = tiny(tmp_path, "two", **copy.deepcopy(sections) | {"train": {"epochs": 1, "batch_size": 4}})
+    mp.spawn(_ddp_worker, args=(2, _free_port(), config), nprocs=2, join=True)
+    a, b = load_checkpoint(one), load_checkpoint(tmp_path / "two")
+    assert b["world_size"] == 2 and len(b["rng"]) == 2 and a["step"] == b["step"] == 3
+    from train import distributed
+    start = Trainer(config_from_dict(tiny(tmp_path, "init", **sections)), distributed.setup("cpu"))
+    initial = torch.cat([p.detach().flatten() for p in start.module.parameters()])
+    start.close()
+
+    def flat(state):
+        return torch.cat([state[part][k].flatten() for part in ("model", "head")
+                          for k, _ in getattr(start.module, "backbone" if part == "model" else part)
+                          .named_parameters()])
+
+    # Near a uniform softmax the ECLoss gradient is a small difference of float32 numbers,
+    # so summation order matters at the 1e-3 level; a wrong pbar or average is O(1).
+    update_one, update_two = flat(a) - initial, flat(b) - initial
+    assert (update_two - update_one).norm() < 1e-2 * update_one.norm()
+    assert b["beta"]["log_beta"] == pytest.approx(a["beta"]["log_beta"], rel=1e-4)
+    assert a["skipped_steps"] == b["skipped_steps"] == 0
+    assert 0.1 < a["beta"]["ratio"] < 1  # ECLoss did shape the update
+
+
+# ---------------------------------------------------------------------------- bad data
+
+
+def test_training_on_recordio_reports_a_corrupt_record(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from train.data.recordio import write_recordio
+    images = []
+    for i in range(12):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            buffer, format="PNG")
+        images.append((i % 3, buffer.getvalue()))
+    images[4] = (1, b"\x89PNG broken")  # image key 5
+    write_recordio(tmp_path / "train.rec", tmp_path / "train.idx", images)
+    data = {"source": "recordio", "path": str(tmp_path / "train.rec"), "flip": True}
+    with pytest.raises(BadDataError, match="key 5"):
+        train(tiny(tmp_path, "stop", data=data, train={"epochs": 1}))
+    run_dir = train(tiny(tmp_path, "skip", data=data | {"on_bad_data": "skip"}, train={"epochs": 1}))
+    state = load_checkpoint(run_dir)
+    assert state["step"] == 3 and state["skipped_images"] == 1
+    assert "skipping bad data" in (run_dir / "train.log").read_text()  # with the path and key
+    assert "train.rec key 5" in (run_dir / "train.log").read_text()

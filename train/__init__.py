@@ -1,0 +1,1 @@
+"""Face recognition training with ECLoss: ``python -m train --config FILE key=value ...``."""

@@ -1,0 +1,311 @@
+"""The trainer's typed configuration: YAML or Python files, ``key=value`` overrides.
+
+Every hyperparameter the trainer reads is a field below; an unknown key or a value of the
+wrong type is a ``ValueError`` that names the key. ``python -m train --config FILE
+section.key=value ...`` layers the defaults, the file and the overrides in that order, and
+the run directory gets the fully resolved result as ``config.yaml``.
+
+A Python config file defines ``config``, a nested ``dict`` (or a :class:`Config`), and may
+import a base file to build on, as arcface_torch's configs do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import runpy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+
+__all__ = ["Config", "ModelConfig", "HeadConfig", "ECLossConfig", "BetaConfig", "DataConfig",
+           "OptimConfig", "RunConfig", "load_config", "parse_overrides", "config_from_dict",
+           "config_to_dict"]
+
+
+@dataclass
+class ModelConfig:
+    """The backbone; see :func:`models.build_model`."""
+
+    arch: Literal["vgg13", "vgg16", "vgg19"] = "vgg16"
+    batch_norm: bool = False
+    width: float = 1.0
+    input_size: int = 112
+    embedding_dim: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class HeadConfig:
+    """The classification head and its loss weight ``alpha`` (paper: 1)."""
+
+    kind: Literal["softmax", "cosface", "arcface"] = "softmax"
+    s: float = 64.0
+    m: Optional[float] = None  # None: 0.4 for CosFace, 0.5 for ArcFace
+    alpha: float = 1.0
+
+
+@dataclass
+class ECLossConfig:
+    """Arguments of :func:`ecloss_fast.ecloss` on the last conv's maps."""
+
+    enabled: bool = True
+    templates: Union[int, str] = "full"  # "full" or k, the paper's evenly spaced subset (400)
+    estimator: Literal["uniform", "marginal"] = "uniform"
+    backend: str = "auto"
+    tau: float = 1e-3
+    radius: float = 4.0
+    precision: Optional[Literal["ieee", "tf32", "bf16"]] = None
+
+
+@dataclass
+class BetaConfig:
+    """The weight ``beta`` of ECLoss in ``alpha * CE + beta * ECLoss`` (see train/beta.py).
+
+    ``constant``: ``value``. ``warmup``: ``value * min(1, step / warmup_steps)``.
+    ``auto``: ``beta`` such that ``beta * |dECL/dz| = grad_ratio * alpha * |dCE/dz|`` at the
+    target layer, ``z`` its conv weights (``measure_at="weights"``) or its output maps,
+    measured every ``update_every`` steps, raised smoothly (exponential moving average of
+    ``log beta`` with factor ``ema``, at most ``max_growth`` times per measurement) and
+    lowered at once when twice too strong; it starts from ``value`` (the paper's 1e-5), and
+    the ratio ramps linearly from 0 over ``warmup_steps``.
+    """
+
+    schedule: Literal["constant", "warmup", "auto"] = "auto"
+    value: float = 1e-5
+    warmup_steps: int = 0
+    grad_ratio: float = 0.25
+    update_every: int = 1
+    ema: float = 0.9
+    max_growth: float = 2.0  # auto: beta grows at most by this factor per measurement
+    measure_at: Literal["weights", "maps"] = "weights"  # the target conv's weights, or maps
+
+
+@dataclass
+class DataConfig:
+    """Where images come from; ``model.input_size`` sets their size."""
+
+    source: Literal["synthetic", "folder", "recordio"] = "synthetic"
+    path: Optional[str] = None  # folder: the root; recordio: train.rec (train.idx beside it)
+    num_identities: int = 100  # synthetic only
+    images_per_identity: int = 40  # synthetic only
+    seed: int = 0  # synthetic only: which faces are drawn
+    num_classes: Optional[int] = None  # recordio: override the count read from the data
+    flip: bool = True  # random horizontal flips
+    num_workers: int = 2
+    on_bad_data: Literal["skip", "stop"] = "stop"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (paper: SGD, lr 0.03, batch 64)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    decay: Literal["cosine", "step", "none"] = "cosine"
+    milestones: tuple[float, ...] = ()  # step decay: epochs at which lr is multiplied by gamma
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    grad_clip: Optional[float] = 5.0  # max global gradient norm (arcface_torch's); null: off
+
+
+@dataclass
+class RunConfig:
+    """Everything about the run itself rather than the model."""
+
+    epochs: int = 10
+    batch_size: int = 64  # per process; the global batch is batch_size * world size
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is there, else cpu
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # None: <arch>-<source>-<date>-<time>
+    resume: Optional[str] = None  # a checkpoint file or a run directory
+    stop_at_step: Optional[int] = None  # save and stop there, as if interrupted
+    log_every: int = 10
+    checkpoint_every: int = 500  # steps between kept checkpoints; last.pt is also rewritten
+    keep_checkpoints: int = 3
+    progress: bool = True
+    tensorboard: bool = True
+    max_nonfinite_steps: int = 50  # consecutive skipped steps before the run stops
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    ecloss: ECLossConfig = field(default_factory=ECLossConfig)
+    beta: BetaConfig = field(default_factory=BetaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        _validate(self)
+
+
+def _unknown(key: str, known) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint} (known: {', '.join(known)})")
+
+
+def _coerce(value, hint, key: str):
+    """``value`` checked against the type ``hint``, with ints accepted for floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                continue
+        raise ValueError(f"{key}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{key} must have {len(args)} entries, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {hint}")
+
+
+def _section(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise _unknown(f"{prefix}.{key}", names)
+    return cls(**{key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in values.items()})
+
+
+def config_from_dict(values: dict) -> Config:
+    """A :class:`Config` from a nested dict; missing keys take their defaults."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a config must be a mapping of sections, got {type(values).__name__}")
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, body in values.items():
+        if name not in hints:
+            raise _unknown(name, list(hints))
+        if not isinstance(body, dict):
+            raise ValueError(f"config section {name!r} must be a mapping, got {body!r}")
+        sections[name] = _section(hints[name], body, name)
+    return Config(**sections)
+
+
+def config_to_dict(config: Config) -> dict:
+    """Nested plain dict (tuples as lists), the form written to ``config.yaml``."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(overrides) -> dict:
+    """``["optim.lr=0.1", "model.arch=vgg13"]`` to a nested dict; values parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        section, name = key.strip().split(".", 1)
+        nested.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else None
+    return nested
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".py":
+        loaded = runpy.run_path(str(path)).get("config")
+        if loaded is None:
+            raise ValueError(f"{path} must define a variable named 'config'")
+        return config_to_dict(loaded) if isinstance(loaded, Config) else loaded
+    if path.suffix in (".yaml", ".yml"):
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of sections")
+        return loaded
+    raise ValueError(f"config files are .yaml, .yml or .py, got {path}")
+
+
+def load_config(path: str | Path | None = None, overrides=(), base: dict | None = None) -> Config:
+    """Defaults, then ``base`` (e.g. a checkpoint's config), then the file, then ``overrides``."""
+    values = base or {}
+    if path is not None:
+        values = _merge(values, _read_file(Path(path)))
+    return config_from_dict(_merge(values, parse_overrides(overrides)))
+
+
+def _validate(config: Config) -> None:
+    """Checks across fields and of ranges that the types alone do not express."""
+    positive = {"model.width": config.model.width, "model.input_size": config.model.input_size,
+                "model.embedding_dim": config.model.embedding_dim,
+                "train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,
+                "train.log_every": config.train.log_every, "optim.lr": config.optim.lr,
+                "ecloss.tau": config.ecloss.tau, "ecloss.radius": config.ecloss.radius,
+                "beta.update_every": config.beta.update_every}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{key} must be positive, got {value}")
+    templates = config.ecloss.templates
+    if isinstance(templates, str) and templates != "full":
+        raise ValueError(f"ecloss.templates must be 'full' or an int, got {templates!r}")
+    if not config.beta.max_growth > 1:
+        raise ValueError(f"beta.max_growth must be above 1, got {config.beta.max_growth}")
+    if not 0 <= config.beta.ema < 1:
+        raise ValueError(f"beta.ema must be in [0, 1), got {config.beta.ema}")
+    if config.beta.value < 0 or config.beta.grad_ratio < 0:
+        raise ValueError("beta.value and beta.grad_ratio must be non-negative")
+    if config.beta.schedule == "auto" and not config.beta.value > 0:
+        raise ValueError("beta.value seeds the automatic beta and must be positive")
+    if config.data.source != "synthetic" and not config.data.path:
+        raise ValueError(f"data.path is required for data.source={config.data.source!r}")
+    if config.train.checkpoint_every < 0 or config.train.keep_checkpoints < 0:
+        raise ValueError("train.checkpoint_every and train.keep_checkpoints must be >= 0")

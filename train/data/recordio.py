@@ -1,0 +1,257 @@
+"""InsightFace RecordIO (``train.rec`` + ``train.idx``) in pure Python, without mxnet.
+
+The format is dmlc-core's RecordIO as MXNet's ``MXIndexedRecordIO`` writes it, which is
+how Glint360K, MS1M and WebFace are distributed:
+
+- ``.rec``: a sequence of chunks, each ``uint32 magic 0xCED7230A``, ``uint32 lrec`` with
+  ``cflag = lrec >> 29`` and ``length = lrec & (2**29 - 1)``, then ``length`` bytes padded
+  with zeros to a multiple of 4. The writer splits a record wherever its data holds the
+  magic number at a 4-aligned offset and drops those four bytes: ``cflag`` is 0 for a
+  whole record, 1 for the first part, 2 for a middle part, 3 for the last; the reader puts
+  the magic number back between the parts.
+- ``.idx``: text lines ``key<TAB>byte offset``.
+- a record's data: the ``IfQQ`` header (``flag``, float ``label``, ``id``, ``id2``, 24 bytes,
+  little-endian), then when ``flag > 0`` that many float32 labels, then the payload (an
+  encoded image).
+- InsightFace's layout: record 0 is a header whose two labels ``(a, b)`` say that image
+  keys are ``1 .. a-1`` and identity records ``a .. b-1`` (one per identity, its labels the
+  range of its image keys). im2rec writes record 0 last, so it is found through the index.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from train.data.image import BadDataError, decode_image, handle_bad_data, normalize
+
+__all__ = ["MAGIC", "RecordHeader", "RecordIOWriter", "pack_record", "unpack_record",
+           "read_record", "read_index", "write_recordio", "RecordIODataset"]
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LENGTH_BITS = 29
+_HEADER = struct.Struct("<IfQQ")
+
+
+class RecordHeader(NamedTuple):
+    """``flag`` is the number of float32 labels after the header (0: ``label`` is the label)."""
+
+    flag: int
+    label: float | np.ndarray
+    id: int
+    id2: int
+
+
+def pack_record(label, payload: bytes, id: int = 0, id2: int = 0) -> bytes:
+    """Record data for ``label`` (a number, or a sequence stored as a ``flag > 0`` array)."""
+    if np.ndim(label) == 0:
+        return _HEADER.pack(0, float(label), id, id2) + payload
+    labels = np.asarray(label, dtype="<f4").ravel()
+    return _HEADER.pack(labels.size, 0.0, id, id2) + labels.tobytes() + payload
+
+
+def unpack_record(data: bytes) -> tuple[RecordHeader, bytes]:
+    """Inverse of :func:`pack_record`; raises ``ValueError`` for data too short."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"record of {len(data)} bytes is shorter than its {_HEADER.size}-byte header")
+    flag, label, id_, id2 = _HEADER.unpack_from(data)
+    body = data[_HEADER.size:]
+    if flag > 0:
+        if len(body) < 4 * flag:
+            raise ValueError(f"record header announces {flag} labels but holds {len(body)} bytes")
+        label = np.frombuffer(body, dtype="<f4", count=flag).copy()
+        body = body[4 * flag:]
+    return RecordHeader(flag, label, id_, id2), body
+
+
+def _chunk(cflag: int, data: bytes) -> bytes:
+    padding = b"\0" * (-len(data) % 4)
+    return _MAGIC_BYTES + struct.pack("<I", (cflag << _LENGTH_BITS) | len(data)) + data + padding
+
+
+def _frame(data: bytes) -> bytes:
+    """dmlc-core ``RecordIOWriter::WriteRecord``: split at every 4-aligned magic number."""
+    if len(data) >= 1 << _LENGTH_BITS:
+        raise ValueError(f"a record holds less than 2**29 bytes, got {len(data)}")
+    chunks, start = [], 0
+    for offset in range(0, len(data) - 3, 4):
+        if data[offset:offset + 4] == _MAGIC_BYTES:
+            chunks.append(_chunk(1 if start == 0 else 2, data[start:offset]))
+            start = offset + 4
+    chunks.append(_chunk(3 if start else 0, data[start:]))
+    return b"".join(chunks)
+
+
+class RecordIOWriter:
+    """Writes records and the index; ``with RecordIOWriter(rec, idx) as w: w.write(key, data)``."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
+        self._rec = open(rec_path, "wb")
+        self._idx = open(idx_path, "w")
+
+    def write(self, key: int, data: bytes) -> None:
+        self._idx.write(f"{key}\t{self._rec.tell()}\n")
+        self._rec.write(_frame(data))
+
+    def close(self) -> None:
+        self._rec.close()
+        self._idx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_recordio(rec_path, idx_path, images: Iterable[tuple[int, bytes]]) -> None:
+    """Write ``(label, encoded image)`` pairs in InsightFace's layout.
+
+    Images get keys ``1..n`` (labels stored as ``flag > 0`` one-element arrays, as
+    InsightFace's tools do), then one record per identity, then the header record 0, last
+    in the file as im2rec writes it.
+    """
+    images = list(images)
+    ranges: dict[int, list[int]] = {}
+    with RecordIOWriter(rec_path, idx_path) as writer:
+        for key, (label, payload) in enumerate(images, start=1):
+            writer.write(key, pack_record([float(label)], payload))
+            ranges.setdefault(int(label), []).append(key)
+        first_identity = len(images) + 1
+        for offset, label in enumerate(sorted(ranges)):
+            keys = ranges[label]
+            writer.write(first_identity + offset, pack_record([keys[0], keys[-1] + 1], b""))
+        writer.write(0, pack_record([first_identity, first_identity + len(ranges)], b""))
+
+
+def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
+    """``key -> byte offset`` from an ``.idx`` file."""
+    index = {}
+    with open(idx_path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 2:
+                raise ValueError(f"{idx_path}:{number}: expected 'key<TAB>offset', got {line!r}")
+            index[int(fields[0])] = int(fields[1])
+    return index
+
+
+def read_record(handle: io.BufferedIOBase, offset: int) -> bytes:
+    """The record data starting at byte ``offset``, its parts joined; ``ValueError`` if corrupt."""
+    handle.seek(offset)
+    parts, expected = [], (0, 1)  # a record starts whole or with its first part
+    while True:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"file ends inside a record header at byte {handle.tell()}")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            raise ValueError(f"bad magic number {magic:#010x} at byte {handle.tell() - 8}")
+        cflag, length = lrec >> _LENGTH_BITS, lrec & ((1 << _LENGTH_BITS) - 1)
+        if cflag not in expected:
+            raise ValueError(f"unexpected chunk flag {cflag} at byte {handle.tell() - 8}")
+        data = handle.read(length + (-length % 4))
+        if len(data) < length:
+            raise ValueError(f"file ends inside a record of {length} bytes")
+        parts.append(data[:length])
+        if cflag in (0, 3):
+            return _MAGIC_BYTES.join(parts)
+        expected = (2, 3)
+
+
+class RecordIODataset(torch.utils.data.Dataset):
+    """Images of an InsightFace ``.rec``/``.idx`` pair; item -> ``dict(image, label)``.
+
+    ``idx_path`` defaults to the ``.rec`` path with ``.idx``. The image keys come from the
+    header record 0 (``1 .. a-1``) or, without one, are all keys of the index. The number
+    of classes is, in this order: ``num_classes``, the first field of a ``property`` file
+    beside the ``.rec`` (InsightFace's), the identity-record range of record 0, or the
+    largest label read from every record (with a progress bar). A corrupt record raises
+    :class:`BadDataError` naming its key and offset, or is reported and skipped
+    (``on_bad_data="skip"``).
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 size: int = 112, on_bad_data: str = "stop", num_classes: int | None = None):
+        if on_bad_data not in ("skip", "stop"):
+            raise ValueError(f"on_bad_data must be 'skip' or 'stop', got {on_bad_data!r}")
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        for path in (self.rec_path, self.idx_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"RecordIO file not found: {path}")
+        self.size, self.on_bad_data = size, on_bad_data
+        self.index = read_index(self.idx_path)
+        self._handle, self._pid = None, None
+        identity_classes = None
+        if 0 in self.index:
+            header, _ = self._header(0)
+            if header.flag > 0:
+                first_identity, end = int(header.label[0]), int(header.label[1])
+                self.keys = list(range(1, first_identity))
+                identity_classes = end - first_identity
+            else:
+                self.keys = sorted(k for k in self.index if k != 0)
+        else:
+            self.keys = sorted(self.index)
+        missing = [k for k in self.keys[:1] + self.keys[-1:] if k not in self.index]
+        if missing:
+            raise BadDataError(f"{self.idx_path}: image key {missing[0]} announced by record 0 "
+                               "is not in the index")
+        self.num_classes = (num_classes or self._property_classes() or identity_classes
+                            or self._scan_classes())
+
+    def _file(self):
+        # One handle per process: DataLoader workers are forked and must not share offsets.
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = open(self.rec_path, "rb"), os.getpid()
+        return self._handle
+
+    def _header(self, key: int) -> tuple[RecordHeader, bytes]:
+        offset = self.index.get(key)
+        if offset is None:
+            raise BadDataError(f"{self.rec_path} key {key}: not in the index {self.idx_path}")
+        try:
+            return unpack_record(read_record(self._file(), offset))
+        except ValueError as error:
+            raise BadDataError(f"{self.rec_path} key {key} (byte {offset}): {error}") from error
+
+    def _property_classes(self) -> int | None:
+        path = self.rec_path.parent / "property"
+        if path.is_file():
+            return int(path.read_text().split(",")[0])
+        return None
+
+    def _scan_classes(self) -> int:
+        largest = -1
+        for key in tqdm(self.keys, desc=f"counting classes in {self.rec_path.name}", leave=False):
+            header, _ = self._header(key)
+            largest = max(largest, int(header.label if header.flag == 0 else header.label[0]))
+        return largest + 1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int):
+        key = self.keys[index]
+        try:
+            header, payload = self._header(key)
+            label = int(header.label if header.flag == 0 else header.label[0])
+            image = decode_image(payload, self.size, f"{self.rec_path} key {key}")
+        except BadDataError as error:
+            return handle_bad_data(error, self.on_bad_data)
+        return dict(image=normalize(image), label=label)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"], state["_pid"] = None, None  # open file handles do not pickle
+        return state

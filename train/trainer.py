@@ -1,0 +1,498 @@
+"""The training loop: ``alpha * CE(head(embedding)) + beta * ECLoss(maps)``.
+
+``train(config)`` runs in-process and returns the run directory; ``python -m train`` is
+the command line around it, with or without ``torchrun``. The run directory holds::
+
+    config.yaml            the full resolved config
+    log.csv                one row per ``train.log_every`` steps (see train/logs.py)
+    train.log              the console messages
+    tensorboard/           TensorBoard events
+    checkpoints/last.pt    rewritten every checkpoint; step_<n>.pt kept periodically
+
+What the loop does per step, in order: move the batch, mirror each image with probability
+1/2 (a generator seeded by seed, step and rank, so a resumed run replays the same flips
+and no RNG state is involved), forward under autocast, CE in float32,
+ECLoss on the maps outside autocast (the core picks its own precision), every
+``beta.update_every`` steps the two gradient norms at the maps (train/beta.py), backward
+through the (fp16-only) GradScaler, unscale, clip, and skip the update if the gradient is
+not finite. SIGINT and SIGTERM finish the current step, save ``last.pt`` and return.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+import ecloss_fast
+from models import build_head, build_model
+from train import distributed
+from train.beta import BetaSchedule
+from train.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, resolve_checkpoint,
+                              save_checkpoint)
+from train.config import Config, config_from_dict, config_to_dict
+from train.data import BadDataError, build_dataset, collate_faces
+from train.data.sampler import GlobalBatchSampler
+from train.logs import RunLog, console_logger, release_console_logger
+from train.optim import build_optimizer, build_scheduler
+
+__all__ = ["Recognizer", "Trainer", "fit", "train"]
+
+
+class Recognizer(nn.Module):
+    """Backbone and head in one module, so that one DDP wrapper synchronises both."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images, labels):
+        """Returns ``(logits (B, classes), FaceOutput(embedding, maps))``."""
+        out = self.backbone(images)
+        return self.head(out.embedding, labels), out
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (numpy's SeedSequence hashing)."""
+    words = np.random.SeedSequence(list(numbers)).generate_state(2, np.uint32)
+    return int(words.view(np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """One training run in the process group ``ctx``; ``run()`` returns the run directory.
+
+    After ``run()``, ``stopped_by`` is the signal number that interrupted it, or ``None``.
+    """
+
+    def __init__(self, config: Config, ctx: distributed.Context):
+        self.config, self.ctx, self.device = config, ctx, ctx.device
+        self.stopped_by: int | None = None
+        self._stop_signal: int | None = None
+        run = config.train
+        self._global_switches = (torch.are_deterministic_algorithms_enabled(),
+                                 torch.backends.cudnn.benchmark)
+        if run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = not run.deterministic
+        # ECLoss's gradient carries tau / (B*C) * beta: on the CPU it turns into subnormal
+        # floats in the backbone's backward, which made a step 50x slower (bench/NOTES.md).
+        self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        _seed_everything(_mix(run.seed, self.ctx.rank))
+
+        state = load_checkpoint(run.resume) if run.resume else None
+        if state is not None:
+            self._check_compatible(state)
+        self.run_dir = self._run_dir(state)
+        self.log = console_logger(self.run_dir, self.ctx.is_main)
+
+        self.dataset = build_dataset(config.data, config.model.input_size)
+        self.num_classes = self.dataset.num_classes
+        m, h = config.model, config.head
+        backbone = build_model(m.arch, batch_norm=m.batch_norm, width=m.width,
+                               input_size=m.input_size, embedding_dim=m.embedding_dim,
+                               dropout=m.dropout)
+        head = build_head(h.kind, m.embedding_dim, self.num_classes, s=h.s, m=h.m)
+        self.module = Recognizer(backbone, head).to(self.device)
+        if state is not None:
+            self.module.backbone.load_state_dict(state["model"])
+            self.module.head.load_state_dict(state["head"])
+        self.network = self.module  # what the forward pass calls: DDP-wrapped when distributed
+        if self.ctx.distributed:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+        self.sampler = GlobalBatchSampler(len(self.dataset), run.batch_size,
+                                          world_size=self.ctx.world_size, rank=self.ctx.rank,
+                                          seed=run.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = run.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.module.parameters(), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, self.steps_per_epoch,
+                                         self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
+        self.criterion = self._criterion()
+        self.beta = BetaSchedule(config.beta, h.alpha)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.skipped_steps = self.skipped_images = 0
+        if state is not None:
+            self._restore(state)
+        self.runlog = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=run.tensorboard,
+                             resume_step=self.step if state is not None else None)
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _run_dir(self, state: dict | None) -> Path:
+        run = self.config.train
+        if state is not None:
+            checkpoint = resolve_checkpoint(run.resume)
+            run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+                else checkpoint.parent
+        else:
+            name = run.run_name or self.ctx.broadcast_object(
+                f"{self.config.model.arch}-{self.config.data.source}-"
+                f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            run_dir = Path(run.output_dir) / name
+            if (run_dir / "checkpoints" / "last.pt").exists():
+                raise FileExistsError(f"{run_dir} already holds a run: resume it with "
+                                      f"--resume {run_dir} or choose another train.run_name")
+        resolved = config_to_dict(self.config)
+        resolved["train"]["run_name"] = run_dir.name
+        self.config = config_from_dict(resolved)
+        if self.ctx.is_main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.ctx.barrier()
+        return run_dir
+
+    # Keys of the model, head and data sections that a resumed run may change; the others
+    # define the parameters and the samples and must match the checkpoint.
+    RESUMABLE_CHANGES = frozenset({"head.alpha", "data.num_workers", "data.on_bad_data"})
+
+    def _check_compatible(self, state: dict) -> None:
+        saved, current = state["config"], config_to_dict(self.config)
+        for section in ("model", "head", "data"):
+            for key, value in current[section].items():
+                name = f"{section}.{key}"
+                if name not in self.RESUMABLE_CHANGES and saved[section].get(key) != value:
+                    raise ValueError(f"cannot resume: {name} is {value!r} but the checkpoint "
+                                     f"was trained with {saved[section].get(key)!r}")
+
+    def _criterion(self):
+        e = self.config.ecloss
+        if not e.enabled:
+            return None
+        group = self.ctx.group if e.estimator == "marginal" else None
+        return ecloss_fast.ECLoss(tau=e.tau, radius=e.radius, templates=e.templates,
+                                  estimator=e.estimator, reduction="mean", backend=e.backend,
+                                  precision=e.precision, process_group=group)
+
+    def _restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.beta.load_state_dict(state["beta"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.skipped_steps, self.skipped_images = state["skipped_steps"], state["skipped_images"]
+        if state["world_size"] == self.ctx.world_size:
+            self.batch_in_epoch = state["batch_in_epoch"]
+            _set_rng_state(state["rng"][self.ctx.rank], self.device)
+        else:
+            # Same samples seen (the order is global); the per-rank RNG streams cannot be
+            # continued, so they restart from (seed, rank, step).
+            seen = state["batch_in_epoch"] * state["world_size"]
+            self.batch_in_epoch = seen // self.ctx.world_size
+            _seed_everything(_mix(self.config.train.seed, self.ctx.rank, self.step))
+            self.log.warning(
+                "resuming with %d processes instead of %d: the global batch is now %d, the "
+                "data order is kept, random streams are reseeded, and steps and the learning "
+                "rate schedule count the new batches", self.ctx.world_size,
+                state["world_size"], self.sampler.global_batch)
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.log.info("resumed at step %d (epoch %d, batch %d)", self.step, self.epoch + 1,
+                      self.batch_in_epoch)
+
+    # -- checkpoints and signals -------------------------------------------------------
+
+    def save(self, periodic: bool = False) -> Path:
+        """Write ``checkpoints/last.pt`` (and ``step_<n>.pt`` when ``periodic``); all ranks call it."""
+        rng = self.ctx.all_gather_object(_rng_state(self.device))
+        path = self.run_dir / "checkpoints" / "last.pt"
+        if self.ctx.is_main:
+            state = {"version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch,
+                     "batch_in_epoch": self.batch_in_epoch, "world_size": self.ctx.world_size,
+                     "config": config_to_dict(self.config),
+                     "model": self.module.backbone.state_dict(),
+                     "head": self.module.head.state_dict(),
+                     "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "beta": self.beta.state_dict(), "rng": rng,
+                     "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
+            save_checkpoint(state, path)
+            if periodic and self.config.train.keep_checkpoints > 0:
+                save_checkpoint(state, path.with_name(f"step_{self.step:09d}.pt"))
+                kept = sorted(path.parent.glob("step_*.pt"))
+                for old in kept[:-self.config.train.keep_checkpoints]:
+                    old.unlink()
+        self.ctx.barrier()
+        return path
+
+    def _on_signal(self, signum, frame):
+        if os.getpid() != self._handler_pid:
+            return  # a DataLoader worker (forked with the handler): the main process decides
+        if self._stop_signal is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log.warning("%s received: saving a checkpoint after this step (again to abort)",
+                         signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        self._handler_pid = os.getpid()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _should_stop(self) -> bool:
+        stop_at = self.config.train.stop_at_step
+        local = self._stop_signal is not None or (stop_at is not None and self.step >= stop_at)
+        flag = torch.tensor([float(local)], device=self.device)
+        return bool(self.ctx.all_reduce_max(flag).item())
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _autocast(self):
+        amp = self.config.train.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _flip(self, images: torch.Tensor) -> torch.Tensor:
+        """Mirror each image with probability 1/2; the coins depend on (seed, step, rank) only."""
+        if not self.config.data.flip:
+            return images
+        generator = torch.Generator().manual_seed(_mix(self.config.train.seed, self.step, self.ctx.rank))
+        flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+        return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+    def _train_step(self, batch: dict) -> dict:
+        """One optimiser step; returns device tensors for the log and whether it was applied."""
+        if "image" not in batch:
+            raise BadDataError(f"every image of the batch at step {self.step} was bad "
+                               f"({batch['skipped']} skipped); check the data")
+        images = self._flip(batch["image"].to(self.device, non_blocking=True))
+        labels = batch["label"].to(self.device, non_blocking=True)
+        with self._autocast():
+            logits, out = self.network(images, labels)
+            ce = F.cross_entropy(logits.float(), labels)
+        ecl = (self.criterion(out.maps) if self.criterion is not None
+               else torch.zeros((), device=self.device))
+        if self.criterion is not None and self.beta.measures_at(self.step):
+            self._measure_gradients(ce, ecl, out.maps)
+        beta = self.beta.value(self.step) if self.criterion is not None else 0.0
+        loss = self.config.head.alpha * ce + beta * ecl
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip
+        grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(),
+                                             clip if clip is not None else math.inf)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # The schedule follows the data position, skipped updates included; PyTorch warns
+            # when the first update was skipped (fp16 scale search), which is intended here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
+        return {"loss": loss.detach(), "ce": ce.detach(), "ecloss": ecl.detach(), "beta": beta,
+                "correct": (logits.detach().argmax(1) == labels).sum(), "images": labels.numel(),
+                "grad_norm": grad_norm.detach(), "finite": finite}
+
+    def _measure_gradients(self, ce, ecl, maps) -> None:
+        """Give the beta schedule ``|dCE/dz|`` and ``|dECL/dz|`` over all ranks (train/beta.py).
+
+        ``z`` is the target conv's weight or its output maps. Both losses are scaled as the
+        backward pass scales them (fp16 would underflow otherwise); the ratio of the norms
+        does not depend on the scale. ``autograd.grad`` leaves ``.grad`` and DDP alone.
+        """
+        target = (self.module.backbone.target_conv.weight
+                  if self.config.beta.measure_at == "weights" else maps)
+        grad_ce, = torch.autograd.grad(self.scaler.scale(ce), target, retain_graph=True)
+        grad_ecl, = torch.autograd.grad(self.scaler.scale(ecl), target, retain_graph=True)
+        if self.config.beta.measure_at == "weights":
+            # The gradient DDP will apply is the mean over ranks: average, then the norms.
+            both = self.ctx.all_reduce_sum(torch.stack([grad_ce.float(), grad_ecl.float()]))
+            norms = both.flatten(1).norm(dim=1) / self.ctx.world_size
+        else:  # maps are per sample: the global norm sums the squares of every rank
+            squares = torch.stack([grad_ce.float().square().sum(), grad_ecl.float().square().sum()])
+            norms = self.ctx.all_reduce_sum(squares).sqrt()
+        ce_norm, ecl_norm = norms.tolist()
+        self.beta.observe(self.step, ce_norm, ecl_norm)
+
+    def _report_nonfinite(self, result: dict, streak: int) -> None:
+        self.skipped_steps += 1
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.log.warning("step %d: non-finite gradient (loss %.4g, ce %.4g, ecloss %.4g); update "
+                         "skipped%s", self.step, result["loss"].item(), result["ce"].item(),
+                         result["ecloss"].item(),
+                         f", fp16 loss scale now {scale:g}" if scale is not None else "")
+        if streak >= self.config.train.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{streak} consecutive non-finite steps up to step {self.step}; stopping. The "
+                f"last good checkpoint is in {self.run_dir / 'checkpoints'}; lower optim.lr, "
+                "set optim.grad_clip or use train.amp=bf16")
+
+    def run(self) -> Path:
+        run = self.config.train
+        self.log.info("run directory %s; %d images, %d classes, %d steps per epoch, %d processes",
+                      self.run_dir, len(self.dataset), self.num_classes, self.steps_per_epoch,
+                      self.ctx.world_size)
+        totals = self._empty_totals()
+        streak = 0
+        with self._signals():
+            while self.epoch < run.epochs:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
+                    collate_fn=collate_faces, pin_memory=self.device.type == "cuda",
+                    # Its own generator, so creating the loader leaves the global RNG alone.
+                    generator=torch.Generator().manual_seed(_mix(run.seed, self.epoch)))
+                bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                           desc=f"epoch {self.epoch + 1}/{run.epochs}", unit="step",
+                           disable=not (self.ctx.is_main and run.progress), dynamic_ncols=True)
+                for batch in loader:
+                    self.skipped_images += batch["skipped"]
+                    result = self._train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    bar.update()
+                    streak = 0 if result["finite"] else streak + 1
+                    if not result["finite"]:
+                        self._report_nonfinite(result, streak)
+                    self._accumulate(totals, result)
+                    if self.step % run.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                        row = self._log_row(totals)
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}",
+                                        ecl=f"{row['ecloss']:.3g}",
+                                        acc=f"{row['accuracy']:.3f}",
+                                        img_s=f"{row['images_per_s']:.0f}")
+                        totals = self._empty_totals()
+                    if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+                        self.save(periodic=True)
+                    if self._should_stop():
+                        bar.close()
+                        return self._stop()
+                bar.close()
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.save()
+        self.log.info("finished %d steps; checkpoint %s", self.step,
+                      self.run_dir / "checkpoints" / "last.pt")
+        self.close()
+        return self.run_dir
+
+    def close(self) -> None:
+        """Close the logs and restore the global switches set for the run (determinism);
+        ``run()`` does it at its end, :func:`fit` also on errors."""
+        self.runlog.close()
+        release_console_logger()
+        deterministic, benchmark = self._global_switches
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
+        if self._flush_denormal:
+            torch.set_flush_denormal(False)
+
+    def _stop(self) -> Path:
+        path = self.save()
+        self.stopped_by = self._stop_signal
+        reason = (signal.Signals(self._stop_signal).name if self._stop_signal is not None
+                  else f"train.stop_at_step={self.config.train.stop_at_step}")
+        self.log.warning("stopped by %s at step %d; saved %s; continue with --resume %s",
+                         reason, self.step, path, self.run_dir)
+        self.close()
+        return self.run_dir
+
+    def _empty_totals(self) -> dict:
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        return {"loss": zero.clone(), "ce": zero.clone(), "ecloss": zero.clone(),
+                "correct": zero.clone(), "grad_norm": zero.clone(), "images": 0, "steps": 0,
+                "finite_steps": 0, "start": time.perf_counter()}
+
+    @staticmethod
+    def _accumulate(totals: dict, result: dict) -> None:
+        totals["steps"] += 1
+        totals["images"] += result["images"]
+        totals["correct"] += result["correct"]
+        if result["finite"]:
+            totals["finite_steps"] += 1
+            for key in ("loss", "ce", "ecloss", "grad_norm"):
+                totals[key] += result[key].double()
+
+    def _log_row(self, totals: dict) -> dict:
+        """Means over the interval, over every rank; written by rank 0."""
+        local = torch.stack([totals["loss"], totals["ce"], totals["ecloss"], totals["correct"],
+                             totals["grad_norm"]]).to(torch.float64)
+        counts = torch.tensor([totals["images"], totals["finite_steps"]], dtype=torch.float64,
+                              device=self.device)
+        summed = self.ctx.all_reduce_sum(torch.cat([local, counts])).tolist()
+        loss, ce, ecl, correct, grad_norm, images, finite_steps = summed
+        steps = max(finite_steps, 1)  # over all ranks; each rank adds its own batch means
+        elapsed = time.perf_counter() - totals["start"]
+        row = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+               "lr": self.scheduler.get_last_lr()[0], "loss": loss / steps, "ce": ce / steps,
+               "ecloss": ecl / steps, "beta": self.beta.value(self.step - 1),
+               "grad_ratio": self.beta.ratio, "accuracy": correct / max(images, 1),
+               "images_per_s": images / max(elapsed, 1e-9), "grad_norm": grad_norm / steps,
+               "amp_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+               "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
+        self.runlog.log(row)
+        return row
+
+
+def fit(config: Config | dict) -> Trainer:
+    """Set up the processes, train, tear down; returns the finished :class:`Trainer`."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    ctx = distributed.setup(config.train.device, config.train.dist_backend)
+    try:
+        trainer = Trainer(config, ctx)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        return trainer
+    finally:
+        release_console_logger()  # also when the Trainer could not be built
+        distributed.teardown(ctx)
+
+
+def train(config: Config | dict) -> Path:
+    """Train as ``config`` says (a :class:`Config` or a nested dict); returns the run directory.
+
+    Works in one process or under ``torchrun`` (see train/distributed.py); a process group
+    that this call created is destroyed before it returns. A run stopped by SIGINT/SIGTERM
+    or ``train.stop_at_step`` returns too, after saving ``checkpoints/last.pt``.
+    """
+    return fit(config).run_dir
