@@ -78,8 +78,7 @@ class FaceNet(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             channels = out
         self.features = nn.Sequential(*layers)
-        # The convolution whose (batch-normalised) ReLU output is the ECLoss target.
-        self.target_conv = [m for m in layers if isinstance(m, nn.Conv2d)][-1]
+        self._target_index = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
         self.map_channels = channels
         self.map_size = input_size // TARGET_STRIDE
         # pool5 with ceil_mode so that 7x7 maps (112 input) keep their border row: 7 -> 4.
@@ -92,6 +91,15 @@ class FaceNet(nn.Module):
         nn.init.constant_(self.bn_embedding.weight, 1.0)
         self.bn_embedding.weight.requires_grad = False
         self._init_weights()
+
+    @property
+    def target_conv(self) -> nn.Conv2d:
+        """The convolution whose (batch-normalised) ReLU output is the ECLoss target.
+
+        A property, not an attribute: a second registration of the same module would put
+        its parameters twice into ``state_dict`` (and break checkpoints that lack them).
+        """
+        return self.features[self._target_index]
 
     def _init_weights(self):
         # torchvision's VGG initialisation.

@@ -124,6 +124,11 @@ def test_auto_beta_solves_for_the_gradient_ratio():
     auto.observe(9, ce_grad_norm=0.0, ecloss_grad_norm=1.0)  # unusable: ignored
     auto.observe(9, ce_grad_norm=math.nan, ecloss_grad_norm=1.0)
     assert auto.state_dict() == before
+    # Target 0.5 * 2 * 8 / 1e-9 = 8e9: beta = 8e4 may double to 1.6e5; max_value holds 1e5.
+    capped = BetaSchedule(BetaConfig(schedule="auto", value=8e4, grad_ratio=0.5, ema=0.0,
+                                     max_growth=2.0, max_value=1e5), alpha=2.0)
+    capped.observe(0, ce_grad_norm=8.0, ecloss_grad_norm=1e-9)
+    assert capped.value(1) == pytest.approx(1e5)
 
 
 def test_lr_schedule():

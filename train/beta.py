@@ -18,7 +18,10 @@ grad_ratio`` and moves towards it:
 - upwards smoothly: an exponential moving average of ``log beta`` (``beta`` spans orders of
   magnitude; a geometric average does not let one noisy batch dominate), and at most by a
   factor ``max_growth`` per measurement, starting from ``value`` (the paper's 1e-5);
-- downwards at once, when the measured ratio is more than twice the target.
+- downwards at once, when the measured ratio is more than twice the target;
+- never above ``max_value`` (1e5): at initialisation the softmax over templates is nearly
+  uniform, the ECLoss gradient tiny, and the matching ``beta`` (1e8-1e9) overflowed the
+  maps as soon as they sharpened.
 
 Why the weights by default, measured at every step (measured on VGG13 without BatchNorm,
 synthetic faces): near a uniform template softmax (``tau = 1e-3``, maps at
@@ -79,6 +82,7 @@ class BetaSchedule:
                 ema = self.config.ema
                 smoothed = ema * self.log_beta + (1 - ema) * target
                 self.log_beta = min(smoothed, self.log_beta + math.log(self.config.max_growth))
+            self.log_beta = min(self.log_beta, math.log(self.config.max_value))
         self.measurements += 1
 
     def state_dict(self) -> dict:

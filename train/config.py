@@ -80,6 +80,11 @@ class BetaConfig:
     update_every: int = 1
     ema: float = 0.9
     max_growth: float = 2.0  # auto: beta grows at most by this factor per measurement
+    # auto: never above this. Near a uniform template softmax (start of training) the
+    # ECLoss gradient is tiny and the matching beta reaches 1e8-1e9, which overflowed the
+    # maps once they sharpened (VGG16-BN, 7x7, synthetic faces: docs/demo/report.md);
+    # 1e5 trained there, 1e6 let ECLoss dominate.
+    max_value: float = 1e5
     measure_at: Literal["weights", "maps"] = "weights"  # the target conv's weights, or maps
 
 

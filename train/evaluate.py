@@ -1,0 +1,382 @@
+"""Evaluate a checkpoint as the paper's section 5: ``python -m train.evaluate``.
+
+    python -m train.evaluate --checkpoint RUN_DIR_OR_FILE --out DIR \\
+        [--data synthetic] [--data helen=PATH] [--data lfw=lfw.bin] ...
+
+``--data NAME=PATH`` (repeatable; default ``synthetic``) is one of:
+
+- ``synthetic``: faces drawn with identities the model never saw (the training seed + 1),
+  with their exact part masks: PEI, location consistency, robustness and verification;
+- a folder of iBUG ``.pts`` files beside their images (300-W, Helen, AFW, LFPW) or LaPa's
+  ``images/`` + ``landmarks/``: PEI, location consistency and robustness (Tables 2, 4, 5);
+- an InsightFace ``.bin`` (``lfw.bin``, ``cfp_ff.bin``, ``calfw.bin``, ...) or an LFW
+  ``pairs.txt@IMAGE_ROOT``: verification accuracy and robustness (Tables 3, 5);
+- a RecordIO ``.rec`` or an image folder: robustness (Table 5's VGGFace column).
+
+PEI, location consistency and activation robustness are the mean and standard error over
+``--repeats`` random draws of ``--images`` images (the paper: 100 images, 5 draws);
+verification is the mean and standard deviation over 10 folds with flip augmentation.
+Writes ``DIR/metrics.json`` and, from the first ``--data`` set with images, the figures
+``DIR/*.png``: Figure 6 (top activation of the most consistent channels over several
+faces), Figure 5 (one face's maps with their peaks), the histogram of peaks per map and
+the part assignment matrix ``A[c, k]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ecloss_fast import metrics  # noqa: E402
+from train.data.image import denormalize  # noqa: E402
+
+__all__ = ["EvalSettings", "evaluate_checkpoint", "evaluate_model", "main"]
+
+
+@dataclass
+class EvalSettings:
+    """How the metrics are drawn; the defaults are the paper's."""
+
+    images: int = 100  # images per random draw
+    repeats: int = 5  # random draws
+    pairs: int = 600  # synthetic verification pairs
+    fraction: float = 0.1  # the top activation area (Eq. 9)
+    min_prominence: float = 0.1  # of each map's max - min (count_peaks)
+    folds: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    figure_channels: int = 8  # rows of Figure 6
+    figure_faces: int = 6  # columns of Figure 6
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _synthetic(config, settings: EvalSettings):
+    from train.data.synthetic import SyntheticFaces
+    from train.verification import synthetic_pairs
+
+    per = 10
+    pool = max(settings.images * 2, (settings.pairs // per) + 2 * per)
+    # seed + 1: identities the model was not trained on
+    faces = SyntheticFaces(max(2, -(-pool // per)), per, size=config.model.input_size,
+                           seed=config.data.seed + 1)
+    return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed))
+
+
+def _open_data(name: str, path: str, config, settings: EvalSettings) -> dict:
+    """``{"parts": dataset with part_masks, "pairs": VerificationPairs, "images": dataset}``."""
+    from train.landmarks import LandmarkFaces
+    from train.verification import read_bin, read_pairs_list
+
+    size = config.model.input_size
+    if path == "synthetic":
+        return _synthetic(config, settings)
+    if "@" in path:
+        pairs_file, root = path.split("@", 1)
+        return dict(pairs=read_pairs_list(pairs_file, root, size))
+    file = Path(path)
+    if file.suffix == ".bin":
+        return dict(pairs=read_bin(file, size))
+    if file.suffix == ".rec" or (file / "train.rec").is_file():
+        from train.data.recordio import RecordIODataset
+
+        return dict(images=RecordIODataset(file if file.suffix == ".rec" else file / "train.rec", size=size))
+    if file.is_dir() and ((file / "landmarks").is_dir() or next(file.rglob("*.pts"), None)):
+        return dict(parts=LandmarkFaces(file, size))
+    if file.is_dir():
+        from train.data.folder import ImageFolderFaces
+
+        return dict(images=ImageFolderFaces(file, size))
+    raise ValueError(f"--data {name}={path}: not 'synthetic', a .bin, pairs.txt@ROOT, a .rec, "
+                     "a landmark folder or an image folder")
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def _maps(model, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="feature maps", leave=False):
+        out.append(model(images[start:start + batch_size].to(device)).maps.float().cpu())
+    return torch.cat(out)
+
+
+def _mean_se(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": float(se), "repeats": len(values)}
+
+
+def _draws(pool: int, settings: EvalSettings) -> list[np.ndarray]:
+    rng = np.random.default_rng(settings.seed)
+    count = min(settings.images, pool)
+    return [np.sort(rng.choice(pool, count, replace=False)) for _ in range(settings.repeats)]
+
+
+def _gather(dataset, indices) -> dict:
+    items = [dataset[int(i)] for i in tqdm(indices, desc="load images", leave=False)]
+    batch = {"image": torch.stack([item["image"] for item in items])}
+    if "part_masks" in items[0]:
+        batch["part_masks"] = torch.stack([item["part_masks"] for item in items])
+    return batch
+
+
+def _explainability(model, dataset, settings: EvalSettings, device, with_parts: bool):
+    """Metrics over the draws, plus what the figures need (maps, images, IoU)."""
+    draws = _draws(len(dataset), settings)
+    used = np.unique(np.concatenate(draws))
+    batch = _gather(dataset, used)
+    maps = _maps(model, batch["image"], settings.batch_size, device)
+    position = {int(i): k for k, i in enumerate(used)}
+    peaks = metrics.count_peaks(maps, settings.min_prominence).double().mean(1)  # per image
+    result = {"activation_robustness": _mean_se([peaks[[position[int(i)] for i in d]].mean().item()
+                                                 for d in draws])}
+    extra = dict(images=batch["image"], maps=maps)
+    if with_parts:
+        iou = metrics.part_iou(maps, batch["part_masks"], settings.fraction)
+        pei, consistency = [], []
+        for draw in draws:
+            rows = [position[int(i)] for i in draw]
+            pei.append(iou[rows].amax(-1).mean().item())
+            consistency.append(metrics.channel_consistency(metrics.part_assignment(iou[rows])).nanmean().item())
+        result["pei"] = _mean_se(pei)
+        result["location_consistency"] = _mean_se(consistency)
+        extra.update(iou=iou, part_masks=batch["part_masks"])
+    return result, extra
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """Save as a 256-colour PNG: the face pictures make full-colour files ten times larger."""
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    with Image.open(path) as picture:
+        picture.convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def _faces(images: torch.Tensor) -> np.ndarray:
+    return denormalize(images).numpy()
+
+
+def _upsample(maps: torch.Tensor, size: int) -> np.ndarray:
+    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False).numpy()
+
+
+def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title: str) -> list[int]:
+    """The paper's Figure 6: top-10% activation of chosen channels over several faces.
+
+    Channels are the ``figure_channels`` most consistent ones (largest ``S[c]``, the same
+    rule for every model), each row labelled with its dominant part. Returns the channels.
+    """
+    iou, maps, images = extra["iou"], extra["maps"], extra["images"]
+    assignment = metrics.part_assignment(iou)
+    spread = metrics.channel_consistency(assignment).nan_to_num(-1.0)
+    channels = spread.argsort(descending=True)[:settings.figure_channels].tolist()
+    faces = list(range(min(settings.figure_faces, len(images))))
+    size = images.shape[-1]
+    pictures = _faces(images[faces])
+    fig, axes = plt.subplots(len(channels), len(faces), figsize=(1.5 * len(faces), 1.5 * len(channels)),
+                             squeeze=False)
+    for row, channel in zip(axes, channels):
+        up = _upsample(maps[faces, channel:channel + 1], size)[:, 0]
+        top = metrics.top_activation_mask(maps[faces, channel:channel + 1], size, settings.fraction)[:, 0]
+        for ax, picture, heat, keep in zip(row, pictures, up, top.numpy()):
+            ax.imshow(picture)
+            heat = np.where(keep, heat / max(heat.max(), 1e-12), np.nan)
+            ax.imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        dominant = metrics.PARTS[int(assignment[channel].nan_to_num(0).argmax())]
+        row[0].set_ylabel(f"ch {channel}\n{dominant}", fontsize=8)
+    fig.suptitle(f"{title}: top {settings.fraction:.0%} activation", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, dpi=70)
+    return channels
+
+
+def figure_maps_with_peaks(extra: dict, settings: EvalSettings, path: Path, title: str,
+                           max_maps: int = 64) -> None:
+    """The paper's Figure 5: one face and its channel maps, the counted peaks marked."""
+    maps = extra["maps"][0]
+    picture = _faces(extra["images"][:1])[0]
+    shown = maps[:max_maps]
+    peaks = metrics.peak_mask(shown, settings.min_prominence).numpy()
+    columns = math.ceil(math.sqrt(len(shown) + 1))
+    rows = math.ceil((len(shown) + 1) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.1 * rows), squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(picture)
+    for ax, channel_map, marks in zip(axes[1:], shown.numpy(), peaks):
+        ax.imshow(channel_map, cmap="viridis")
+        v, u = np.nonzero(marks)[::-1]
+        ax.scatter(v, u, s=10, c="red", marker="x", linewidths=1)
+    for ax in axes:
+        ax.set_axis_off()
+    suffix = f" (first {len(shown)} of {len(maps)} channels)" if len(maps) > len(shown) else ""
+    fig.suptitle(f"{title}: maps of one face, peaks (x){suffix}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path, dpi=70)
+
+
+def figure_peak_histogram(extra: dict, settings: EvalSettings, path: Path, title: str) -> None:
+    counts = metrics.count_peaks(extra["maps"], settings.min_prominence).flatten().numpy()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.hist(counts, bins=np.arange(counts.max() + 2) - 0.5, color="tab:blue", rwidth=0.85)
+    ax.set_xlabel("peaks per map")
+    ax.set_ylabel("maps")
+    ax.set_title(f"{title}: mean {counts.mean():.2f}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path, dpi=80)
+
+
+def figure_part_assignment(extra: dict, path: Path, title: str) -> None:
+    """``A[c, k]`` as an image, channels sorted by dominant part then by its share."""
+    assignment = metrics.part_assignment(extra["iou"]).nan_to_num(0).numpy()
+    order = np.lexsort((-assignment.max(1), assignment.argmax(1)))
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    image = ax.imshow(assignment[order].T, aspect="auto", cmap="magma", vmin=0, vmax=1,
+                      interpolation="nearest")
+    ax.set_yticks(range(len(metrics.PARTS)), metrics.PARTS, fontsize=8)
+    ax.set_xlabel("channel (sorted by dominant part)")
+    ax.set_title(f"{title}: A[c, k]", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    _save(fig, path, dpi=80)
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def describe(config) -> dict:
+    """The run's settings that identify it in a report."""
+    m, e = config.model, config.ecloss
+    loss = "ECLoss" if e.enabled else "Softmax"
+    network = f"{m.arch.upper()}{'-BN' if m.batch_norm else ''}"
+    if m.width != 1.0:
+        network += f" x{m.width:g}"
+    return dict(network=network, loss=loss, label=f"{network} + {loss}", input_size=m.input_size,
+                width=m.width, head=config.head.kind,
+                ecloss=dict(enabled=e.enabled, templates=e.templates, estimator=e.estimator, tau=e.tau,
+                            radius=e.radius),
+                beta=dict(schedule=config.beta.schedule, grad_ratio=config.beta.grad_ratio,
+                          value=config.beta.value))
+
+
+def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None = None,
+                   settings: EvalSettings | None = None, device="cpu", title: str | None = None,
+                   run_dir: str | Path | None = None) -> dict:
+    """Compute every metric on every data set, write ``out/metrics.json`` and the figures.
+
+    ``data`` maps names to the ``--data`` paths (default: ``{"synthetic": "synthetic"}``);
+    ``run_dir``, the training run, lets ``train.report`` draw its training curves.
+    """
+    settings = settings or EvalSettings()
+    data = data or {"synthetic": "synthetic"}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(device).eval()
+    info = describe(config)
+    title = title or info["label"]
+    results = {"run": info, "run_dir": str(run_dir) if run_dir else None, "settings": vars(settings),
+               "datasets": {}, "figures": {}}
+    for name, path in data.items():
+        sources = _open_data(name, path, config, settings)
+        entry = {}
+        if "pairs" in sources:
+            from train.verification import pair_accuracy
+
+            entry["verification"] = pair_accuracy(model, sources["pairs"], settings.batch_size,
+                                                   settings.folds, device)
+        dataset = sources.get("parts") or sources.get("images")
+        extra = None
+        if dataset is not None:
+            with_parts = "parts" in sources
+            scores, extra = _explainability(model, dataset, settings, device, with_parts)
+            entry.update(scores)
+        elif "pairs" in sources:  # robustness on the pair images (Table 5's LFW, CFP, AgeDB)
+            from train.data.image import normalize
+
+            images = sources["pairs"].images
+            draws = _draws(len(images), settings)
+            used = np.unique(np.concatenate(draws))
+            maps = _maps(model, torch.stack([normalize(images[i]) for i in used]), settings.batch_size, device)
+            peaks = metrics.count_peaks(maps, settings.min_prominence).double().mean(1)
+            where = {int(i): k for k, i in enumerate(used)}
+            entry["activation_robustness"] = _mean_se(
+                [peaks[[where[int(i)] for i in d]].mean().item() for d in draws])
+        results["datasets"][name] = entry
+        if extra is not None and name == next(iter(data)):
+            figures = {}
+            if "iou" in extra:
+                figures["top_activation"] = "fig6_top_activation.png"
+                results["figure_channels"] = figure_top_activation(
+                    extra, settings, out / figures["top_activation"], title)
+                figures["part_assignment"] = "part_assignment.png"
+                figure_part_assignment(extra, out / figures["part_assignment"], title)
+            figures["maps_with_peaks"] = "fig5_maps_peaks.png"
+            figure_maps_with_peaks(extra, settings, out / figures["maps_with_peaks"], title)
+            figures["peak_histogram"] = "peaks_histogram.png"
+            figure_peak_histogram(extra, settings, out / figures["peak_histogram"], title)
+            results["figures"] = figures
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def evaluate_checkpoint(checkpoint, out, data=None, settings=None, device="auto") -> dict:
+    """:func:`evaluate_model` of a checkpoint file or run directory."""
+    from train.checkpoint import load_for_eval, resolve_checkpoint
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_checkpoint(checkpoint)
+    model, config = load_for_eval(path, device=device)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return evaluate_model(model, config, out, data, settings, device, run_dir=run_dir)
+
+
+def _data_argument(text: str) -> tuple[str, str]:
+    if text == "synthetic":
+        return "synthetic", "synthetic"
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH or 'synthetic', got {text!r}")
+    return name, path
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a run directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--data", action="append", type=_data_argument, default=None,
+                        help="NAME=PATH or 'synthetic' (repeatable; default: synthetic)")
+    parser.add_argument("--device", default="auto")
+    defaults = EvalSettings()
+    for field, value in vars(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    settings = EvalSettings(**{f: getattr(args, f) for f in vars(defaults)})
+    results = evaluate_checkpoint(args.checkpoint, args.out, dict(args.data or [("synthetic", "synthetic")]),
+                                  settings, args.device)
+    print(json.dumps(results["datasets"], indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
