@@ -1,0 +1,488 @@
+// Fused CUDA kernels of ECLoss: row_stats, column_sums and input_grad of the backend contract
+// (ecloss_fast/backends/__init__.py) for float32, float16 and bfloat16 input.
+//
+// One kernel template, three modes. A block of 4 warps owns kBlockRows = 64 rows (feature
+// maps); their pixels sit in shared memory for the whole sweep, padded from K to a multiple
+// of 16. The block walks the templates kBlockTemplates = 32 at a time: the tile is loaded
+// into shared memory once and shared by all 64 rows, each warp computes the 16 x 32 scores
+// of its own rows (tensor cores via WMMA: m16n16k8 tf32 or m16n16k16 bf16, float32
+// accumulation; plain float32 FMAs for "ieee"), and lane j of the warp folds column j into
+// per-lane online-softmax states (ecloss_math.h), merged across lanes by a fixed butterfly
+// at the end. Nothing of size B x C x N exists; the backward pass recomputes the scores.
+//   row_stats    one sweep: lse and neg_entropy per row.
+//   column_sums  the block's rows are 64 maps of one channel (grid = batch blocks x C);
+//                after each tile the 64 probabilities of a column are summed in row order
+//                by one thread, so the sums are deterministic; batches above 64 give
+//                per-block partials that the host adds in a fixed order.
+//   input_grad   (marginal: a first sweep for r = sum_t p log_q) a sweep that turns scores
+//                into d loss / d s in shared memory and multiplies them by the same template
+//                tile on the tensor cores into a per-row dx accumulator in shared memory.
+// Flops per sweep: 2 * M * N * K (+ the same again for dx); exps: M * N per sweep.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include "ecloss_math.h"
+#include "ecloss_ops.h"
+
+namespace ecloss {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kWarpRows = 16;                     // rows per warp: one WMMA tile high
+constexpr int kBlockRows = kWarps * kWarpRows;    // 64
+constexpr int kBlockTemplates = 32;               // templates per tile: one per lane
+constexpr int kScoreStride = kBlockTemplates + 4;  // floats; a multiple of 4 for WMMA
+constexpr int kGradStride = kBlockTemplates + 8;   // bf16 gradients; a multiple of 8
+
+enum class Mode { kRowStats, kColumnSums, kInputGrad };
+
+// The matrix-unit operand of each precision: its storage type, the WMMA k step, rounding.
+template <Precision P>
+struct Operand;
+template <>
+struct Operand<Precision::kIeee> {  // no matrix unit: plain FMAs, one k at a time
+  using type = float;
+  static __device__ __forceinline__ float from(float value) { return value; }
+};
+template <>
+struct Operand<Precision::kTf32> {
+  using type = float;
+  static constexpr int kStep = 8;
+  static __device__ __forceinline__ float from(float value) { return wmma::__float_to_tf32(value); }
+};
+template <>
+struct Operand<Precision::kBf16> {
+  using type = __nv_bfloat16;
+  static constexpr int kStep = 16;
+  static __device__ __forceinline__ __nv_bfloat16 from(float value) {
+    return __float2bfloat16_rn(value);
+  }
+};
+
+struct Arguments {
+  const void* x;            // (B, C, K), input dtype
+  const float* templates;   // (N, K)
+  int64_t batch, channels, pixels, num_templates;
+  int padded_pixels;        // K rounded up to 16
+  float tau;
+  const float* lse;         // (B, C), column_sums and input_grad
+  const float* neg_entropy; // (B, C), input_grad
+  const float* log_q;       // (C, N) or nullptr, input_grad
+  const float* row_weight;  // (B, C), input_grad
+  float* lse_out;           // (B, C), row_stats
+  float* neg_entropy_out;   // (B, C), row_stats
+  void* dx;                 // (B, C, K), input dtype, input_grad
+  float* column_sums;       // (ceil(B / 64), C, N), column_sums
+};
+
+// Shared-memory layout, in elements of each region's type; regions start 128-byte aligned
+// (WMMA needs 32). Strides are padded: multiples of 4 floats / 8 bf16 for WMMA, odd for the
+// FMA path so that lanes reading one template each hit distinct banks.
+template <Precision P>
+struct Layout {
+  using operand_t = typename Operand<P>::type;
+  int x_stride, template_stride, dx_stride;
+  size_t x_offset, template_offset, score_offset, grad_offset, dx_offset, bytes;
+
+  __host__ __device__ static size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+  __host__ __device__ Layout(int padded_pixels, bool with_dx) {
+    x_stride = padded_pixels + 8;
+    template_stride = P == Precision::kIeee ? padded_pixels + 1 : padded_pixels + 8;
+    dx_stride = padded_pixels + 4;
+    x_offset = 0;
+    template_offset = align(x_offset + sizeof(operand_t) * kBlockRows * x_stride);
+    score_offset = align(template_offset + sizeof(operand_t) * kBlockTemplates * template_stride);
+    grad_offset = align(score_offset + sizeof(float) * kBlockRows * kScoreStride);
+    dx_offset = align(grad_offset + (P == Precision::kBf16 && with_dx
+                                         ? sizeof(__nv_bfloat16) * kBlockRows * kGradStride
+                                         : 0));
+    bytes = align(dx_offset + (with_dx ? sizeof(float) * kBlockRows * dx_stride : 0));
+  }
+};
+
+// scores[r, j] = <x[row r], T[t0 + j]> (unscaled) for the warp's 16 rows, into its rows of
+// the score tile.
+template <Precision P>
+__device__ __forceinline__ void warp_scores(const typename Operand<P>::type* xs,
+                                            const typename Operand<P>::type* ts,
+                                            float* scores, const Layout<P>& layout,
+                                            int padded_pixels, int warp, int lane) {
+  const auto* rows = xs + warp * kWarpRows * layout.x_stride;
+  float* out = scores + warp * kWarpRows * kScoreStride;
+  if constexpr (P == Precision::kIeee) {
+    float accumulators[kWarpRows] = {};
+    const float* column = ts + lane * layout.template_stride;
+    for (int k = 0; k < padded_pixels; ++k) {
+      const float value = column[k];
+#pragma unroll
+      for (int r = 0; r < kWarpRows; ++r) accumulators[r] += rows[r * layout.x_stride + k] * value;
+    }
+#pragma unroll
+    for (int r = 0; r < kWarpRows; ++r) out[r * kScoreStride + lane] = accumulators[r];
+  } else {
+    constexpr int kStep = Operand<P>::kStep;
+    using element_t = std::conditional_t<P == Precision::kTf32, wmma::precision::tf32,
+                                         __nv_bfloat16>;
+    wmma::fragment<wmma::accumulator, 16, 16, kStep, float> accumulators[2];
+    wmma::fill_fragment(accumulators[0], 0.0f);
+    wmma::fill_fragment(accumulators[1], 0.0f);
+    wmma::fragment<wmma::matrix_a, 16, 16, kStep, element_t, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, kStep, element_t, wmma::col_major> b;
+    for (int k0 = 0; k0 < padded_pixels; k0 += kStep) {
+      wmma::load_matrix_sync(a, rows + k0, layout.x_stride);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        wmma::load_matrix_sync(b, ts + half * 16 * layout.template_stride + k0,
+                               layout.template_stride);
+        wmma::mma_sync(accumulators[half], a, b, accumulators[half]);
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      wmma::store_matrix_sync(out + half * 16, accumulators[half], kScoreStride,
+                              wmma::mem_row_major);
+    }
+  }
+}
+
+// dx[r, :] += sum_j grads[r, j] * T[t0 + j, :] for the warp's 16 rows.
+template <Precision P>
+__device__ __forceinline__ void warp_input_grad(const typename Operand<P>::type* ts,
+                                                const float* scores,
+                                                const __nv_bfloat16* grads_bf16, float* dxs,
+                                                const Layout<P>& layout, int padded_pixels,
+                                                int warp, int lane) {
+  float* dx_rows = dxs + warp * kWarpRows * layout.dx_stride;
+  if constexpr (P == Precision::kIeee) {
+    const float* grads = scores + warp * kWarpRows * kScoreStride;
+    for (int k = lane; k < padded_pixels; k += 32) {
+      float accumulators[kWarpRows] = {};
+      for (int j = 0; j < kBlockTemplates; ++j) {
+        const float value = ts[j * layout.template_stride + k];
+#pragma unroll
+        for (int r = 0; r < kWarpRows; ++r) accumulators[r] += grads[r * kScoreStride + j] * value;
+      }
+#pragma unroll
+      for (int r = 0; r < kWarpRows; ++r) dx_rows[r * layout.dx_stride + k] += accumulators[r];
+    }
+  } else {
+    constexpr int kStep = Operand<P>::kStep;
+    constexpr int kSteps = kBlockTemplates / kStep;
+    using element_t = std::conditional_t<P == Precision::kTf32, wmma::precision::tf32,
+                                         __nv_bfloat16>;
+    wmma::fragment<wmma::matrix_a, 16, 16, kStep, element_t, wmma::row_major> a[kSteps];
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      if constexpr (P == Precision::kTf32) {
+        wmma::load_matrix_sync(a[step], scores + warp * kWarpRows * kScoreStride + step * kStep,
+                               kScoreStride);
+      } else {
+        wmma::load_matrix_sync(a[step], grads_bf16 + warp * kWarpRows * kGradStride + step * kStep,
+                               kGradStride);
+      }
+    }
+    wmma::fragment<wmma::matrix_b, 16, 16, kStep, element_t, wmma::row_major> b;
+    wmma::fragment<wmma::accumulator, 16, 16, kStep, float> accumulator;
+    for (int n0 = 0; n0 < padded_pixels; n0 += 16) {
+      wmma::load_matrix_sync(accumulator, dx_rows + n0, layout.dx_stride, wmma::mem_row_major);
+#pragma unroll
+      for (int step = 0; step < kSteps; ++step) {
+        wmma::load_matrix_sync(b, ts + step * kStep * layout.template_stride + n0,
+                               layout.template_stride);
+        wmma::mma_sync(accumulator, a[step], b, accumulator);
+      }
+      wmma::store_matrix_sync(dx_rows + n0, accumulator, layout.dx_stride, wmma::mem_row_major);
+    }
+  }
+}
+
+template <typename input_t, Precision P, Mode M>
+__global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) {
+  using operand_t = typename Operand<P>::type;
+  extern __shared__ __align__(128) unsigned char shared[];
+  const Layout<P> layout(args.padded_pixels, M == Mode::kInputGrad);
+  auto* xs = reinterpret_cast<operand_t*>(shared + layout.x_offset);
+  auto* ts = reinterpret_cast<operand_t*>(shared + layout.template_offset);
+  auto* scores = reinterpret_cast<float*>(shared + layout.score_offset);
+  auto* grads_bf16 = reinterpret_cast<__nv_bfloat16*>(shared + layout.grad_offset);
+  auto* dxs = reinterpret_cast<float*>(shared + layout.dx_offset);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t pixels = args.pixels, num_templates = args.num_templates;
+  const int padded_pixels = args.padded_pixels;
+  const float tau = args.tau;
+  const bool grouped = M == Mode::kColumnSums;  // rows are the maps of channel blockIdx.y
+  const int64_t rows = grouped ? args.batch : args.batch * args.channels;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kBlockRows;
+  // Flat row index (b * C + c) of the block's row i, or -1 past the end.
+  auto row_of = [&](int i) -> int64_t {
+    const int64_t index = first + i;
+    if (index >= rows) return -1;
+    return grouped ? index * args.channels + blockIdx.y : index;
+  };
+
+  // The block's rows, padded with zeros to 64 x padded_pixels.
+  const auto* x = static_cast<const input_t*>(args.x);
+  for (int index = threadIdx.x; index < kBlockRows * padded_pixels; index += kThreads) {
+    const int i = index / padded_pixels, k = index % padded_pixels;
+    const int64_t row = row_of(i);
+    const float value = row >= 0 && k < pixels ? static_cast<float>(x[row * pixels + k]) : 0.0f;
+    xs[i * layout.x_stride + k] = Operand<P>::from(value);
+  }
+
+  // Per-row constants of the warp's rows, held by every lane.
+  float lse[kWarpRows], shift[kWarpRows];
+  const float* log_q_rows[kWarpRows];
+#pragma unroll
+  for (int r = 0; r < kWarpRows; ++r) {
+    const int64_t row = row_of(warp * kWarpRows + r);
+    // A missing row of a column-sum block must add p = exp(0 - lse) = 0, hence lse = inf.
+    lse[r] = M == Mode::kRowStats ? 0.0f
+             : row >= 0           ? args.lse[row]
+             : M == Mode::kColumnSums ? INFINITY : 0.0f;
+    shift[r] = M == Mode::kInputGrad && row >= 0 ? args.neg_entropy[row] : 0.0f;
+    log_q_rows[r] = args.log_q != nullptr && row >= 0
+                        ? args.log_q + (row % args.channels) * num_templates
+                        : nullptr;
+  }
+  if constexpr (M == Mode::kInputGrad) {
+    for (int index = lane; index < kWarpRows * layout.dx_stride; index += 32) {
+      dxs[warp * kWarpRows * layout.dx_stride + index] = 0.0f;
+    }
+  }
+  SoftmaxState<float> states[kWarpRows];
+  float prior_dot[kWarpRows];
+#pragma unroll
+  for (int r = 0; r < kWarpRows; ++r) {
+    states[r] = empty_state<float>();
+    prior_dot[r] = 0.0f;
+  }
+
+  // Sweep 0 (input_grad with a prior only): r = sum_t p log_q. Last sweep: the mode's work.
+  const int first_sweep = M == Mode::kInputGrad && args.log_q != nullptr ? 0 : 1;
+  for (int sweep = first_sweep; sweep < 2; ++sweep) {
+    const bool prior_sweep = sweep == 0;
+    for (int64_t t0 = 0; t0 < num_templates; t0 += kBlockTemplates) {
+      __syncthreads();  // the previous tile is no longer read (and xs is written, at first)
+      for (int index = threadIdx.x; index < kBlockTemplates * padded_pixels; index += kThreads) {
+        const int j = index / padded_pixels, k = index % padded_pixels;
+        const int64_t t = t0 + j;
+        const float value = t < num_templates && k < pixels ? args.templates[t * pixels + k] : 0.0f;
+        ts[j * layout.template_stride + k] = Operand<P>::from(value);
+      }
+      __syncthreads();
+      warp_scores<P>(xs, ts, scores, layout, padded_pixels, warp, lane);
+      __syncwarp();
+
+      const int64_t t = t0 + lane;
+      const bool valid = t < num_templates;
+      float* score_rows = scores + warp * kWarpRows * kScoreStride;
+#pragma unroll
+      for (int r = 0; r < kWarpRows; ++r) {
+        const float score = tau * score_rows[r * kScoreStride + lane];
+        if constexpr (M == Mode::kRowStats) {
+          if (valid) push(states[r], score);
+        } else if constexpr (M == Mode::kColumnSums) {
+          score_rows[r * kScoreStride + lane] = valid ? exp_(score - lse[r]) : 0.0f;
+        } else {
+          const float log_q = log_q_rows[r] != nullptr && valid ? log_q_rows[r][t] : 0.0f;
+          if (prior_sweep) {
+            if (valid) prior_dot[r] += exp_(score - lse[r]) * log_q;
+          } else {
+            const float grad = valid ? score_grad(score, lse[r], shift[r], log_q) : 0.0f;
+            if constexpr (P == Precision::kBf16) {
+              grads_bf16[(warp * kWarpRows + r) * kGradStride + lane] = __float2bfloat16_rn(grad);
+            } else {
+              score_rows[r * kScoreStride + lane] = Operand<P>::from(grad);
+            }
+          }
+        }
+      }
+      if constexpr (M == Mode::kColumnSums) {
+        __syncthreads();  // all 64 rows' probabilities are in the tile
+        if (threadIdx.x < kBlockTemplates && valid) {
+          float sum = 0.0f;
+          for (int i = 0; i < kBlockRows; ++i) sum += scores[i * kScoreStride + threadIdx.x];
+          args.column_sums[(static_cast<int64_t>(blockIdx.x) * args.channels + blockIdx.y) *
+                               num_templates + t] = sum;
+        }
+      } else if constexpr (M == Mode::kInputGrad) {
+        if (!prior_sweep) {
+          __syncwarp();
+          warp_input_grad<P>(ts, scores, grads_bf16, dxs, layout, padded_pixels, warp, lane);
+        }
+      }
+    }
+    if constexpr (M == Mode::kInputGrad) {
+      if (prior_sweep) {  // shift = neg_entropy - r, r summed over lanes in a fixed order
+#pragma unroll
+        for (int r = 0; r < kWarpRows; ++r) {
+          float dot = prior_dot[r];
+          for (int offset = 16; offset > 0; offset /= 2) {
+            dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+          }
+          shift[r] -= dot;
+        }
+      }
+    }
+  }
+
+  if constexpr (M == Mode::kRowStats) {
+#pragma unroll
+    for (int r = 0; r < kWarpRows; ++r) {
+      SoftmaxState<float> state = states[r];
+      for (int offset = 16; offset > 0; offset /= 2) {
+        const SoftmaxState<float> other{__shfl_xor_sync(0xffffffffu, state.max, offset),
+                                        __shfl_xor_sync(0xffffffffu, state.sum_exp, offset),
+                                        __shfl_xor_sync(0xffffffffu, state.sum_exp_shift, offset)};
+        state = merge(state, other);
+      }
+      const int64_t row = row_of(warp * kWarpRows + r);
+      if (lane == 0 && row >= 0) finish(state, args.lse_out[row], args.neg_entropy_out[row]);
+    }
+  } else if constexpr (M == Mode::kInputGrad) {
+    __syncwarp();
+    auto* dx = static_cast<input_t*>(args.dx);
+    for (int r = 0; r < kWarpRows; ++r) {
+      const int64_t row = row_of(warp * kWarpRows + r);
+      if (row < 0) break;
+      const float scale = tau * args.row_weight[row];
+      for (int k = lane; k < pixels; k += 32) {
+        dx[row * pixels + k] =
+            static_cast<input_t>(scale * dxs[(warp * kWarpRows + r) * layout.dx_stride + k]);
+      }
+    }
+  }
+}
+
+template <typename input_t, Precision P, Mode M>
+void launch(const Arguments& args, dim3 grid) {
+  const Layout<P> layout(args.padded_pixels, M == Mode::kInputGrad);
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK_VALUE(layout.bytes <= static_cast<size_t>(limit),
+                    "cuda backend: maps of K = ", args.pixels, " pixels need ", layout.bytes,
+                    " bytes of shared memory per block, more than this GPU's ", limit,
+                    "; use backend='triton' or 'torch' for maps this large");
+  auto* kernel = &ecloss_kernel<input_t, P, M>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(layout.bytes)));
+  kernel<<<grid, kThreads, layout.bytes, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <Mode M>
+void dispatch(const at::Tensor& x, Precision precision, const Arguments& args, dim3 grid) {
+  auto by_precision = [&](auto input_tag) {
+    using input_t = decltype(input_tag);
+    switch (precision) {
+      case Precision::kIeee: return launch<input_t, Precision::kIeee, M>(args, grid);
+      case Precision::kTf32: return launch<input_t, Precision::kTf32, M>(args, grid);
+      case Precision::kBf16: return launch<input_t, Precision::kBf16, M>(args, grid);
+    }
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: return by_precision(float{});
+    case at::kHalf: return by_precision(at::Half{});
+    case at::kBFloat16: return by_precision(at::BFloat16{});
+    default:
+      TORCH_CHECK_TYPE(false, "cuda backend: x must be float32, float16 or bfloat16, got ",
+                       x.scalar_type(), " (use backend='torch' for float64)");
+  }
+}
+
+Arguments make_arguments(const at::Tensor& x, const at::Tensor& templates, double tau) {
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble,
+                   "cuda backend: x must be float32, float16 or bfloat16, got Double "
+                   "(use backend='torch' for float64)");
+  Arguments args{};
+  args.x = x.data_ptr();
+  args.templates = templates.data_ptr<float>();
+  args.batch = x.size(0);
+  args.channels = x.size(1);
+  args.pixels = x.size(2);
+  args.num_templates = templates.size(0);
+  args.padded_pixels = static_cast<int>((x.size(2) + 15) / 16 * 16);
+  args.tau = static_cast<float>(tau);
+  return args;
+}
+
+unsigned row_blocks(int64_t rows) {
+  return static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows);
+}
+
+std::tuple<at::Tensor, at::Tensor> row_stats_cuda(const at::Tensor& x, const at::Tensor& templates,
+                                                  double tau, c10::string_view precision) {
+  check_arguments("row_stats", x, templates, {}, std::nullopt);
+  const Precision resolved = parse_precision(precision);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor lse = at::empty({x.size(0), x.size(1)}, templates.options());
+  at::Tensor neg_entropy = at::empty_like(lse);
+  if (x.numel() == 0) return {lse, neg_entropy};
+  Arguments args = make_arguments(x, templates, tau);
+  args.lse_out = lse.data_ptr<float>();
+  args.neg_entropy_out = neg_entropy.data_ptr<float>();
+  dispatch<Mode::kRowStats>(x, resolved, args, dim3(row_blocks(x.size(0) * x.size(1))));
+  return {lse, neg_entropy};
+}
+
+at::Tensor column_sums_cuda(const at::Tensor& x, const at::Tensor& templates, double tau,
+                            const at::Tensor& lse, c10::string_view precision) {
+  check_arguments("column_sums", x, templates, {&lse}, std::nullopt);
+  const Precision resolved = parse_precision(precision);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const unsigned batch_blocks = row_blocks(x.size(0));
+  at::Tensor partial = at::empty({batch_blocks, x.size(1), templates.size(0)}, templates.options());
+  if (x.numel() == 0) return at::zeros({x.size(1), templates.size(0)}, templates.options());
+  const at::Tensor lse_contiguous = lse.contiguous();
+  Arguments args = make_arguments(x, templates, tau);
+  args.lse = lse_contiguous.data_ptr<float>();
+  args.column_sums = partial.data_ptr<float>();
+  dispatch<Mode::kColumnSums>(x, resolved, args,
+                              dim3(batch_blocks, static_cast<unsigned>(x.size(1))));
+  // A plain reduction over the batch blocks: fixed order, so deterministic.
+  return batch_blocks == 1 ? partial[0] : partial.sum(0);
+}
+
+at::Tensor input_grad_cuda(const at::Tensor& x, const at::Tensor& templates, double tau,
+                           const at::Tensor& lse, const at::Tensor& neg_entropy,
+                           const std::optional<at::Tensor>& log_q,
+                           const at::Tensor& row_weight, c10::string_view precision) {
+  check_arguments("input_grad", x, templates, {&lse, &neg_entropy, &row_weight}, log_q);
+  const Precision resolved = parse_precision(precision);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty_like(x);
+  if (x.numel() == 0) return dx;
+  const at::Tensor lse_contiguous = lse.contiguous();
+  const at::Tensor neg_entropy_contiguous = neg_entropy.contiguous();
+  const at::Tensor weight_contiguous = row_weight.contiguous();
+  const at::Tensor log_q_contiguous = log_q.has_value() ? log_q->contiguous() : at::Tensor();
+  Arguments args = make_arguments(x, templates, tau);
+  args.lse = lse_contiguous.data_ptr<float>();
+  args.neg_entropy = neg_entropy_contiguous.data_ptr<float>();
+  args.row_weight = weight_contiguous.data_ptr<float>();
+  args.log_q = log_q_contiguous.defined() ? log_q_contiguous.data_ptr<float>() : nullptr;
+  args.dx = dx.data_ptr();
+  dispatch<Mode::kInputGrad>(x, resolved, args, dim3(row_blocks(x.size(0) * x.size(1))));
+  return dx;
+}
+
+}  // namespace
+}  // namespace ecloss
+
+TORCH_LIBRARY_IMPL(ecloss_fast_C, CUDA, m) {
+  m.impl("row_stats", &ecloss::row_stats_cuda);
+  m.impl("column_sums", &ecloss::column_sums_cuda);
+  m.impl("input_grad", &ecloss::input_grad_cuda);
+}

@@ -1,0 +1,170 @@
+// The per-row math of ECLoss (SPEC sections 2-4), written once for the CPU and CUDA kernels.
+//
+// A row is one feature map x[b, c, :]; its scores are s[t] = tau * <x, T[t]> over the N
+// templates. Kernels see the scores a tile at a time, so the softmax is online: a row keeps
+//
+//     max            m = max_t s[t]                         (over the templates seen so far)
+//     sum_exp        l = sum_t exp(s[t] - m)
+//     sum_exp_shift  a = sum_t exp(s[t] - m) * (s[t] - m)
+//
+// and two partial states merge exactly (FlashAttention's rescaling, extended to a). At the
+// end lse = m + log l and neg_entropy = sum_t p (s - lse) = a / l - log l. Keeping a relative
+// to the running max avoids the cancellation of (sum_t p s) - lse when scores are large.
+//
+// Everything here is branch-free or nearly so, inline, and free of templates' memory layout,
+// so the CPU code can call it inside vectorised loops and the CUDA code per thread.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define ECLOSS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define ECLOSS_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+#define ECLOSS_HOST inline __attribute__((always_inline))
+
+namespace ecloss {
+
+template <typename scalar_t>
+struct SoftmaxState {
+  scalar_t max;
+  scalar_t sum_exp;
+  scalar_t sum_exp_shift;
+};
+
+// exp on the host: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2 (n rounded to
+// nearest), a Taylor
+// polynomial for exp(r) (degree 7 for float, 12 for double: truncation below half an ulp)
+// and 2^n built in the exponent bits. Written without calls or branches so that the CPU
+// loops that use it vectorise (libm's expf does not, without -ffast-math). NaN propagates
+// through r; inputs below the normal range return the smallest normal, not 0, which no
+// sum here can tell apart from 0.
+ECLOSS_HOST float host_exp(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;  // exact in 9 bits, so n * kLn2Hi is exact
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  float clamped = x < -87.3f ? -87.3f : x;
+  clamped = clamped > 88.3f ? 88.3f : clamped;
+  const float finite = clamped == clamped ? clamped : 0.0f;  // NaN must not reach the int cast
+  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+  const float n = (finite * kLog2e + 12582912.0f) - 12582912.0f;
+  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  float poly = 1.0f / 5040.0f;
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return poly * scale;
+}
+
+ECLOSS_HOST double host_exp(double x) {
+  constexpr double kLog2e = 1.4426950408889634074;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  double clamped = x < -708.0 ? -708.0 : x;
+  clamped = clamped > 709.0 ? 709.0 : clamped;
+  const double finite = clamped == clamped ? clamped : 0.0;
+  const double n = (finite * kLog2e + 6755399441055744.0) - 6755399441055744.0;  // 1.5 * 2^52
+  const double r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  double poly = 1.0 / 479001600.0;  // 1/12!
+  constexpr double kInverseFactorials[12] = {
+      1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+      1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,    1.0 / 24.0,
+      1.0 / 6.0,        0.5,             1.0,            1.0};
+  for (double coefficient : kInverseFactorials) poly = poly * r + coefficient;
+  const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(n) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return poly * scale;
+}
+
+// exp used by the shared functions below: the device's exp2 unit on a GPU, host_exp on a CPU.
+ECLOSS_HOST_DEVICE float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return exp2f(x * 1.44269504088896341f);
+#else
+  return host_exp(x);
+#endif
+}
+
+ECLOSS_HOST_DEVICE double exp_(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return host_exp(x);
+#endif
+}
+
+template <typename scalar_t>
+ECLOSS_HOST_DEVICE SoftmaxState<scalar_t> empty_state() {
+  return {-std::numeric_limits<scalar_t>::infinity(), scalar_t(0), scalar_t(0)};
+}
+
+// The state of the union of two disjoint template sets. A state with nothing in it
+// (sum_exp == 0) is the identity; that test also keeps (-inf) * 0 out of the sums. A NaN
+// anywhere reaches sum_exp, so non-finite input never gives a finite loss.
+template <typename scalar_t>
+ECLOSS_HOST_DEVICE SoftmaxState<scalar_t> merge(const SoftmaxState<scalar_t>& first,
+                                                const SoftmaxState<scalar_t>& second) {
+  if (second.sum_exp == scalar_t(0)) return first;
+  if (first.sum_exp == scalar_t(0)) return second;
+  const scalar_t max = first.max > second.max ? first.max : second.max;
+  const scalar_t shift_first = first.max - max;
+  const scalar_t shift_second = second.max - max;
+  const scalar_t scale_first = exp_(shift_first);
+  const scalar_t scale_second = exp_(shift_second);
+  return {max, scale_first * first.sum_exp + scale_second * second.sum_exp,
+          scale_first * (first.sum_exp_shift + shift_first * first.sum_exp) +
+              scale_second * (second.sum_exp_shift + shift_second * second.sum_exp)};
+}
+
+// Adds one score; rescales only when the maximum moves, so one exp per score in the common case.
+template <typename scalar_t>
+ECLOSS_HOST_DEVICE void push(SoftmaxState<scalar_t>& state, scalar_t score) {
+  if (score > state.max) {
+    const scalar_t shift = state.max - score;  // < 0
+    const scalar_t scale = exp_(shift);
+    state.sum_exp_shift = state.sum_exp > scalar_t(0)
+                              ? scale * (state.sum_exp_shift + shift * state.sum_exp)
+                              : scalar_t(0);
+    state.sum_exp *= scale;
+    state.max = score;
+  }
+  const scalar_t shifted = score - state.max;
+  const scalar_t weight = exp_(shifted);
+  state.sum_exp += weight;
+  state.sum_exp_shift += weight * shifted;
+}
+
+// lse = m + log l and neg_entropy = sum_t p (s - lse) = a / l - log l.
+template <typename scalar_t>
+ECLOSS_HOST_DEVICE void finish(const SoftmaxState<scalar_t>& state, scalar_t& lse,
+                               scalar_t& neg_entropy) {
+  const scalar_t log_sum = std::log(state.sum_exp);
+  lse = state.max + log_sum;
+  neg_entropy = state.sum_exp_shift / state.sum_exp - log_sum;
+}
+
+// d(-D)/ds[t] up to the factor row_weight (SPEC section 3, the backend contract):
+//     p[t] * (s[t] - lse - neg_entropy - log_q[t] + r),    r = sum_t p log_q (0 when uniform)
+// grouped as (s - lse) - (neg_entropy - r) - log_q: every group is O(log N) or O(log q), so
+// float32 rounds relative to those sizes and not to the size of s or lse, which can be large.
+// `shift` is neg_entropy - r, shared by the whole row.
+template <typename scalar_t>
+ECLOSS_HOST_DEVICE scalar_t score_grad(scalar_t score, scalar_t lse, scalar_t shift,
+                                       scalar_t log_q) {
+  const scalar_t log_p = score - lse;
+  return exp_(log_p) * (log_p - shift - log_q);
+}
+
+}  // namespace ecloss

@@ -1,0 +1,27 @@
+// Declarations shared by the op schema (ops.cpp) and the per-device kernels: the argument
+// checks of the backend contract (ecloss_fast/backends/__init__.py), done once in C++ so
+// both devices reject the same malformed calls with the same messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace ecloss {
+
+enum class Precision { kIeee, kTf32, kBf16 };
+
+// "ieee", "tf32" or "bf16" (already resolved from precision=None by the Python side).
+Precision parse_precision(c10::string_view precision);
+
+// The accumulation dtype of SPEC section 4: float64 for float64 input, else float32.
+at::ScalarType accumulation_type(at::ScalarType input_type);
+
+// x (B, C, K) contiguous floating; templates (N, K) contiguous in the accumulation dtype on
+// x's device; each of `row_tensors` (B, C) in the accumulation dtype; log_q (C, N) if given.
+void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& templates,
+                     std::initializer_list<const at::Tensor*> row_tensors,
+                     const std::optional<at::Tensor>& log_q);
+
+}  // namespace ecloss

@@ -1,0 +1,116 @@
+// The schema of the ECLoss kernels (namespace ecloss_fast_C), their Meta (shape-only)
+// implementations, the argument checks both devices share, and the Python module that
+// loading ecloss_fast._C runs. The kernels register per device: cpu_kernels.cpp (CPU) and
+// cuda_kernels.cu (CUDA). Semantics: the backend contract in ecloss_fast/backends/__init__.py.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "ecloss_ops.h"
+
+namespace ecloss {
+
+Precision parse_precision(c10::string_view precision) {
+  if (precision == "ieee") return Precision::kIeee;
+  if (precision == "tf32") return Precision::kTf32;
+  if (precision == "bf16") return Precision::kBf16;
+  TORCH_CHECK_VALUE(false, "precision must be 'ieee', 'tf32' or 'bf16', got '", precision, "'");
+}
+
+at::ScalarType accumulation_type(at::ScalarType input_type) {
+  return input_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& templates,
+                     std::initializer_list<const at::Tensor*> row_tensors,
+                     const std::optional<at::Tensor>& log_q) {
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be (B, C, K), got shape ", x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
+                   ": x must be floating, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
+  const auto accumulation = accumulation_type(x.scalar_type());
+  TORCH_CHECK_VALUE(templates.dim() == 2 && templates.size(1) == x.size(2) &&
+                        templates.size(0) >= 1,
+                    op, ": templates must be (N, K) with K = ", x.size(2), ", got shape ",
+                    templates.sizes());
+  TORCH_CHECK_TYPE(templates.scalar_type() == accumulation, op, ": templates must be ",
+                   accumulation, " for ", x.scalar_type(), " input, got ",
+                   templates.scalar_type());
+  TORCH_CHECK_VALUE(templates.is_contiguous(), op, ": templates must be contiguous");
+  TORCH_CHECK_VALUE(templates.device() == x.device(), op, ": templates are on ",
+                    templates.device(), " but x is on ", x.device());
+  for (const at::Tensor* row : row_tensors) {
+    TORCH_CHECK_VALUE(row->dim() == 2 && row->size(0) == x.size(0) &&
+                          row->size(1) == x.size(1),
+                      op, ": per-row statistics must be (B, C) = (", x.size(0), ", ",
+                      x.size(1), "), got shape ", row->sizes());
+    TORCH_CHECK_TYPE(row->scalar_type() == accumulation, op,
+                     ": per-row statistics must be ", accumulation, ", got ",
+                     row->scalar_type());
+    TORCH_CHECK_VALUE(row->device() == x.device(), op, ": per-row statistics are on ",
+                      row->device(), " but x is on ", x.device());
+  }
+  if (log_q.has_value()) {
+    TORCH_CHECK_VALUE(log_q->dim() == 2 && log_q->size(0) == x.size(1) &&
+                          log_q->size(1) == templates.size(0),
+                      op, ": log_q must be (C, N) = (", x.size(1), ", ", templates.size(0),
+                      "), got shape ", log_q->sizes());
+    TORCH_CHECK_TYPE(log_q->scalar_type() == accumulation, op, ": log_q must be ",
+                     accumulation, ", got ", log_q->scalar_type());
+    TORCH_CHECK_VALUE(log_q->device() == x.device(), op, ": log_q is on ", log_q->device(),
+                      " but x is on ", x.device());
+  }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& x, const at::Tensor& templates,
+                                                  double tau, c10::string_view precision) {
+  check_arguments("row_stats", x, templates, {}, std::nullopt);
+  parse_precision(precision);
+  const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
+  return {at::empty({x.size(0), x.size(1)}, options), at::empty({x.size(0), x.size(1)}, options)};
+}
+
+at::Tensor column_sums_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
+                            const at::Tensor& lse, c10::string_view precision) {
+  check_arguments("column_sums", x, templates, {&lse}, std::nullopt);
+  parse_precision(precision);
+  return at::empty({x.size(1), templates.size(0)}, lse.options());
+}
+
+at::Tensor input_grad_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
+                           const at::Tensor& lse, const at::Tensor& neg_entropy,
+                           const std::optional<at::Tensor>& log_q, const at::Tensor& row_weight,
+                           c10::string_view precision) {
+  check_arguments("input_grad", x, templates, {&lse, &neg_entropy, &row_weight}, log_q);
+  parse_precision(precision);
+  return at::empty_like(x);
+}
+
+}  // namespace
+}  // namespace ecloss
+
+TORCH_LIBRARY(ecloss_fast_C, m) {
+  m.def("row_stats(Tensor x, Tensor templates, float tau, str precision) -> (Tensor, Tensor)");
+  m.def("column_sums(Tensor x, Tensor templates, float tau, Tensor lse, str precision) -> Tensor");
+  m.def(
+      "input_grad(Tensor x, Tensor templates, float tau, Tensor lse, Tensor neg_entropy, "
+      "Tensor? log_q, Tensor row_weight, str precision) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {
+  m.impl("row_stats", &ecloss::row_stats_meta);
+  m.impl("column_sums", &ecloss::column_sums_meta);
+  m.impl("input_grad", &ecloss::input_grad_meta);
+}
+
+// Importing ecloss_fast._C only has to run the registrations above (static initialisers);
+// the module itself is empty. Python calls the kernels through torch.ops.ecloss_fast_C.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "ECLoss C++/CUDA kernels, registered as torch.ops.ecloss_fast_C.*",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}

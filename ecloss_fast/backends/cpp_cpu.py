@@ -1,0 +1,48 @@
+"""Backend ``cpu``: the fused C++ kernels of csrc/cpu_kernels.cpp, float32 and float64.
+
+Each function is one call of ``torch.ops.ecloss_fast_C.*`` (schema in csrc/ops.cpp), which
+the extension ``ecloss_fast._C`` registers when imported; see ``ecloss_fast.backends`` for
+the contract. The CPU computes in full precision whatever ``precision`` says; float16 and
+bfloat16 inputs run in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["availability", "supports", "row_stats", "column_sums", "input_grad", "extension_error"]
+
+_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` or "
+               "`python setup.py build_ext --inplace` (needs a C++ compiler)")
+
+
+def _import_extension() -> str | None:
+    try:
+        from ecloss_fast import _C  # noqa: F401  (importing registers the ops)
+    except ImportError as error:
+        return f"the C++ extension ecloss_fast._C was not built or does not load ({error}); " \
+               f"{_BUILD_HINT}"
+    return None
+
+
+extension_error = _import_extension()
+
+
+def availability() -> str | None:
+    return extension_error
+
+
+def supports(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def row_stats(x, templates, tau, precision):
+    return torch.ops.ecloss_fast_C.row_stats(x, templates, tau, precision)
+
+
+def column_sums(x, templates, tau, lse, precision):
+    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, lse, precision)
+
+
+def input_grad(x, templates, tau, lse, neg_entropy, log_q, row_weight, precision):
+    return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, lse, neg_entropy, log_q,
+                                              row_weight, precision)

@@ -1,0 +1,42 @@
+"""Backend ``cuda``: the fused tensor-core kernels of csrc/cuda_kernels.cu.
+
+float32, float16 and bfloat16 inputs; ``precision`` picks the matrix unit: ``"tf32"`` and
+``"bf16"`` run WMMA (mma.sync) on the tensor cores (operands rounded, float32
+accumulation), ``"ieee"`` plain float32 FMAs. Not run on a GPU yet: see bench/NOTES.md.
+The functions are the CPU backend's (one call of ``torch.ops.ecloss_fast_C.*`` each): the
+dispatcher sends CUDA tensors to the CUDA kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from ecloss_fast.backends.cpp_cpu import column_sums, extension_error, input_grad, row_stats
+
+__all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
+           "input_grad"]
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ecloss_fast_C::row_stats", "CUDA")
+
+
+def availability() -> str | None:
+    if extension_error is not None:
+        return extension_error
+    if not _has_cuda_kernels():
+        return ("the extension ecloss_fast._C was built without its CUDA kernels (no CUDA "
+                "toolkit or a CPU build of torch at build time); install the CUDA toolkit "
+                "(nvcc) matching torch.version.cuda and rebuild with "
+                "`python setup.py build_ext --inplace`")
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
+    return None
+
+
+def supports(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def supports_dtype(dtype: torch.dtype) -> bool:
+    """float64 has no tensor-core path here; the ``torch`` backend takes it."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16)
