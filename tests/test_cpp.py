@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ecloss_fast as ef
-from ecloss_fast._templates import template_matrix
 from ecloss_fast.backends import cpp_cpu, cpp_cuda
 from ecloss_fast.testing import peaked_maps, random_maps
+from _contract import contract_templates, evaluate_contract
 
 TAU = 1e-3
 RELATIVE = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -46,26 +46,6 @@ def _cuda_toolkit_present() -> bool:
                      shutil.which("nvcc"))))
 
 
-def _templates(h, w, dtype, device="cpu"):
-    return template_matrix(h, w, 4.0, None, torch.device(device), dtype)
-
-
-def _evaluate(x, templates, row_weight, marginal, tau=TAU):
-    """SPEC sections 2-3 by einsum at the arguments' dtype: lse, neg_entropy, sums, log_q, dx."""
-    scores = tau * torch.einsum("bck,nk->bcn", x, templates)
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse[..., None])
-    neg_entropy = (p * (scores - lse[..., None])).sum(-1)
-    sums = p.sum(0)
-    coefficient = scores - lse[..., None] - neg_entropy[..., None]
-    log_q = None
-    if marginal:
-        log_q = torch.log((sums / x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny))
-        coefficient = coefficient - log_q + (p * log_q).sum(-1, keepdim=True)
-    dx = tau * row_weight[..., None] * torch.einsum("bcn,nk->bck", p * coefficient, templates)
-    return lse, neg_entropy, sums, log_q, dx
-
-
 def _dx_scale(row_weight, num_templates, numel):
     """Size of the terms whose difference dx is, in norm: tau * row_weight * log N per entry."""
     return TAU * row_weight * math.log(num_templates) * math.sqrt(numel)
@@ -85,11 +65,11 @@ def _check_contract(backend, x, size, marginal, seed=0):
     batch, channels, _ = x.shape
     h, w = size
     accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32
-    templates = _templates(h, w, accumulation, x.device)
+    templates = contract_templates(h, w, accumulation, x.device)
     generator = torch.Generator().manual_seed(seed)
     weight = torch.rand(batch, channels, generator=generator, dtype=torch.float64) + 0.5
-    truth = _evaluate(x.double(), templates.double(), weight.to(x.device), marginal)
-    baseline = _evaluate(x.float(), templates.float(), weight.float().to(x.device), marginal)
+    truth = evaluate_contract(x.double(), templates.double(), weight.to(x.device), marginal)
+    baseline = evaluate_contract(x.float(), templates.float(), weight.float().to(x.device), marginal)
     relative = RELATIVE[accumulation]
     size = torch.log(torch.tensor(float(templates.shape[0]))).item()
 
@@ -172,9 +152,9 @@ def test_contract_random_shapes(batch, channels, height, width, peaked, marginal
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_run_in_float32(dtype):
     x = peaked_maps(2, 3, 4, 5, dtype=dtype, seed=3).reshape(2, 3, 20)
-    templates = _templates(4, 5, torch.float32)
+    templates = contract_templates(4, 5, torch.float32)
     lse, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "ieee")
-    expected = _evaluate(x.double(), templates.double(), torch.ones(2, 3, dtype=torch.float64),
+    expected = evaluate_contract(x.double(), templates.double(), torch.ones(2, 3, dtype=torch.float64),
                          False)
     torch.testing.assert_close(lse.double(), expected[0], rtol=1e-6, atol=0)
     dx = cpp_cpu.input_grad(x, templates, TAU, lse, neg_entropy, None, torch.ones(2, 3), "ieee")
@@ -186,7 +166,7 @@ def test_half_inputs_run_in_float32(dtype):
 @needs_extension
 def test_results_are_deterministic_and_independent_of_threads():
     x = peaked_maps(13, 4, 5, 5, dtype=torch.float32, seed=11).reshape(13, 4, 25)
-    templates = _templates(5, 5, torch.float32)
+    templates = contract_templates(5, 5, torch.float32)
     weight = torch.rand(13, 4)
     threads = torch.get_num_threads()
 
@@ -213,7 +193,7 @@ def test_results_are_deterministic_and_independent_of_threads():
 def test_non_finite_input_gives_non_finite_statistics(bad):
     x = random_maps(2, 2, 3, 3, seed=1).reshape(2, 2, 9)
     x[1, 0, 4] = bad
-    lse, neg_entropy = cpp_cpu.row_stats(x, _templates(3, 3, torch.float32), TAU, "ieee")
+    lse, neg_entropy = cpp_cpu.row_stats(x, contract_templates(3, 3, torch.float32), TAU, "ieee")
     assert not torch.isfinite(lse[1, 0]) or not torch.isfinite(neg_entropy[1, 0])
     assert torch.isfinite(lse[0]).all() and torch.isfinite(neg_entropy[0]).all()
 
@@ -221,7 +201,7 @@ def test_non_finite_input_gives_non_finite_statistics(bad):
 @needs_extension
 def test_malformed_arguments_raise_naming_the_argument():
     x = random_maps(2, 3, 4, 4).reshape(2, 3, 16)
-    templates = _templates(4, 4, torch.float32)
+    templates = contract_templates(4, 4, torch.float32)
     with pytest.raises(TypeError, match="templates must be Float"):
         cpp_cpu.row_stats(x, templates.double(), TAU, "ieee")
     with pytest.raises(ValueError, match="templates must be \\(N, K\\)"):
@@ -238,7 +218,7 @@ def test_malformed_arguments_raise_naming_the_argument():
 @needs_extension
 def test_opcheck_schema_and_meta_kernels():
     x = peaked_maps(2, 3, 3, 4, seed=5).reshape(2, 3, 12)
-    templates = _templates(3, 4, torch.float32)
+    templates = contract_templates(3, 4, torch.float32)
     lse, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "ieee")
     log_q = torch.log(cpp_cpu.column_sums(x, templates, TAU, lse, "ieee") / 2)
     cases = {
@@ -306,16 +286,16 @@ def test_cuda_contract_matches_einsum(shape, maps, marginal, precision):
 
 def _check_contract_cuda(x, size, marginal, precision):
     batch, channels, _ = x.shape
-    templates = _templates(*size, torch.float32, "cuda")
+    templates = contract_templates(*size, torch.float32, "cuda")
     weight = torch.rand(batch, channels, dtype=torch.float64, device="cuda") + 0.5
-    truth = _evaluate(x.double(), templates.double(), weight, marginal)
+    truth = evaluate_contract(x.double(), templates.double(), weight, marginal)
     def rounded(tensor):  # the kernel's operand rounding; tf32 through torch's own switch
         return tensor.bfloat16().float() if precision == "bf16" else tensor.float()
 
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        baseline = _evaluate(rounded(x), rounded(templates), weight.float(), marginal)
+        baseline = evaluate_contract(rounded(x), rounded(templates), weight.float(), marginal)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     relative = GPU_RELATIVE[precision]
@@ -357,7 +337,7 @@ def test_ecloss_cuda_matches_reference(estimator, precision, dtype):
 @pytest.mark.gpu
 def test_cuda_column_sums_are_deterministic():
     x = peaked_maps(130, 3, 7, 7, seed=9).reshape(130, 3, 49).cuda()
-    templates = _templates(7, 7, torch.float32, "cuda")
+    templates = contract_templates(7, 7, torch.float32, "cuda")
     lse, _ = cpp_cuda.row_stats(x, templates, TAU, "tf32")
     first = cpp_cuda.column_sums(x, templates, TAU, lse, "tf32")
     assert torch.equal(first, cpp_cuda.column_sums(x, templates, TAU, lse, "tf32"))

@@ -7,13 +7,7 @@ import torch
 from models import VGG_LAYERS, build_head, build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: OpenMP threads only add contention on a shared 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch, convs", [("vgg13", 10), ("vgg16", 13), ("vgg19", 16)])

@@ -27,13 +27,7 @@ from train.trainer import Trainer, fit, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: OpenMP threads only add contention on a shared 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, name="run", **sections):
@@ -264,7 +258,8 @@ def test_head_kinds_and_full_template_set(tmp_path):
     for name, head, ecloss, measure_at in (("arc", "arcface", {"estimator": "marginal"}, "weights"),
                                            ("cos", "cosface", {"templates": 50}, "maps")):
         run_dir = train(tiny(tmp_path, name, head={"kind": head}, ecloss=ecloss,
-                             beta={"measure_at": measure_at, "value": 1e12, "update_every": 1},
+                             beta={"measure_at": measure_at, "value": 1e12, "update_every": 1,
+                                   "max_value": 1e12},  # tiny models need beta > 1e5
                              train={"epochs": 1, "stop_at_step": 2}))
         state = load_checkpoint(run_dir)
         assert state["step"] == 2 and state["skipped_steps"] == 0
@@ -347,7 +342,7 @@ def test_two_process_gloo_equals_one_process_with_the_global_batch(tmp_path, mon
     # A seed far above the automatic beta: it drops to its target at the first measurement,
     # so that ECLoss weighs in from the first step.
     sections = dict(model={"batch_norm": False}, data={"flip": False}, optim={"lr": 0.01},
-                    ecloss={"estimator": "marginal"}, beta={"value": 1e12, "update_every": 1},
+                    ecloss={"estimator": "marginal"}, beta={"value": 1e12, "update_every": 1, "max_value": 1e12},
                     train={"epochs": 1, "deterministic": False})
     one = train(tiny(tmp_path, "one", **copy.deepcopy(sections) | {
         "train": {"epochs": 1, "batch_size": 8}}))

@@ -24,37 +24,14 @@ pytest.importorskip("triton")
 
 import ecloss_fast as ef  # noqa: E402
 from ecloss_fast import _dispatch  # noqa: E402
-from ecloss_fast._templates import template_matrix  # noqa: E402
 from ecloss_fast.backends import triton_fused  # noqa: E402
 
 from ecloss_fast.testing import peaked_maps, random_maps  # noqa: E402
+from _contract import contract_templates, evaluate_contract  # noqa: E402
 
 TAU = 1e-3
 TOLERANCE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2}
 BASELINE_MARGIN = 8.0  # the kernel may be this many times less exact than PyTorch's float32
-
-
-def _templates(h, w, device="cpu", dtype=torch.float32):
-    return template_matrix(h, w, 4.0, None, torch.device(device), dtype)
-
-
-def _evaluate(x, templates, row_weight, marginal):
-    """SPEC sections 2-3 by einsum at the dtype of the arguments (materialises B x C x N).
-
-    Returns ``lse``, ``neg_entropy``, ``column_sums``, ``log_q`` and ``dx``.
-    """
-    scores = TAU * torch.einsum("bck,nk->bcn", x, templates)
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse[..., None])
-    neg_entropy = (p * (scores - lse[..., None])).sum(-1)
-    sums = p.sum(0)
-    coefficient = scores - lse[..., None] - neg_entropy[..., None]
-    log_q = None
-    if marginal:
-        log_q = torch.log((sums / x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny))
-        coefficient = coefficient - log_q + (p * log_q).sum(-1, keepdim=True)
-    dx = TAU * row_weight[..., None] * torch.einsum("bcn,nk->bck", p * coefficient, templates)
-    return lse, neg_entropy, sums, log_q, dx
 
 
 def _rounded(tensor, precision):
@@ -80,8 +57,8 @@ def _compare(x, templates, precision, marginal, seed=0):
     batch, channels, _ = x.shape
     row_weight = torch.rand(batch, channels, generator=torch.Generator().manual_seed(seed),
                             dtype=torch.float64, device="cpu").to(x.device) + 0.5
-    truth = _evaluate(x.double(), templates.double(), row_weight, marginal)
-    baseline = _evaluate(_rounded(x, precision), _rounded(templates, precision),
+    truth = evaluate_contract(x.double(), templates.double(), row_weight, marginal)
+    baseline = evaluate_contract(_rounded(x, precision), _rounded(templates, precision),
                          row_weight.float(), marginal)
 
     lse, neg_entropy = triton_fused.row_stats(x, templates, TAU, precision)
@@ -115,7 +92,7 @@ SMALL_SHAPES = [(3, 5, 2, 3), (3, 5, 1, 2), (7, 7, 3, 2)]
 def test_kernels_match_float64_float32_input(shape, maps, marginal):
     h, w, b, c = shape
     x = maps(b, c, h, w, seed=sum(shape)).reshape(b, c, h * w)
-    _compare(x, _templates(h, w), "ieee", marginal)
+    _compare(x, contract_templates(h, w), "ieee", marginal)
 
 
 @pytest.mark.parametrize("marginal", [False, True], ids=["uniform", "marginal"])
@@ -124,20 +101,20 @@ def test_kernels_match_float64_bfloat16(precision, marginal):
     """bfloat16 maps; and bfloat16 products (emulated in the interpreter, see ``_tiles``)."""
     x = peaked_maps(3, 2, 7, 7, seed=5).reshape(3, 2, 49)
     x = x.to(torch.bfloat16) if precision == "ieee" else x
-    _compare(x, _templates(7, 7), precision, marginal)
+    _compare(x, contract_templates(7, 7), precision, marginal)
 
 
 def test_kernels_match_float64_14x14():
     """The paper's maps: 19,307 templates, B x C tiny (the interpreter runs in Python)."""
     x = peaked_maps(2, 1, 14, 14, seed=3).reshape(2, 1, 196)
-    _compare(x, _templates(14, 14), "ieee", marginal=True)
+    _compare(x, contract_templates(14, 14), "ieee", marginal=True)
 
 
 def test_float64_input_accumulates_in_float64():
     x = peaked_maps(2, 2, 3, 5, seed=9, dtype=torch.float64).reshape(2, 2, 15)
-    templates = _templates(3, 5, dtype=torch.float64)
+    templates = contract_templates(3, 5, dtype=torch.float64)
     lse, neg_entropy = triton_fused.row_stats(x, templates, TAU, "ieee")
-    truth = _evaluate(x, templates, torch.ones(2, 2, dtype=torch.float64), marginal=False)
+    truth = evaluate_contract(x, templates, torch.ones(2, 2, dtype=torch.float64), marginal=False)
     assert lse.dtype == torch.float64
     torch.testing.assert_close(lse, truth[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(neg_entropy, truth[1], rtol=1e-10, atol=1e-14)
@@ -145,7 +122,7 @@ def test_float64_input_accumulates_in_float64():
 
 def test_column_sums_are_deterministic():
     x = random_maps(3, 3, 3, 5, seed=1).reshape(3, 3, 15)
-    templates = _templates(3, 5)
+    templates = contract_templates(3, 5)
     lse, _ = triton_fused.row_stats(x, templates, TAU, "ieee")
     first = triton_fused.column_sums(x, templates, TAU, lse, "ieee")
     assert torch.equal(first, triton_fused.column_sums(x, templates, TAU, lse, "ieee"))
@@ -155,7 +132,7 @@ def test_non_finite_input_gives_non_finite_statistics():
     x = peaked_maps(1, 2, 3, 5, seed=2).reshape(1, 2, 15)
     x[0, 0, 3] = float("nan")
     x[0, 1, 4] = float("inf")
-    lse, neg_entropy = triton_fused.row_stats(x, _templates(3, 5), TAU, "ieee")
+    lse, neg_entropy = triton_fused.row_stats(x, contract_templates(3, 5), TAU, "ieee")
     assert not torch.isfinite(lse).any() or not torch.isfinite(neg_entropy).any()
     assert not torch.isfinite(lse[0, 0])
 
@@ -174,7 +151,7 @@ def test_availability_and_dtypes():
         assert triton_fused.supports_dtype(dtype)
     assert not triton_fused.supports_dtype(torch.int32)
     with pytest.raises(ValueError, match="precision"):
-        triton_fused.row_stats(torch.ones(1, 1, 15), _templates(3, 5), TAU, "fp8")
+        triton_fused.row_stats(torch.ones(1, 1, 15), contract_templates(3, 5), TAU, "fp8")
 
 
 @pytest.fixture
@@ -224,7 +201,7 @@ def test_gpu_kernels_match_float64(shape, maps, dtype, precision, marginal):
         pytest.skip("needs CUDA")
     h, w, b, c = shape
     x = maps(b, c, h, w, seed=sum(shape), dtype=dtype).reshape(b, c, h * w).cuda()
-    templates = _templates(h, w, device="cuda")
+    templates = contract_templates(h, w, device="cuda")
     if precision == "tf32":
         # The float32 baseline cannot round like TF32; SPEC's bound alone decides.
         global BASELINE_MARGIN
