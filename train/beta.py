@@ -23,7 +23,7 @@ grad_ratio`` and moves towards it:
   uniform, the ECLoss gradient tiny, and the matching ``beta`` (1e8-1e9) overflowed the
   maps as soon as they sharpened.
 
-Why the weights by default, measured at every step (measured on VGG13 without BatchNorm,
+Why the weights by default (measured on VGG13 without BatchNorm,
 synthetic faces): near a uniform template softmax (``tau = 1e-3``, maps at
 initialisation) the ECLoss gradient at the maps is tiny, so the ``beta`` matching it there
 is ~1e8; and as the maps grow, the CE gradient at the maps shrinks like ``1/scale``
@@ -31,8 +31,9 @@ is ~1e8; and as the maps grow, the CE gradient at the maps shrinks like ``1/scal
 weight below grows with the activations. A ratio at the maps of 1e-5 then already meant a
 parameter gradient a thousand times the CE one, and training diverged within 50 steps;
 measured at the target weights, which see the input activations, ``beta`` follows and the
-same run trains. A measurement costs one ECLoss backward pass and two short backward
-passes as far as the target layer, little beside the network's own backward pass.
+same run trains. A measurement costs one more ECLoss backward pass, two short backward
+passes as far as the target layer and a host synchronisation, hence every
+``update_every`` (10) steps by default rather than every step.
 """
 from __future__ import annotations
 

@@ -77,7 +77,9 @@ class BetaConfig:
     value: float = 1e-5
     warmup_steps: int = 0
     grad_ratio: float = 0.25
-    update_every: int = 1
+    # A measurement costs one more ECLoss backward and a host sync: every step would add
+    # about a third of ECLoss's own cost to each step (SPEC: "every few steps").
+    update_every: int = 10
     ema: float = 0.9
     max_growth: float = 2.0  # auto: beta grows at most by this factor per measurement
     # auto: never above this. Near a uniform template softmax (start of training) the
