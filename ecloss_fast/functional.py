@@ -7,7 +7,7 @@ import torch
 
 from ecloss_fast import _ops
 from ecloss_fast._dispatch import BACKENDS, PRECISIONS
-from ecloss_fast._templates import num_templates, subset_indices, template_matrix
+from ecloss_fast._templates import num_templates, template_matrix
 from ecloss_fast.backends import reference
 
 __all__ = ["ecloss", "ESTIMATORS", "REDUCTIONS", "PRECISIONS"]
@@ -85,7 +85,10 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     elif isinstance(templates, str):
         _choice("templates", templates, ("full",))
     elif isinstance(templates, int) and not isinstance(templates, bool):
-        subset_indices(num_templates(height, width), templates)  # validates k
+        total = num_templates(height, width)
+        if not 1 <= templates <= total:
+            raise ValueError(f"templates (the subset size k) must be between 1 and "
+                             f"num_templates({height}, {width}) = {total}; got {templates}")
         subset = templates
     else:
         raise TypeError("templates must be 'full', an int k or a tensor (N, H, W); "
