@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ecloss_fast._dispatch import backend_module, resolve_backend, resolve_precision
 from ecloss_fast._templates import count_for_pixels, template_matrix
 
-__all__ = ["channel_loss", "register_process_group"]
+__all__ = ["channel_loss", "input_grad", "register_process_group", "accumulation_dtype"]
 
 _PROCESS_GROUPS: dict[str, object] = {}
 
@@ -29,7 +29,8 @@ def register_process_group(group) -> str:
     return name
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores and reductions: float64 for float64 input, else float32 (SPEC section 4)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -38,7 +39,7 @@ def _templates_for(x, templates, radius, subset):
         return templates
     height, width = x.shape[-2:]
     return template_matrix(height, width, radius, subset if subset > 0 else None,
-                           x.device, _accumulation_dtype(x.dtype))
+                           x.device, accumulation_dtype(x.dtype))
 
 
 def _num_templates(x, templates, subset):
@@ -85,7 +86,7 @@ def _channel_loss(x, templates, radius, subset, tau, marginal, precision, backen
 @channel_loss.register_fake
 def _(x, templates, radius, subset, tau, marginal, precision, backend, group):
     batch, channels = x.shape[:2]
-    dtype = _accumulation_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     n = _num_templates(x, templates, subset)
     stats = x.new_empty((batch, channels), dtype=dtype)
     log_q = x.new_empty((channels, n) if marginal else (0,), dtype=dtype)

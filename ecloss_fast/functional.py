@@ -76,7 +76,7 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     _choice("backend", backend, BACKENDS + ("auto",))
     _choice("precision", precision, PRECISIONS + (None,))
     marginal = estimator == "marginal"
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _ops.accumulation_dtype(x.dtype)
     height, width = x.shape[-2:]
 
     template_rows, subset = None, 0

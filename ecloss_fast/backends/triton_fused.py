@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from ecloss_fast._ops import accumulation_dtype
+
 __all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
            "input_grad"]
 
@@ -119,10 +121,6 @@ def _common_constants(x: torch.Tensor, tau: float, precision: str):
         OPERANDS=operands, ACC=tl.float64 if operands == "fp64" else tl.float32)
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _launch(kernel, grid, interpreted: bool, *args, **kwargs) -> None:
     if interpreted:
         from ecloss_fast.triton_kernels import run_interpreted
@@ -173,7 +171,7 @@ def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
     x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
-    lse = torch.empty(batch, channels, device=x.device, dtype=_accumulation_dtype(x))
+    lse = torch.empty(batch, channels, device=x.device, dtype=accumulation_dtype(x.dtype))
     neg_entropy = torch.empty_like(lse)
 
     def launch(config):
@@ -217,7 +215,7 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch
         tiles_per_program = math.ceil(tiles / splits)
         splits = math.ceil(tiles / tiles_per_program)
         partial = torch.empty(batch_blocks, channels, count, device=x.device,
-                              dtype=_accumulation_dtype(x))
+                              dtype=accumulation_dtype(x.dtype))
         _launch(column_sums_kernel, (grid_channels, batch_blocks, splits), interpreted,
             x, templates, lse, partial, batch, channels, count, tiles_per_program,
             **constants, CHANNELS=per_program, BLOCK_B=block_b, BLOCK_N=config.block_n,
@@ -251,7 +249,7 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.
     rows, count = batch * channels, templates.shape[0]
     x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
     lse, neg_entropy = lse.contiguous(), neg_entropy.contiguous()
-    row_weight = row_weight.to(_accumulation_dtype(x)).contiguous()
+    row_weight = row_weight.to(accumulation_dtype(x.dtype)).contiguous()
     has_prior = log_q is not None
     prior = lse  # an unread placeholder pointer when there is no prior
     if has_prior:
