@@ -1,7 +1,6 @@
 """Backend ``torch`` (streaming) against the reference: values and gradients."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
