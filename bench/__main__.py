@@ -12,6 +12,7 @@ import argparse
 import datetime
 import functools
 import importlib.util
+import os
 import platform
 import signal
 import sys
@@ -24,7 +25,7 @@ import ecloss_fast as ef
 from ecloss_fast._dispatch import BACKENDS
 from bench.grids import GRIDS
 from bench.report import enrich, markdown, write_json, write_plot
-from bench.routes import BASELINES, ESTIMATORS
+from bench.routes import BASELINES, ESTIMATORS, routes_for, skipped_routes
 from bench.runner import run_cases
 from bench.timing import CLOCKS, TimingPlan, matmul_peak_tflops
 from bench.train_step import run_train_steps
@@ -59,6 +60,8 @@ def _parse(argv):
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1; got {args.threads}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        parser.error(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu times CPU runs only; CUDA runs are timed with CUDA events")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -67,7 +70,34 @@ def _parse(argv):
     unknown = sorted(set(args.backends or ()) - known)
     if unknown:
         parser.error(f"--backends: unknown {unknown}; choose from {sorted(known)}")
+
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.grid = args.grid or ("gpu" if args.device.type == "cuda" else "cpu")
+    args.date = datetime.datetime.now(datetime.timezone.utc)
+    args.out = args.out or Path("bench/results") / f"{args.grid}-{args.date:%Y-%m-%d}"
+    problem = _unwritable(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
+    args.backends = args.backends or [*ef.available_backends(), *BASELINES]
+    dtypes = sorted({case.dtype for case in GRIDS[args.grid].cases})
+    args.skipped = skipped_routes(args.backends, args.estimators, args.device, dtypes)
+    if not any(routes_for(args.backends, args.estimators, args.device, getattr(torch, dtype))
+               for dtype in dtypes):
+        parser.error(f"no route of --backends {' '.join(args.backends)} can run the {args.grid} "
+                     f"grid on {args.device.type}: " + "; ".join(args.skipped))
     return args
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the folder ``out`` cannot be created or written, or None."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    existing = next(path for path in (out, *out.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _device_name(device: torch.device) -> str:
@@ -104,16 +134,15 @@ def _install_sigterm_handler():
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    for line in args.skipped:
+        print(f"bench: skipped {line}", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    grid_name = args.grid or ("gpu" if device.type == "cuda" else "cpu")
+    device, grid_name, now, out = args.device, args.grid, args.date, args.out
     grid = GRIDS[grid_name]
     clock = args.clock  # ignored on CUDA, which is timed with CUDA events
-    now = datetime.datetime.now(datetime.timezone.utc)
-    out = args.out or Path("bench/results") / f"{grid_name}-{now:%Y-%m-%d}"
     out.mkdir(parents=True, exist_ok=True)
-    backends = args.backends or [*ef.available_backends(), *BASELINES]
+    backends = args.backends
     started = time.monotonic()
     deadline = started + args.time_budget if args.time_budget else float("inf")
     _install_sigterm_handler()
@@ -126,6 +155,7 @@ def main(argv=None) -> int:
         "clock": "cuda events" if device.type == "cuda" else clock,
         "date": now.isoformat(timespec="seconds"), "available_backends": ef.available_backends(),
         "command": " ".join(sys.argv), "timing_plan": grid.plan.__dict__,
+        "skipped_routes": args.skipped,
     }, "cases": [], "train_step": []}
     paths = {kind: out / f"results.{kind}" for kind in ("json", "md", "png")}
 

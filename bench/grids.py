@@ -20,8 +20,9 @@ __all__ = ["Case", "Grid", "GRIDS"]
 class Case:
     """One problem: maps ``(batch, channels, height, width)`` and a template set.
 
-    ``templates`` is ``"full"`` or the size ``k`` of the evenly spaced subset (SPEC
-    section 1). ``sweep`` marks the cases on the time-versus-templates curve.
+    ``templates`` is ``"full"`` or the size ``k`` of the evenly spaced subset
+    (docs/design.md, section 1). ``sweep`` marks the cases on the time-versus-templates
+    curve.
     """
 
     name: str

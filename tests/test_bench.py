@@ -1,9 +1,11 @@
-"""The benchmark suite: the SDPA route against the reference, the cost model against SPEC
-section 6, and ``python -m bench --grid tiny`` end to end on the CPU."""
+"""The benchmark suite: the SDPA route against the reference, the cost model against
+docs/design.md section 6, ``python -m bench --grid tiny`` end to end on the CPU, and the
+command's errors."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import ecloss_fast as ef
+from bench.__main__ import main as bench_main
 from bench.cost import Workload, gemm_count
 from bench.sdpa_route import sdpa_ecloss
 from bench.summary import summary
@@ -36,8 +39,9 @@ def test_sdpa_route_matches_reference(maps, shape, subset, dtype):
     expected = ef.ecloss(x_ref, templates=templates.double(), backend="reference", reduction="none")
     (expected_grad,) = torch.autograd.grad(expected, x_ref, upstream)
 
-    # SPEC section 4: relative to the result on peaked maps; on nearly uniform softmaxes the
-    # loss is a small difference of numbers of size log N, so the bound scales with log N.
+    # docs/design.md, section 4.4: relative to the result on peaked maps; on nearly uniform
+    # softmaxes the loss is a small difference of numbers of size log N, so the bound scales
+    # with log N.
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     scale = expected.abs().max() + (math.log(templates.shape[0]) if maps is random_maps else 0)
     assert loss.shape == (channels,)
@@ -59,8 +63,8 @@ def test_sdpa_route_reductions_and_errors():
         sdpa_ecloss(x[0], templates)
 
 
-def test_cost_model_matches_spec_paper_setting():
-    """SPEC section 6: B=64, C=512, K=196, N=19,307."""
+def test_cost_model_matches_the_paper_setting():
+    """docs/design.md, section 6: B=64, C=512, K=196, N=19,307."""
     paper = Workload(batch=64, channels=512, pixels=196, templates=19_307)
     assert paper.rows == 32_768
     assert paper.gemm_flops == pytest.approx(248e9, rel=2e-3)
@@ -86,6 +90,10 @@ def test_tiny_grid_end_to_end(tmp_path):
     routes = {(r["backend"], r["estimator"]) for r in document["cases"]}
     expected = {(b, e) for b in ef.available_backends() for e in ("uniform", "marginal")}
     assert routes == expected | {("sdpa", "uniform")}
+    skipped = document["meta"]["skipped_routes"]
+    flash = "sdpa-flash (float32 on cpu): PyTorch's FlashAttention kernel runs on CUDA only"
+    assert flash in skipped
+    assert all(f"bench: skipped {line}" in done.stderr for line in skipped)
     for record in document["cases"]:
         assert record["status"] == "ok", record
         for pass_name in ("forward", "backward", "forward_backward"):
@@ -116,3 +124,57 @@ def test_gpu_check_script_parses_and_rejects_bad_usage(tmp_path):
         done = subprocess.run(["bash", str(script), *arguments], capture_output=True, text=True,
                               check=False)
         assert done.returncode == 2 and "usage" in done.stderr
+
+
+def _bench(*arguments):
+    """``python -m bench`` in a fresh process, without Triton's CPU interpreter."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench", "--grid", "tiny", "--device", "cpu",
+                           *arguments], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_bench_says_which_routes_it_skips_and_why(tmp_path):
+    """Triton on the CPU: without a GPU its backend is unavailable; with one it takes no
+    CPU tensors. Alone it leaves nothing to run (exit 2, nothing written); beside torch it
+    is reported as skipped and torch runs."""
+    alone = _bench("--backends", "triton", "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "error: no route of --backends triton can run the tiny grid on cpu: " in alone.stderr
+    assert "triton (float32 on cpu): " in alone.stderr
+    assert not (tmp_path / "alone").exists()
+
+    beside = _bench("--backends", "triton", "torch", "--estimators", "uniform", "--no-memory",
+                    "--no-train-step", "--out", str(tmp_path / "beside"))
+    assert beside.returncode == 0, beside.stderr[-3000:]
+    reason = alone.stderr.split("triton (float32 on cpu): ", 1)[1].strip()
+    assert f"bench: skipped triton (float32 on cpu): {reason}" in beside.stderr
+    document = json.loads((tmp_path / "beside" / "results.json").read_text())
+    assert document["meta"]["skipped_routes"] == [f"triton (float32 on cpu): {reason}"]
+    assert {(r["backend"], r["estimator"], r["status"]) for r in document["cases"]} \
+        == {("torch", "uniform", "ok")}
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--out", "{file}"], "--out {file}: exists and is not a folder"),
+    (["--out", "{file}/sub"], "--out {file}/sub: {file} is a file, not a folder"),
+    (["--time-budget", "0"], "--time-budget must be a positive number of seconds"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--backends", "fastest"], "--backends: unknown ['fastest']"),
+    (["--backends", "sdpa-flash"], "sdpa-flash (float32 on cpu): PyTorch's FlashAttention "
+                                   "kernel runs on CUDA only"),
+    (["--backends", "sdpa", "--estimators", "marginal"], "sdpa: computes the uniform estimator"),
+])
+def test_bench_user_errors_exit_2_before_anything_is_written(tmp_path, capsys, arguments,
+                                                             message):
+    file = tmp_path / "file"
+    file.write_text("")
+    arguments = [a.format(file=file) for a in arguments]
+    if "--out" not in arguments:
+        arguments += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stopped:
+        bench_main(["--grid", "tiny", "--device", "cpu", *arguments])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "python -m bench: error: " in error and message.format(file=file) in error, error
+    assert list(tmp_path.iterdir()) == [file]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from train.data.folder import ImageFolderFaces
 from train.data.image import BadDataError
-from train.data.recordio import RecordIODataset, read_record, unpack_record
+from train.data.recordio import RecordIODataset
 from train.verification import load_bin
 
 
@@ -34,6 +34,22 @@ def _open(path: Path):
     raise ValueError(f"{path}: not a .rec file, a .bin file or an image folder")
 
 
+def _check_paths(args) -> None:
+    """User errors in the paths, found before any data is read or file written."""
+    if not args.path.exists():
+        raise FileNotFoundError(f"{args.path}: no such file or folder")
+    if args.command != "get":
+        return
+    out = args.out
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file name such as face.png")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: {out.suffix or 'no suffix'} is not an image format "
+                         "Pillow writes; use .png or .jpg")
+
+
 class _RecordIO:
     format = "recordio"
 
@@ -44,9 +60,8 @@ class _RecordIO:
         return dict(images=len(self.data), identities=self.data.num_classes)
 
     def get(self, index: int) -> tuple[bytes, dict]:
-        key = self.data.keys[index]
-        with open(self.data.rec_path, "rb") as handle:
-            header, payload = unpack_record(read_record(handle, self.data.index[key]))
+        key = int(self.data.keys[index])
+        header, payload = self.data.record(key)
         label = header.label if header.flag == 0 else header.label[0]
         return payload, dict(index=index, key=key, label=int(label))
 
@@ -91,6 +106,7 @@ def main(argv=None) -> int:
     get.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg)")
     args = parser.parse_args(argv)
     try:
+        _check_paths(args)
         reader = _open(args.path)
         if args.command == "info":
             print(json.dumps(dict(format=reader.format, path=str(args.path), **reader.info())))
@@ -99,8 +115,13 @@ def main(argv=None) -> int:
         if not -size <= args.index < size:
             raise IndexError(f"index {args.index} out of range for {size} images")
         data, label = reader.get(args.index % size)
-        with Image.open(io.BytesIO(data)) as image:
-            image.convert("RGB").save(args.out)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                picture = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise BadDataError(f"{args.path} image {args.index}: its {len(data)} bytes do not "
+                               f"decode as an image ({type(error).__name__})") from error
+        picture.save(args.out)
         print(json.dumps(dict(label, out=str(args.out))))
         return 0
     except (ValueError, IndexError, OSError, BadDataError) as error:
