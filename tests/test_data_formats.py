@@ -1,7 +1,12 @@
 """Data sources: the synthetic faces, InsightFace RecordIO (written byte by byte), folders."""
 import io
+import json
 import logging
+import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +14,11 @@ import torch
 from PIL import Image
 
 from train.data import BadDataError, collate_faces
+from train.data.__main__ import main as data_main
 from train.data.folder import ImageFolderFaces
 from train.data.image import denormalize
-from train.data.recordio import (MAGIC, RecordIODataset, RecordIOWriter, pack_record, read_record,
-                                 unpack_record, write_recordio)
+from train.data.recordio import (MAGIC, RecordIndex, RecordIODataset, RecordIOWriter, pack_record,
+                                 read_index, read_record, unpack_record, write_recordio)
 from train.data.synthetic import PARTS, SyntheticFaces
 
 # ---------------------------------------------------------------------------- synthetic
@@ -171,7 +177,7 @@ def test_recordio_without_header_record_counts_labels(tmp_path):
         for key, label in [(10, 4), (11, 1)]:
             writer.write(key, pack_record(label, _png(key)[1]))  # scalar labels, flag 0
     dataset = RecordIODataset(tmp_path / "t.rec", tmp_path / "t.idx", size=16)
-    assert dataset.keys == [10, 11] and dataset.num_classes == 5
+    assert list(dataset.keys) == [10, 11] and dataset.num_classes == 5
     assert [dataset[i]["label"] for i in range(2)] == [4, 1]
     (tmp_path / "property").write_text("9,16,16\n")
     assert RecordIODataset(tmp_path / "t.rec", size=16).num_classes == 9
@@ -204,6 +210,138 @@ def test_corrupt_record_is_reported_with_its_key(tmp_path, caplog, how, reason):
     batch = collate_faces(items)
     assert batch["skipped"] == 1 and batch["image"].shape == (3, 3, 16, 16)
     assert batch["label"].tolist() == [0, 0, 1]
+
+
+def _dict_of(lines):
+    """What a ``dict`` filled line by line from an index holds (a repeated key: the last)."""
+    pairs = (line.split() for line in lines if line.strip())
+    return {int(key): int(offset) for key, offset in pairs}
+
+
+@pytest.mark.parametrize("layout", ["InsightFace", "shuffled", "gaps", "repeated", "blank lines"])
+def test_read_index_holds_what_the_file_says(tmp_path, layout):
+    rng = np.random.default_rng(5)
+    if layout == "InsightFace":  # keys 1..n, then record 0 last
+        keys = [*range(1, 40), 0]
+    elif layout == "shuffled":
+        keys = rng.permutation(np.arange(3, 43)).tolist()
+    elif layout == "gaps":
+        keys = rng.choice(10_000, 40, replace=False).tolist()
+    else:
+        keys = [5, 9, 2, 9, 7, 5, 11]
+    lines = [f"{key}\t{offset}" for key, offset in zip(keys, rng.integers(0, 2**40, len(keys)))]
+    if layout == "blank lines":
+        lines = ["", *lines[:3], "  ", *lines[3:], ""]
+    (tmp_path / "t.idx").write_text("\n".join(lines) + "\n")
+    index = read_index(tmp_path / "t.idx")
+    expected = _dict_of(lines)
+    assert len(index) == len(expected) and dict(index) == expected
+    assert list(index) == sorted(expected)
+    assert all(isinstance(key, int) for key in index)
+    for key in expected:
+        assert key in index and index[key] == expected[key]
+    for absent in sorted(set(range(-2, max(expected) + 3)) - set(expected))[:50] + [2**70, "3"]:
+        assert absent not in index and index.get(absent) is None
+        with pytest.raises(KeyError):
+            index[absent]
+
+
+@pytest.mark.parametrize("keys", [range(4, 12), [4, 5, 6, 9, 10, 13]], ids=["contiguous", "gaps"])
+def test_first_missing_key(keys):
+    index = RecordIndex(list(keys), list(range(len(keys))))
+    for start in range(0, 16):
+        for stop in range(start, 17):
+            absent = [k for k in range(start, stop) if k not in set(keys)]
+            expected = absent[0] if absent else None
+            assert index.first_missing(start, stop) == expected, (start, stop)
+
+
+def test_malformed_index_lines_are_named(tmp_path):
+    for text, line in [("1\t0\n2\t10\n3 x\n", 3), ("1\t0\n\n2\t5\t6\n", 3),
+                       ("7\n8\n", 1), ("1\t0\n2\t-4\n", 2)]:
+        (tmp_path / "bad.idx").write_text(text)
+        with pytest.raises(ValueError, match=f"bad.idx:{line}: expected 'key<TAB>offset'"):
+            read_index(tmp_path / "bad.idx")
+    (tmp_path / "empty.idx").write_text("")
+    assert len(read_index(tmp_path / "empty.idx")) == 0
+
+
+def test_recordio_with_non_contiguous_keys(tmp_path):
+    labels = {12: 2, 3: 0, 7: 1, 40: 0}
+    with RecordIOWriter(tmp_path / "g.rec", tmp_path / "g.idx") as writer:
+        for key, label in labels.items():
+            writer.write(key, pack_record(label, _png(key)[1]))
+    dataset = RecordIODataset(tmp_path / "g.rec", size=16)
+    assert list(dataset.keys) == [3, 7, 12, 40] and dataset.num_classes == 3
+    for i, key in enumerate(sorted(labels)):
+        item = dataset[i]
+        assert item["label"] == labels[key]
+        assert torch.equal(denormalize(item["image"]), torch.from_numpy(_png(key)[0]))
+    with pytest.raises(BadDataError, match="key 5: not in the index"):
+        dataset.record(5)
+
+
+@pytest.mark.parametrize("dropped", [1, 3, 5])
+def test_image_key_missing_from_the_index_is_named(tmp_path, dropped):
+    """Record 0 announces image keys 1..5; the index lacks one (first, middle, last)."""
+    write_recordio(tmp_path / "m.rec", tmp_path / "m.idx", [(i % 2, _png(i)[1]) for i in range(5)])
+    lines = (tmp_path / "m.idx").read_text().splitlines()
+    (tmp_path / "m.idx").write_text("".join(f"{line}\n" for line in lines
+                                            if int(line.split()[0]) != dropped))
+    with pytest.raises(BadDataError, match=f"image key {dropped} announced by record 0 is not in"):
+        RecordIODataset(tmp_path / "m.rec", size=16)
+
+
+# ---------------------------------------------------------------------------- python -m train.data
+
+
+@pytest.fixture
+def rec_folder(tmp_path):
+    pictures = [_png(i) for i in range(3)]
+    write_recordio(tmp_path / "train.rec", tmp_path / "train.idx",
+                   [(label, png) for label, (_, png) in zip([0, 1, 1], pictures)])
+    return tmp_path, [pixels for pixels, _ in pictures]
+
+
+def test_data_cli_info_and_get(rec_folder, capsys):
+    folder, pixels = rec_folder
+    assert data_main(["info", str(folder)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["images"], info["identities"]) == ("recordio", 3, 2)
+    out = folder / "face.png"
+    assert data_main(["get", str(folder / "train.rec"), "-1", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == dict(index=2, key=3, label=1, out=str(out))
+    assert np.array_equal(np.asarray(Image.open(out)), pixels[2])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["info", "{folder}/absent.rec"], "absent.rec: no such file or folder"),
+    (["info", "{folder}/train.idx"], "not a .rec file, a .bin file or an image folder"),
+    (["get", "{folder}", "0", "--out", "{folder}/no/face.png"], "the folder .* does not exist"),
+    (["get", "{folder}", "0", "--out", "{folder}/face.txt"], ".txt is not an image format"),
+    (["get", "{folder}", "0", "--out", "{folder}"], "is a folder; give an image file name"),
+    (["get", "{folder}", "3", "--out", "{folder}/face.png"], "index 3 out of range for 3 images"),
+    (["get", "{folder}", "5", "--out", "{folder}/face.png"], "index 5 out of range"),
+])
+def test_data_cli_user_errors(rec_folder, capsys, arguments, message):
+    folder, _ = rec_folder
+    before = sorted(folder.rglob("*"))
+    assert data_main([a.format(folder=folder) for a in arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert re.search(message, error), error
+    assert sorted(folder.rglob("*")) == before  # nothing written
+
+
+def test_data_cli_corrupt_record_and_no_traceback(tmp_path):
+    rec = _corrupt(tmp_path, "magic")
+    (tmp_path / "train.idx").write_text((tmp_path / "c.idx").read_text())
+    done = subprocess.run([sys.executable, "-m", "train.data", "get", str(rec), "1", "--out",
+                           str(tmp_path / "face.png")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and "key 2 (byte" in done.stderr
+    assert "bad magic number" in done.stderr and not (tmp_path / "face.png").exists()
 
 
 # ---------------------------------------------------------------------------- folders
