@@ -69,39 +69,39 @@ def run_train_steps(config: dict, device: torch.device, backends, *, deadline: f
     # ECLoss's gradient at the maps is tiny (a factor tau / (B*C), times beta); through the
     # backbone's backward it reaches subnormal floats, which a CPU handles 10-50x slower
     # (measured: 2 s instead of 40 ms per tiny step). GPUs do not slow down on them. The
-    # trainer's automatic beta keeps the gradient far from that range.
-    flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
-    plan = TimingPlan(warmup=config.get("warmup", 2), min_repeats=config["steps"],
-                      max_repeats=config["steps"], budget_s=0.0)
-    base = {"arch": config["arch"], "batch": config["batch"],
-            "input_size": config["input_size"], "width": config.get("width", 1.0),
-            "flush_denormal": flush_denormal}
-    without = None
-    variants = [NO_ECLOSS] + [b for b in backends
-                              if b not in BASELINES and runs_on(b, device, maps_dtype)]
-    for backend in variants:
-        record = {**base, "backend": backend, "status": "ok"}
-        if time.monotonic() > deadline:
-            on_record({**record, "status": "skipped: time budget"})
-            continue
-        step = _step_function(model, head, optimizer, images, labels, backend, config)
-        try:
-            timing = measure(step, 1, device, plan)
-        except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
-            is_oom = isinstance(error, torch.cuda.OutOfMemoryError)
-            on_record({**record, "status": "oom" if is_oom else
-                       f"error: {type(error).__name__}: {error}"})
-            continue
-        finally:
-            if device.type == "cuda":
-                gc.collect()  # an exception's traceback can hold the failed step's tensors
-                torch.cuda.empty_cache()
-        record["step_ms"] = timing.median_ms
-        record["timing"] = timing.as_dict()
-        if backend == NO_ECLOSS:
-            without = timing.median_ms
-        elif without:
-            record["overhead"] = timing.median_ms / without - 1
-        on_record(record)
-    if flush_denormal:
-        torch.set_flush_denormal(False)
+    # trainer's automatic beta keeps the gradient far from that range. set_flush_denormal
+    # alone would reach the calling thread only, not PyTorch's other intra-op threads.
+    with contextlib.ExitStack() as stack:
+        flush_denormal = device.type == "cpu" and stack.enter_context(ef.flush_subnormals())
+        plan = TimingPlan(warmup=config.get("warmup", 2), min_repeats=config["steps"],
+                          max_repeats=config["steps"], budget_s=0.0)
+        base = {"arch": config["arch"], "batch": config["batch"],
+                "input_size": config["input_size"], "width": config.get("width", 1.0),
+                "flush_denormal": flush_denormal}
+        without = None
+        variants = [NO_ECLOSS] + [b for b in backends
+                                  if b not in BASELINES and runs_on(b, device, maps_dtype)]
+        for backend in variants:
+            record = {**base, "backend": backend, "status": "ok"}
+            if time.monotonic() > deadline:
+                on_record({**record, "status": "skipped: time budget"})
+                continue
+            step = _step_function(model, head, optimizer, images, labels, backend, config)
+            try:
+                timing = measure(step, 1, device, plan)
+            except Exception as error:  # noqa: BLE001 -- recorded; the other backends still run
+                is_oom = isinstance(error, torch.cuda.OutOfMemoryError)
+                on_record({**record, "status": "oom" if is_oom else
+                           f"error: {type(error).__name__}: {error}"})
+                continue
+            finally:
+                if device.type == "cuda":
+                    gc.collect()  # an exception's traceback can hold the failed step's tensors
+                    torch.cuda.empty_cache()
+            record["step_ms"] = timing.median_ms
+            record["timing"] = timing.as_dict()
+            if backend == NO_ECLOSS:
+                without = timing.median_ms
+            elif without:
+                record["overhead"] = timing.median_ms / without - 1
+            on_record(record)
