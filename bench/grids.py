@@ -1,6 +1,7 @@
 """The benchmark grids: which problem sizes, dtypes and timing effort each one runs.
 
-``gpu``: the paper setting (B=64, C=512, 14x14 maps) with 400, 1,226 and 19,307 templates
+``paper``: the paper setting alone (B=64, C=512, 14x14, full set) at every precision, the
+first benchmark of bench/gpu_check.sh. ``gpu``: the paper setting (B=64, C=512, 14x14 maps) with 400, 1,226 and 19,307 templates
 and a sweep of ``N`` between them, 7x7 maps (1,226), a large batch (B=256) and float32 at
 TF32 beside bfloat16. ``cpu``: the same shapes scaled down so that the reference runs in
 seconds on two cores. ``tiny``: the CI smoke run.
@@ -78,6 +79,14 @@ _GPU = Grid(
     train_step_after=4,
 )
 
+_PAPER = Grid(
+    cases=(Case("paper-bf16", 64, 512, 14, 14, "full", "bfloat16", "bf16"),
+           Case("paper-fp32-tf32", 64, 512, 14, 14, "full", "float32", "tf32"),
+           Case("paper-fp32-ieee", 64, 512, 14, 14, "full", "float32", "ieee")),
+    plan=TimingPlan(warmup=2, min_repeats=3, max_repeats=20, budget_s=0.1),
+    train_step=None,
+)
+
 # Sized for two (shared) cores: the full set's forward+backward takes about a second.
 _CPU_SWEEP = _sweep("small", 8, 64, 14, (_FULL_14, 400, 1226, 4000, 100), "float32", "ieee")
 _CPU = Grid(
@@ -96,4 +105,4 @@ _TINY = Grid(
                 "classes": 10, "autocast": None, "precision": "ieee"},
 )
 
-GRIDS = {"gpu": _GPU, "cpu": _CPU, "tiny": _TINY}
+GRIDS = {"paper": _PAPER, "gpu": _GPU, "cpu": _CPU, "tiny": _TINY}

@@ -1,34 +1,44 @@
-"""A small run of every cuda-backend kernel, for compute-sanitizer (bench/gpu_check.sh):
+"""A small run of every kernel of one GPU backend, for compute-sanitizer (bench/gpu_check.sh):
 
-    compute-sanitizer --tool memcheck python csrc/memcheck_case.py
+    compute-sanitizer --tool memcheck python -m bench.memcheck_case --backend cuda
+    compute-sanitizer --tool memcheck python -m bench.memcheck_case --backend triton
 
 Shapes are awkward on purpose (K = 35 is padded to 48, N = 631 leaves a partial tile, B = 70
 gives two batch blocks and a partial one) and cover every dtype, precision and estimator.
-Exits non-zero if a result is not finite.
+Exits non-zero if the backend is unavailable or a result is not finite.
 """
+import argparse
+import sys
+
 import torch
 
 import ecloss_fast as ef
-from ecloss_fast.backends import cpp_cuda
 
 
-def main() -> None:
-    why_not = cpp_cuda.availability()
-    if why_not is not None:
-        raise SystemExit(f"cuda backend unavailable: {why_not}")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.memcheck_case", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("cuda", "triton"), required=True)
+    backend = parser.parse_args(argv).backend
+    if backend not in ef.available_backends():
+        print(f"error: backend {backend!r} is not available here", file=sys.stderr)
+        return 2
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for precision in ("ieee", "tf32", "bf16"):
             for estimator in ("uniform", "marginal"):
                 x = (torch.rand(70, 3, 5, 7, generator=generator) * 200).to("cuda", dtype)
                 x.requires_grad_()
-                loss = ef.ecloss(x, backend="cuda", estimator=estimator, precision=precision)
+                loss = ef.ecloss(x, backend=backend, estimator=estimator, precision=precision)
                 loss.backward()
                 torch.cuda.synchronize()
                 if not (torch.isfinite(loss) and torch.isfinite(x.grad).all()):
-                    raise SystemExit(f"non-finite result: {dtype} {precision} {estimator}")
-    print("memcheck case done")
+                    print(f"error: non-finite result: {dtype} {precision} {estimator}",
+                          file=sys.stderr)
+                    return 1
+    print(f"memcheck case of backend {backend!r} done")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

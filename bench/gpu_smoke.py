@@ -1,0 +1,115 @@
+"""``python -m bench.gpu_smoke``: every fused GPU kernel once, checked, with its resources.
+
+The first thing ``bench/gpu_check.sh`` runs after the build, so that a cut-short GPU session
+still learns whether the kernels work. For the paper shape (B=64, C=512, 14x14, full set)
+and a ragged one (B=5, C=3, 5x7: no dimension a multiple of anything), every backend that
+runs on CUDA other than ``torch`` is compared with the ``torch`` backend at the same
+precision, for both estimators, float32 and bfloat16 maps, loss and ``dx``; then the
+registers, spill bytes and shared memory of every Triton kernel the runs compiled are
+printed as the JIT reports them (not as an offline compile predicts them).
+
+Exit status: 0 when every comparison is within its bound, 1 otherwise, 2 without CUDA.
+``--time-budget S`` stops starting new cases after ``S`` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import ecloss_fast as ef
+from ecloss_fast.testing import peaked_maps
+
+# Relative error bounds of the loss and dx against a float64 evaluation (design notes,
+# Numerics); against the torch backend at the same precision both sides err, so twice that.
+_BOUND = {"ieee": 2e-5, "tf32": 6e-3, "bf16": 6e-2}
+_SHAPES = {"paper": (64, 512, 14, 14), "ragged": (5, 3, 5, 7)}
+_CASES = [(dtype, precision) for dtype, precisions in
+          ((torch.bfloat16, ("bf16",)), (torch.float32, ("tf32", "ieee", "bf16")))
+          for precision in precisions]
+
+
+def _loss_and_grad(maps, backend, estimator, precision):
+    x = maps.detach().clone().requires_grad_()
+    loss = ef.ecloss(x, backend=backend, estimator=estimator, precision=precision)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach().double(), grad.double()
+
+
+def _relative(value, truth) -> float:
+    return float((value - truth).norm() / truth.norm().clamp_min(1e-30))
+
+
+def _check(shape_name, dtype, precision, estimator, backends) -> bool:
+    maps = peaked_maps(*_SHAPES[shape_name], dtype=dtype, seed=1).cuda()
+    truth_loss, truth_grad = _loss_and_grad(maps, "torch", estimator, precision)
+    ok = True
+    for backend in backends:
+        start = time.perf_counter()
+        try:
+            loss, grad = _loss_and_grad(maps, backend, estimator, precision)
+            torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001: report every failure, go on to the next
+            print(f"FAIL {backend:6s} {shape_name:6s} {str(dtype)[6:]:8s} {precision:4s} "
+                  f"{estimator:8s} raised {type(error).__name__}: {error}")
+            ok = False
+            continue
+        loss_error, grad_error = _relative(loss, truth_loss), _relative(grad, truth_grad)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
+        passed = finite and max(loss_error, grad_error) <= _BOUND[precision]
+        ok &= passed
+        print(f"{'ok  ' if passed else 'FAIL'} {backend:6s} {shape_name:6s} {str(dtype)[6:]:8s} "
+              f"{precision:4s} {estimator:8s} loss {loss_error:.1e} dx {grad_error:.1e} "
+              f"(bound {_BOUND[precision]:.0e}) {1e3 * (time.perf_counter() - start):8.1f} ms "
+              "incl. compile")
+    return ok
+
+
+def _triton_resources() -> None:
+    """Registers, spills and shared memory of every compiled Triton kernel of this process."""
+    try:
+        from triton.runtime.jit import JITFunction
+
+        from ecloss_fast.triton_kernels import column_sums, input_grad, row_prior, row_stats
+    except ImportError as error:
+        print(f"triton kernels not importable: {error}")
+        return
+    print(f"\n{'kernel':22s} {'regs':>5s} {'spills':>7s} {'shared':>8s}  specialisation")
+    for module in (row_stats, column_sums, row_prior, input_grad):
+        for name, function in vars(module).items():
+            if not isinstance(function, JITFunction) or not name.endswith("_kernel"):
+                continue
+            for caches in function.device_caches.values():
+                for key, compiled in caches[0].items():
+                    compiled._init_handles()
+                    print(f"{name:22s} {compiled.n_regs:5d} {compiled.n_spills:7d} "
+                          f"{compiled.metadata.shared:8d}  {str(key)[:100]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_smoke", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--time-budget", type=float, default=60.0, metavar="SECONDS")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: no CUDA device", file=sys.stderr)
+        return 2
+    backends = [name for name in ef.available_backends() if name in ("triton", "cuda")]
+    print(f"{torch.cuda.get_device_name()}: backends {backends}, comparing with 'torch'")
+    start, ok = time.perf_counter(), True
+    for shape_name in ("ragged", "paper"):
+        for dtype, precision in _CASES:
+            for estimator in ("uniform", "marginal"):
+                if time.perf_counter() - start > args.time_budget:
+                    print(f"time budget of {args.time_budget:.0f} s reached; stopping")
+                    _triton_resources()
+                    return 1
+                ok &= _check(shape_name, dtype, precision, estimator, backends)
+    _triton_resources()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
