@@ -1,4 +1,4 @@
-"""Explainability metrics of the paper's section 5, made exact in SPEC section 7.
+"""Explainability metrics of the paper's section 5, made exact in docs/design.md section 7.
 
 Every function takes PyTorch tensors or NumPy arrays and returns PyTorch tensors on the
 input's device (NumPy input: CPU). ``maps`` are post-ReLU feature maps ``(B, C, h, w)`` of
@@ -9,8 +9,10 @@ for the parts in :data:`PARTS` order (``landmarks_to_part_masks`` builds them).
 - :func:`part_iou`, :func:`part_explainability`: IoU with each part and PEI (Eq. 10).
 - :func:`part_assignment`, :func:`channel_consistency`, :func:`location_consistency`: the
   matrix ``A[c, k]``, ``S[c]`` and ``LS``.
+- :func:`dominant_parts`, :func:`part_coverage`, :func:`part_entropy`: which part each
+  channel settled on, and how many parts the channels cover (collapse or specialisation).
 - :func:`peak_mask`, :func:`count_peaks`, :func:`activation_robustness`: peaks by
-  topographic prominence.
+  topographic prominence; :func:`live_maps`, :func:`dead_fraction`: maps that the ReLU zeroed.
 - :func:`verification_accuracy`: InsightFace's 10-fold verification protocol.
 """
 from __future__ import annotations
@@ -30,9 +32,15 @@ __all__ = [
     "part_assignment",
     "channel_consistency",
     "location_consistency",
+    "dominant_parts",
+    "dominant_parts_from_iou",
+    "part_coverage",
+    "part_entropy",
     "peak_mask",
     "count_peaks",
     "activation_robustness",
+    "live_maps",
+    "dead_fraction",
     "verification_accuracy",
 ]
 
@@ -164,6 +172,57 @@ def location_consistency(maps, part_masks, fraction: float = 0.1) -> torch.Tenso
     return channel_consistency(part_assignment(part_iou(maps, part_masks, fraction))).nanmean()
 
 
+def dominant_parts_from_iou(iou) -> torch.Tensor:
+    """Per channel, ``argmax_k mean_b IoU[b, c, k]`` (the first on ties), ``-1`` when that mean
+    is 0 for every part; ``iou`` is :func:`part_iou`'s ``(B, C, K)``. Returns int64 ``(C,)``."""
+    iou = _as_tensor(iou, "iou", 3)
+    mean = iou.double().mean(0)
+    return torch.where(mean.amax(-1) > 0, mean.argmax(-1), -1)  # argmax: the first maximum
+
+
+def dominant_parts(maps, part_masks, fraction: float = 0.1) -> torch.Tensor:
+    """The part each channel settled on: ``argmax_k mean_b IoU[b, c, k]``, or ``-1``.
+
+    ``IoU`` is :func:`part_iou`'s; ties go to the first part in ``PARTS`` order; a channel
+    whose top area never meets any part gets ``-1``. Returns int64 ``(C,)``.
+    """
+    return dominant_parts_from_iou(part_iou(maps, part_masks, fraction))
+
+
+def _with_parts(dominant) -> torch.Tensor:
+    """The entries of :func:`dominant_parts`' ``(C,)`` that name a part (checked), no ``-1``."""
+    dominant = _as_tensor(dominant, "dominant", 1)
+    if dominant.dtype.is_floating_point or dominant.dtype == torch.bool or dominant.dtype.is_complex:
+        raise TypeError(f"dominant must hold integer part indices, got dtype {dominant.dtype}")
+    if (dominant < -1).any():
+        raise ValueError("dominant holds part indices >= 0 and -1 for no part; got "
+                         f"{int(dominant.min())}")
+    return dominant[dominant >= 0]
+
+
+def part_coverage(dominant) -> int:
+    """How many distinct parts the channels settled on (:func:`dominant_parts`' ``(C,)``).
+
+    Channels with no part (``-1``) are left out. 1 means every channel chose the same part
+    (collapse); ``K`` that every part has a channel.
+    """
+    return int(_with_parts(dominant).unique().numel())
+
+
+def part_entropy(dominant) -> float:
+    """Entropy (nats) of the histogram over channels of their dominant parts.
+
+    ``dominant`` is :func:`dominant_parts`' ``(C,)``; channels with no part (``-1``) are left
+    out; NaN when no channel has a part. 0 when every channel chose the same part, ``log K``
+    when the channels spread evenly over ``K`` parts.
+    """
+    counts = _with_parts(dominant).unique(return_counts=True)[1].double()
+    if counts.numel() == 0:
+        return float("nan")
+    share = counts / counts.sum()
+    return float(-(share * share.log()).sum())
+
+
 def _neighbour_table(height: int, width: int, connectivity: int, device) -> torch.Tensor:
     """``(P, n)`` flat indices of each pixel's neighbours; ``P`` (a sentinel) off the map."""
     if connectivity == 4:
@@ -276,13 +335,35 @@ def count_peaks(map2d, min_prominence: float = 0.1, connectivity: int = 8) -> to
     return peak_mask(map2d, min_prominence, connectivity).sum((-2, -1))
 
 
-def activation_robustness(maps, **count_peaks_kwargs) -> torch.Tensor:
+def activation_robustness(maps, live_only: bool = False, **count_peaks_kwargs) -> torch.Tensor:
     """The mean number of peaks per map over all ``(B, C)`` maps (paper's Table 5).
 
-    Keyword arguments go to :func:`count_peaks`. Returns a 0-d float64 tensor.
+    A dead map (see :func:`dead_fraction`) has 0 peaks, so a network with many dead maps
+    scores well here without any map being clean; ``live_only=True`` takes the mean over
+    the live maps only (NaN when every map is dead). Other keyword arguments go to
+    :func:`count_peaks`. Returns a 0-d float64 tensor.
     """
     maps = _check_maps(maps)
-    return count_peaks(maps, **count_peaks_kwargs).double().mean()
+    counts = count_peaks(maps, **count_peaks_kwargs).double()
+    if live_only:
+        return counts[live_maps(maps)].mean()
+    return counts.mean()
+
+
+def live_maps(maps) -> torch.Tensor:
+    """Booleans ``(B, C)``: whether each map's maximum is above 0 (not dead after the ReLU).
+
+    A map holding NaN is not dead: it is not known to be at most 0.
+    """
+    return ~(_check_maps(maps).flatten(2) <= 0).all(-1)
+
+
+def dead_fraction(maps) -> torch.Tensor:
+    """The fraction of the ``(B, C)`` maps whose maximum is at most 0: dead after the ReLU.
+
+    Returns a 0-d float64 tensor.
+    """
+    return (~live_maps(maps)).double().mean()
 
 
 def _kfold_slices(n: int, folds: int) -> list[slice]:

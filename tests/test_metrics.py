@@ -1,4 +1,4 @@
-"""ecloss_fast.metrics against hand-computed values on constructed inputs (SPEC section 7)."""
+"""ecloss_fast.metrics against hand-computed values on constructed inputs (docs/design.md section 7)."""
 from __future__ import annotations
 
 import heapq
@@ -252,6 +252,102 @@ def test_location_consistency_on_a_known_assignment():
     assert s0 == pytest.approx(6 / 49)  # the maximum (K - 1) / K^2
     value = metrics.location_consistency(maps, masks)
     assert value.item() == pytest.approx((s0 + s1 + s1) / 3, rel=1e-6)
+
+
+# ---------------------------------------------------------------- dominant parts, coverage, entropy
+
+
+def _row_parts(images: int, parts: int = 7, size: int = 8) -> torch.Tensor:
+    """Part ``k`` is row ``k`` of an ``size x size`` image; the last row(s) belong to no part."""
+    masks = torch.zeros(images, parts, size, size, dtype=torch.bool)
+    for k in range(parts):
+        masks[:, k, k, :] = True
+    return masks
+
+
+def _lit_rows(rows_per_image: list[list[list[int]]], size: int = 8) -> torch.Tensor:
+    """Maps ``(B, C, size, size)``: map ``[b][c]`` is 1 on the listed rows, 0 elsewhere."""
+    images, channels = len(rows_per_image), len(rows_per_image[0])
+    maps = torch.zeros(images, channels, size, size)
+    for b, row in enumerate(rows_per_image):
+        for c, lit in enumerate(row):
+            for r in lit:
+                maps[b, c, r, :] = 1.0
+    return maps
+
+
+def test_dominant_parts_on_hand_built_channels():
+    # fraction 0.25 keeps 16 of 64 pixels: a map lit on one row keeps that row (8 pixels,
+    # the others are 0), a map lit on two rows keeps both.
+    per_image = [
+        # c0: part 4   c1: tie 3/4  c2: dead  c3: mean, not vote  c4: tie across images
+        [[4], [3, 4], [], [1, 7], [5]],
+        [[4], [3, 4], [], [1, 7], [1]],
+        [[4], [3, 4], [], [1, 7], [5]],
+        [[4], [3, 4], [], [2], [1]],
+        [[4], [3, 4], [], [2], []],
+    ]
+    maps, masks = _lit_rows(per_image), _row_parts(len(per_image))
+    # c1: IoU 8/16 with parts 3 and 4 on every image: the first. c3: part 1 on three images
+    # with IoU 8/16 (mean 0.3), part 2 on two with IoU 1 (mean 0.4): the mean decides.
+    # c4: parts 5 and 1 twice each with IoU 1, the fifth image dead: the first, 1.
+    expected = torch.tensor([4, 3, -1, 2, 1])
+    got = metrics.dominant_parts(maps, masks, fraction=0.25)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    iou = metrics.part_iou(maps, masks, fraction=0.25)
+    assert torch.equal(metrics.dominant_parts_from_iou(iou), expected)
+    assert torch.equal(metrics.dominant_parts(maps.numpy(), masks.numpy(), fraction=0.25), expected)
+
+
+def test_coverage_and_entropy_tell_collapse_from_spread():
+    parts = 7
+    masks = _row_parts(3)
+    collapse = _lit_rows([[[2]] * 5] * 3)  # five channels, all on the cheek row
+    dominant = metrics.dominant_parts(collapse, masks)
+    assert dominant.tolist() == [2] * 5
+    assert metrics.part_coverage(dominant) == 1 and metrics.part_entropy(dominant) == 0.0
+
+    spread = _lit_rows([[[k] for k in range(parts)] + [[]]] * 3)  # one channel per part, one dead
+    dominant = metrics.dominant_parts(spread, masks)
+    assert dominant.tolist() == list(range(parts)) + [-1]
+    assert metrics.part_coverage(dominant) == parts
+    assert metrics.part_entropy(dominant) == pytest.approx(np.log(parts), rel=1e-12)
+
+    # Histogram 3, 1 over two parts (the -1 left out): entropy of (3/4, 1/4).
+    dominant = torch.tensor([0, 0, -1, 6, 0])
+    assert metrics.part_coverage(dominant) == 2
+    assert metrics.part_entropy(dominant) == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert metrics.part_coverage(np.array([-1, -1])) == 0
+    assert np.isnan(metrics.part_entropy(torch.tensor([-1, -1])))
+
+
+def test_coverage_rejects_what_is_not_part_indices():
+    with pytest.raises(TypeError, match="dominant"):
+        metrics.part_coverage(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="dominant"):
+        metrics.part_entropy(torch.tensor([0, -2]))
+    with pytest.raises(ValueError, match="dominant"):
+        metrics.part_coverage(torch.zeros(2, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- dead maps
+
+
+def test_dead_fraction_and_robustness_over_live_maps():
+    maps = torch.zeros(2, 3, 5, 5)
+    maps[0, 0, 2, 2] = 1.0  # one peak
+    maps[0, 1, 0, 0] = maps[0, 1, 4, 4] = 1.0  # two peaks
+    maps[1, 0] = -1.0  # maximum below 0: dead too (no ReLU in front, still no activation)
+    maps[1, 1, 3, 1] = 1e-30  # alive: its maximum is above 0
+    # maps[0, 2], maps[1, 2]: all zero
+    assert metrics.dead_fraction(maps).item() == pytest.approx(3 / 6)
+    assert metrics.dead_fraction(maps.numpy()).dtype == torch.float64
+    counts = [1, 2, 0, 0, 1, 0]
+    assert metrics.count_peaks(maps).flatten().tolist() == counts
+    assert metrics.activation_robustness(maps).item() == pytest.approx(sum(counts) / 6)
+    assert metrics.activation_robustness(maps, live_only=True).item() == pytest.approx((1 + 2 + 1) / 3)
+    assert torch.isnan(metrics.activation_robustness(torch.zeros(1, 2, 3, 3), live_only=True))
+    assert metrics.dead_fraction(torch.zeros(1, 2, 3, 3)).item() == 1.0
 
 
 # ---------------------------------------------------------------- verification
