@@ -10,10 +10,18 @@ alignment leaves: in-plane rotation, yaw (features shift towards the turned side
 translation, expression (eye and mouth opening), lighting direction and strength, blur and
 sensor noise, and a random background.
 
+With ``jitter=True`` each image also gets the pose spread of a face that a detector crops
+without aligning it, as the paper trains and tests: a similarity about the image centre,
+roll uniform up to 30 degrees either way, scale log-uniform from 0.8 to 1.25 and a shift
+uniform up to 10% of the side on each axis (from a random stream of its own, so everything
+else about the image is the same as without jitter), then a shift back inside the crop if
+the face's landmarks left it.
+
 Geometry is defined in a face frame (origin at the face centre, y down, unit about half a
 face width) and projected to pixels; the image, the landmarks and the masks all come from
-the same projected polygons. Landmarks follow the iBUG 68-point layout (0-16 jaw from the
-image-left ear to the image-right ear, 17-26 brows, 27-35 nose, 36-47 eyes, 48-67 lips).
+the same projected polygons, so they move together under any pose. Landmarks follow the
+iBUG 68-point layout (0-16 jaw from the image-left ear to the image-right ear, 17-26 brows,
+27-35 nose, 36-47 eyes, 48-67 lips).
 Part masks are the regions actually painted, disjoint, in the order of ``PARTS``:
 
 - hair: the hair behind the head and the fringe over the forehead;
@@ -48,6 +56,12 @@ _SKIN_DARK = np.array([96, 62, 42], float)
 _HAIR_COLOURS = np.array([[25, 20, 18], [60, 40, 28], [110, 75, 45], [190, 150, 90],
                           [150, 70, 35], [150, 150, 150], [220, 210, 190]], float)
 _IRIS_COLOURS = np.array([[60, 40, 25], [90, 60, 30], [70, 110, 150], [80, 120, 80]], float)
+
+# jitter=True: the detector-crop pose spread (see the module docstring).
+_JITTER_ROLL = math.radians(30)
+_JITTER_LOG_SCALE = math.log(1.25)  # scale log-uniform in [1 / 1.25, 1.25]
+_JITTER_SHIFT = 0.10  # of the image side, each axis
+_JITTER_STREAM = 1  # appended to an image's seed words: its own random stream
 
 
 @dataclass(frozen=True)
@@ -246,6 +260,21 @@ class _Pose:
                    scale=size * rng.uniform(0.26, 0.32),
                    centre=size * (np.array([0.5, 0.54]) + rng.normal(0, 0.035, 2)))
 
+    def jittered(self, size: int, rng: np.random.Generator) -> "_Pose":
+        """This pose moved by a random similarity of the picture about its centre.
+
+        Roll and scale compose with the pose's own, so every projected point ``p`` moves
+        to ``centre + scale * rotation @ (p - centre) + shift``: one similarity for the
+        landmarks, the picture and the masks.
+        """
+        roll = rng.uniform(-_JITTER_ROLL, _JITTER_ROLL)
+        scale = math.exp(rng.uniform(-_JITTER_LOG_SCALE, _JITTER_LOG_SCALE))
+        shift = rng.uniform(-_JITTER_SHIFT, _JITTER_SHIFT, 2) * size
+        rotation = np.array([[math.cos(roll), -math.sin(roll)], [math.sin(roll), math.cos(roll)]])
+        middle = np.full(2, (size - 1) / 2)
+        centre = middle + scale * rotation @ (self.centre - middle) + shift
+        return _Pose(self.ident, self.roll + roll, self.yaw, self.scale * scale, centre)
+
     def project(self, points, depth=0.0) -> np.ndarray:
         """Face-frame points ``(n, 2)`` (and their depths) to pixel coordinates ``(n, 2)``."""
         points = np.asarray(points, float)
@@ -271,13 +300,16 @@ def _rgb(colour) -> tuple:
 
 
 class _Canvas:
-    """The picture, drawn at ``_SUPERSAMPLE`` times the size, and the part-label map at the
-    final size, both from the same projected polygons."""
+    """The picture and the part-label map, both drawn at ``_SUPERSAMPLE`` times the size
+    from the same projected polygons, so that they share every rasterised pixel."""
 
     def __init__(self, size: int, pose: _Pose):
         self.size, self.pose, self.hi = size, pose, _SUPERSAMPLE
         self.picture = Image.new("RGB", (size * self.hi, size * self.hi))
-        self.labels = Image.new("L", (size, size), 0)
+        # Each labelled polygon paints its own code, in painting order (0: none), so that
+        # masks() can tell which polygon lies on top; _code_parts maps a code to its part.
+        self.labels = Image.new("L", self.picture.size, 0)
+        self._code_parts = [0]
 
     def to_picture(self, pixels: np.ndarray) -> np.ndarray:
         # Final pixel centres are integers; supersampled pixel k covers [k / hi - 0.5,
@@ -286,11 +318,11 @@ class _Canvas:
 
     def polygon(self, points, colour, part: str | None = None, depth=0.0) -> None:
         """Fill a face-frame polygon; with ``part`` it also becomes that part in the masks."""
-        pixels = self.pose.project(points, depth)
-        ImageDraw.Draw(self.picture).polygon([tuple(p) for p in self.to_picture(pixels)],
-                                             fill=_rgb(colour))
+        outline = [tuple(p) for p in self.to_picture(self.pose.project(points, depth))]
+        ImageDraw.Draw(self.picture).polygon(outline, fill=_rgb(colour))
         if part is not None:
-            ImageDraw.Draw(self.labels).polygon([tuple(p) for p in pixels], fill=_LABEL[part])
+            self._code_parts.append(_LABEL[part])
+            ImageDraw.Draw(self.labels).polygon(outline, fill=len(self._code_parts) - 1)
 
     def ellipse(self, centre, radii, colour, depth=0.0, inside=None) -> None:
         """An ellipse at a face-frame ``centre`` with radii in face-frame units, painted only
@@ -338,8 +370,18 @@ class _Canvas:
         return np.clip(image, 0, 255).round().astype(np.uint8)
 
     def masks(self) -> np.ndarray:
-        """``bool (7, S, S)``: the pixels last painted as each part, in ``PARTS`` order."""
-        return np.asarray(self.labels)[None] == np.arange(1, len(PARTS) + 1)[:, None, None]
+        """``bool (7, S, S)``: the pixels last painted as each part, in ``PARTS`` order.
+
+        A pixel belongs to the part of the topmost labelled polygon among its supersampled
+        pixels, so a pixel painted all over in a part's colour is in that part's mask.
+        Labels drawn at the final size were not: a polygon fill also takes the pixels its
+        edge crosses, half a final pixel wide there, and 0.5-2% of the pixels painted all
+        over in one part's colour went to the part painted next to it (32 faces at 112).
+        """
+        size, hi = self.size, self.hi
+        codes = np.asarray(self.labels).reshape(size, hi, size, hi).max((1, 3))
+        labels = np.asarray(self._code_parts)[codes]
+        return labels[None] == np.arange(1, len(PARTS) + 1)[:, None, None]
 
 
 def _paint(canvas: _Canvas, face: _Face, rng: np.random.Generator) -> None:
@@ -392,21 +434,25 @@ class SyntheticFaces(torch.utils.data.Dataset):
     Item ``i`` is image ``i % images_per_identity`` of identity ``i // images_per_identity``
     and returns ``dict(image=float32 (3, S, S) normalised, label=int,
     landmarks=float32 (68, 2) (x, y) in pixels, part_masks=bool (7, S, S) in PARTS order)``.
-    Pixel ``(x, y)`` has its centre at integer coordinates.
+    Pixel ``(x, y)`` has its centre at integer coordinates. ``jitter=True`` adds the pose
+    spread of unaligned detector crops (see the module docstring); image ``i`` is then the
+    same face as without jitter, moved by a similarity.
     """
 
     parts = PARTS
 
     def __init__(self, num_identities: int, images_per_identity: int, size: int = 112,
-                 seed: int = 0):
+                 seed: int = 0, jitter: bool = False):
         for name, value in (("num_identities", num_identities),
                             ("images_per_identity", images_per_identity), ("size", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if size < 32:
             raise ValueError(f"size must be at least 32 to draw a face, got {size}")
+        if not isinstance(jitter, bool):
+            raise TypeError(f"jitter must be True or False, got {jitter!r}")
         self.num_identities, self.images_per_identity = num_identities, images_per_identity
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.jitter = size, seed, jitter
         self.num_classes = num_identities
 
     def __len__(self) -> int:
@@ -423,8 +469,9 @@ class SyntheticFaces(torch.utils.data.Dataset):
     def identity(self, label: int) -> _Identity:
         return _draw_identity(np.random.default_rng([self.seed, label, 0]))
 
-    def _render(self, index: int):
-        """``(uint8 (S, S, 3) image, label, float32 (68, 2) landmarks, bool (7, S, S) masks)``."""
+    def _draw(self, index: int):
+        """``(canvas, label, float32 (68, 2) landmarks, rng)``: item ``index`` painted, not
+        yet photographed; ``rng`` goes on to the photograph's lighting and noise."""
         index = self._check(index)
         label, shot = divmod(index, self.images_per_identity)
         ident = self.identity(label)
@@ -433,9 +480,18 @@ class SyntheticFaces(torch.utils.data.Dataset):
                      mouth_open=rng.uniform(0, 0.06) * (rng.uniform() < 0.4))
         pose = _Pose.draw(ident, self.size, rng)
         landmarks = pose.fit_inside(face.landmarks(), _LANDMARK_DEPTH, self.size, margin=2)
+        if self.jitter:
+            jitter_rng = np.random.default_rng([self.seed, label, shot + 1, _JITTER_STREAM])
+            pose = pose.jittered(self.size, jitter_rng)
+            landmarks = pose.fit_inside(face.landmarks(), _LANDMARK_DEPTH, self.size, margin=2)
         canvas = _Canvas(self.size, pose)
         _paint(canvas, face, rng)
-        return canvas.photograph(rng), label, landmarks.astype(np.float32), canvas.masks()
+        return canvas, label, landmarks.astype(np.float32), rng
+
+    def _render(self, index: int):
+        """``(uint8 (S, S, 3) image, label, float32 (68, 2) landmarks, bool (7, S, S) masks)``."""
+        canvas, label, landmarks, rng = self._draw(index)
+        return canvas.photograph(rng), label, landmarks, canvas.masks()
 
     def raw_image(self, index: int) -> np.ndarray:
         """The picture of item ``index`` as ``uint8 (S, S, 3)``."""
