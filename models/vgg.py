@@ -3,7 +3,10 @@
 The convolutional part follows torchvision's VGG layer tables (configurations "B", "D" and
 "E" of Simonyan and Zisserman: VGG13, VGG16, VGG19), without residual connections, as the
 paper uses them. The ECLoss target is the post-ReLU output of the last convolution
-(``conv5_x``): 14x14 at a 224x224 input, 7x7 at 112x112. After it the embedding head of
+(``conv5_x``): 14x14 at a 224x224 input, 7x7 at 112x112. ``drop_last_pool=True`` removes
+the pool between ``conv4_x`` and ``conv5_x`` (the fourth), so ``conv5_x`` runs at stride 8:
+14x14 maps and the paper's 19,307 templates at 112x112, where the layers before ``conv5_x``
+cost a quarter of what they cost at 224x224. After it the embedding head of
 arcface_torch's IResNet: pool5, ``BatchNorm2d -> Dropout -> Flatten -> Linear -> BatchNorm1d``
 (the last BatchNorm's scale frozen at 1, as there).
 """
@@ -24,7 +27,8 @@ VGG_LAYERS: dict[str, tuple] = {
               512, 512, 512, 512, "M", 512, 512, 512, 512),
 }
 # The tables stop at the last convolution: its ReLU output is the ECLoss target, and pool5
-# belongs to the embedding head. Four pools give the target a stride of 16.
+# belongs to the embedding head. Four pools give the target a stride of 16 (8 without the
+# fourth, drop_last_pool=True).
 TARGET_STRIDE = 16
 
 
@@ -46,28 +50,37 @@ class FaceNet(nn.Module):
         arch: ``"vgg13"``, ``"vgg16"`` or ``"vgg19"``.
         batch_norm: a BatchNorm after every convolution (torchvision's ``vgg*_bn``).
         width: multiplies every channel count (0.25 gives 16..128 channels), for small runs.
-        input_size: the square input side; any multiple of 16 works (maps are ``size / 16``).
+        input_size: the square input side; any multiple of 16 works (maps are ``size / 16``;
+            with ``drop_last_pool``, any multiple of 8 and maps of ``size / 8``).
         embedding_dim: ``E``, the length of the face embedding.
         dropout: dropout probability before the embedding's fully connected layer.
+        drop_last_pool: leave out the max pool before the last convolution block, so the
+            target maps have twice the side (14x14 at 112x112 input).
     """
 
     def __init__(self, arch: str = "vgg16", *, batch_norm: bool = False, width: float = 1.0,
-                 input_size: int = 224, embedding_dim: int = 512, dropout: float = 0.0):
+                 input_size: int = 224, embedding_dim: int = 512, dropout: float = 0.0,
+                 drop_last_pool: bool = False):
         super().__init__()
         if arch not in VGG_LAYERS:
             raise ValueError(f"arch must be one of {sorted(VGG_LAYERS)}, got {arch!r}")
         if not width > 0:
             raise ValueError(f"width must be positive, got {width}")
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 16 \
-                or input_size % TARGET_STRIDE:
-            raise ValueError(f"input_size must be a positive multiple of {TARGET_STRIDE}, "
-                             f"got {input_size}")
+        if not isinstance(drop_last_pool, bool):
+            raise TypeError(f"drop_last_pool must be True or False, got {drop_last_pool!r}")
+        stride = TARGET_STRIDE // 2 if drop_last_pool else TARGET_STRIDE
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < stride \
+                or input_size % stride:
+            raise ValueError(f"input_size must be a positive multiple of {stride}, got {input_size}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.arch, self.input_size = arch, input_size
+        self.arch, self.input_size, self.drop_last_pool = arch, input_size, drop_last_pool
+        table = list(VGG_LAYERS[arch])
+        if drop_last_pool:
+            del table[len(table) - 1 - table[::-1].index("M")]
         layers: list[nn.Module] = []
         channels = 3
-        for item in VGG_LAYERS[arch]:
+        for item in table:
             if item == "M":
                 layers.append(nn.MaxPool2d(2, 2))
                 continue
@@ -80,7 +93,7 @@ class FaceNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self._target_index = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
         self.map_channels = channels
-        self.map_size = input_size // TARGET_STRIDE
+        self.map_size = input_size // stride
         # pool5 with ceil_mode so that 7x7 maps (112 input) keep their border row: 7 -> 4.
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         pooled = -(-self.map_size // 2)
@@ -122,7 +135,8 @@ class FaceNet(nn.Module):
 
 
 def build_model(arch: str = "vgg16", *, batch_norm: bool = False, width: float = 1.0,
-                input_size: int = 224, embedding_dim: int = 512, dropout: float = 0.0) -> FaceNet:
+                input_size: int = 224, embedding_dim: int = 512, dropout: float = 0.0,
+                drop_last_pool: bool = False) -> FaceNet:
     """A :class:`FaceNet` (see there for the arguments)."""
     return FaceNet(arch, batch_norm=batch_norm, width=width, input_size=input_size,
-                   embedding_dim=embedding_dim, dropout=dropout)
+                   embedding_dim=embedding_dim, dropout=dropout, drop_last_pool=drop_last_pool)

@@ -36,10 +36,38 @@ def test_vgg_shapes_at_224_and_maps_are_the_last_relu_output():
     assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("arch", ["vgg13", "vgg16", "vgg19"])
+def test_drop_last_pool_gives_14x14_maps_at_112(arch):
+    model = build_model(arch, batch_norm=True, width=1 / 16, input_size=112, embedding_dim=8,
+                        drop_last_pool=True).eval()
+    layers = [m.out_channels if isinstance(m, torch.nn.Conv2d) else "M"
+              for m in model.features if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d))]
+    table = [c if c == "M" else c // 16 for c in VGG_LAYERS[arch]]
+    last_pool = len(table) - 1 - table[::-1].index("M")
+    assert layers == table[:last_pool] + table[last_pool + 1:]  # the fourth pool, before conv5
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.features) == \
+        sum(c != "M" for c in VGG_LAYERS[arch])
+    images = torch.randn(2, 3, 112, 112)
+    out = model(images)
+    assert out.maps.shape == (2, 32, 14, 14) and model.map_size == 14
+    torch.testing.assert_close(out.maps, model.features(images), rtol=0, atol=0)
+    assert model.target_conv is [m for m in model.features if isinstance(m, torch.nn.Conv2d)][-1]
+    # The embedding head pools 14 -> 7 before its fully connected layer.
+    assert model.fc.in_features == 32 * 7 * 7 and out.embedding.shape == (2, 8)
+    # Stride 8: any multiple of 8 is a valid input; without the option it is not.
+    small = build_model(arch, width=1 / 16, input_size=40, drop_last_pool=True).eval()
+    assert small(torch.randn(1, 3, 40, 40)).maps.shape[-2:] == (5, 5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_model(arch, width=1 / 16, input_size=40)
+
+
 def test_maps_carry_gradient_from_both_losses():
+    torch.manual_seed(0)
     model = build_model("vgg13", width=1 / 16, input_size=64, embedding_dim=8)
     out = model(torch.randn(2, 3, 64, 64))
-    grad_embedding, = torch.autograd.grad(out.embedding.sum(), out.maps, retain_graph=True)
+    # One image's embedding: the batch sum of a training-mode BatchNorm's output does not
+    # depend on its input, so its gradient would be rounding noise.
+    grad_embedding, = torch.autograd.grad(out.embedding[0].sum(), out.maps, retain_graph=True)
     grad_maps, = torch.autograd.grad(out.maps.square().sum(), out.maps)
     assert grad_embedding.abs().sum() > 0
     torch.testing.assert_close(grad_maps, 2 * out.maps)
@@ -47,10 +75,13 @@ def test_maps_carry_gradient_from_both_losses():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(arch="vgg11"), "arch"), (dict(input_size=100), "input_size"),
-    (dict(width=0.0), "width"), (dict(dropout=1.0), "dropout")])
+    (dict(width=0.0), "width"), (dict(dropout=1.0), "dropout"),
+    (dict(input_size=100, drop_last_pool=True), "multiple of 8")])
 def test_bad_model_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_model(**kwargs)
+    with pytest.raises(TypeError, match="drop_last_pool"):
+        build_model(drop_last_pool="yes")
 
 
 def _set_weights(head, rows):

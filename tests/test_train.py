@@ -266,6 +266,97 @@ def test_head_kinds_and_full_template_set(tmp_path):
         assert 0.05 < state["beta"]["ratio"] < 1  # measured after beta fell to its target
 
 
+def test_tau_auto_calibrates_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    import ecloss_fast
+
+    calls = []
+    calibrate = ecloss_fast.calibrate_tau
+
+    def recording(maps, **kwargs):
+        calls.append((maps.detach().clone(), kwargs))
+        return calibrate(maps, **kwargs)
+
+    monkeypatch.setattr(ecloss_fast, "calibrate_tau", recording)
+    ecloss = {"tau": "auto", "score_spread": 2.5, "templates": 50}
+    first = fit(tiny(tmp_path, "auto", ecloss=ecloss, train={"epochs": 1, "stop_at_step": 2}))
+    assert len(calls) == 1
+    maps, kwargs = calls[0]
+    assert maps.shape == (4, 32, 4, 4)  # the first batch's target maps
+    assert kwargs == dict(radius=4.0, templates=50, spread=2.5, normalize=False, process_group=None)
+    # The value, from the recorded maps in float64: spread / mean_{b,c} std_t of the scores.
+    templates = ecloss_fast.make_templates(4, subset=50, dtype=torch.float64).flatten(1)
+    scores = maps.double().flatten(2) @ templates.T
+    expected = 2.5 / scores.std(-1, unbiased=False).mean().item()
+    state = load_checkpoint(first.run_dir)
+    assert state["calibrated_tau"] == pytest.approx(expected, rel=1e-5)
+    assert first.criterion.tau == state["calibrated_tau"]
+    assert f"tau = {state['calibrated_tau']:.6g}" in (first.run_dir / "train.log").read_text()
+
+    # A checkpoint written before a config key existed resumes with the key's default.
+    for key in ("drop_last_pool",):
+        del state["config"]["model"][key]
+    torch.save(state, first.run_dir / "checkpoints" / "last.pt")
+    resumed = fit(tiny(tmp_path, "auto", ecloss=ecloss,
+                       train={"epochs": 1, "stop_at_step": 4, "resume": str(first.run_dir)}))
+    assert len(calls) == 1, "a resumed run must not calibrate again"
+    assert resumed.criterion.tau == state["calibrated_tau"]
+    assert load_checkpoint(resumed.run_dir)["calibrated_tau"] == state["calibrated_tau"]
+    # A configured tau is used as it is and nothing is calibrated.
+    fixed = fit(tiny(tmp_path, "fixed", train={"epochs": 1, "stop_at_step": 1}))
+    assert len(calls) == 1 and fixed.criterion.tau == 1e-3
+    assert load_checkpoint(fixed.run_dir)["calibrated_tau"] is None
+
+
+def test_loss_options_reach_ecloss_only_when_set(tmp_path, monkeypatch):
+    import ecloss_fast
+    from train import distributed
+
+    built = []
+
+    class Recorder(ecloss_fast.ECLoss):  # the options are the loss's to accept
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            super().__init__(**{k: v for k, v in kwargs.items() if k not in ("diversity", "normalize")})
+
+    monkeypatch.setattr(ecloss_fast, "ECLoss", Recorder)
+    for ecloss, options in (({}, {}), ({"diversity": 0.5}, {"diversity": 0.5}),
+                            ({"normalize": True}, {"normalize": True})):
+        trainer = Trainer(config_from_dict(tiny(tmp_path, f"options{len(built)}", ecloss=ecloss)),
+                          distributed.setup("cpu"))
+        trainer.close()
+        assert {k: v for k, v in built[-1].items() if k in ("diversity", "normalize")} == options
+        assert built[-1]["process_group"] is None  # one process
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ecloss.tau=fast", "ecloss.tau"), ("ecloss.tau=-0.5", "ecloss.tau must be positive"),
+    ("ecloss.score_spread=0", "ecloss.score_spread must be positive"),
+    ("ecloss.diversity=-1", "ecloss.diversity"), ("ecloss.normalize=1", "ecloss.normalize"),
+    ("model.drop_last_pool=maybe", "model.drop_last_pool"), ("data.jitter=0.5", "data.jitter")])
+def test_config_rejects_bad_new_options(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=[override])
+
+
+def test_config_new_options():
+    with pytest.raises(ValueError, match="data.jitter"):
+        load_config(overrides=["data.jitter=true", "data.source=folder", "data.path=faces"])
+    config = load_config(overrides=["ecloss.tau=auto", "model.drop_last_pool=true", "data.jitter=true"])
+    assert config.ecloss.tau == "auto" and config.model.drop_last_pool and config.data.jitter
+    defaults = Config()
+    assert (defaults.ecloss.tau, defaults.ecloss.score_spread, defaults.ecloss.diversity,
+            defaults.ecloss.normalize, defaults.model.drop_last_pool, defaults.data.jitter) == \
+        (1e-3, 1.0, 0.0, False, False, False)
+
+
+def test_drop_last_pool_trains_on_twice_the_map_side(tmp_path):
+    run_dir = train(tiny(tmp_path, "pool", model={"drop_last_pool": True},
+                         train={"epochs": 1, "stop_at_step": 1}))
+    model, config = load_for_eval(run_dir)
+    assert config.model.drop_last_pool and model.map_size == 8  # 64 / 8
+    assert load_checkpoint(run_dir)["step"] == 1
+
+
 def test_sigint_saves_a_checkpoint_and_exits(tmp_path):
     overrides = [f"{k}={v}" for k, v in {
         "model.arch": "vgg13", "model.width": 0.0625, "model.input_size": 64,
@@ -395,3 +486,13 @@ def test_training_on_recordio_reports_a_corrupt_record(tmp_path):
     assert state["step"] == 3 and state["skipped_images"] == 1
     assert "skipping bad data" in (run_dir / "train.log").read_text()  # with the path and key
     assert "train.rec key 5" in (run_dir / "train.log").read_text()
+
+
+def test_synthetic_jitter_reaches_the_training_set():
+    from train.config import config_from_dict
+    from train.data import build_dataset
+
+    for jitter in (False, True):
+        config = config_from_dict({"data": {"num_identities": 2, "images_per_identity": 2,
+                                            "jitter": jitter}})
+        assert build_dataset(config.data, 32).jitter is jitter

@@ -4,7 +4,9 @@ A checkpoint is a ``torch.save`` dict::
 
     version, step, epoch, batch_in_epoch, world_size, config (nested dict),
     model, head (state dicts without DDP's "module." prefix), optimizer, scheduler,
-    scaler, beta, rng (one entry per rank: python, numpy, torch, cuda states)
+    scaler, beta, calibrated_tau (ecloss.tau=auto: the tau of the run's first batch, else
+    None; absent from older checkpoints), rng (one entry per rank: python, numpy, torch,
+    cuda states)
 
 It is written to a temporary file in the same directory, flushed to disk and renamed over
 the target with ``os.replace``, so a run killed while saving leaves the previous file
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
-           "load_for_eval"]
+           "load_for_eval", "model_from_state"]
 
 CHECKPOINT_VERSION = 1
 
@@ -64,13 +66,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def load_for_eval(path: str | os.PathLike, device="cpu"):
     """``(model, config)``: the trained :class:`models.FaceNet` in eval mode and its Config."""
+    return model_from_state(load_checkpoint(path, map_location=device), device)
+
+
+def model_from_state(state: dict, device="cpu"):
+    """``(model, config)`` of a loaded checkpoint dict, as :func:`load_for_eval`."""
     from models import build_model
     from train.config import config_from_dict
 
-    state = load_checkpoint(path, map_location=device)
     config = config_from_dict(state["config"])
     m = config.model
     model = build_model(m.arch, batch_norm=m.batch_norm, width=m.width, input_size=m.input_size,
-                        embedding_dim=m.embedding_dim, dropout=m.dropout)
+                        embedding_dim=m.embedding_dim, dropout=m.dropout,
+                        drop_last_pool=m.drop_last_pool)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config

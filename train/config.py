@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import runpy
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class ModelConfig:
     input_size: int = 112
     embedding_dim: int = 512
     dropout: float = 0.0
+    # Without the pool before conv5: 14x14 target maps (19,307 templates) at 112x112 input.
+    drop_last_pool: bool = False
 
 
 @dataclass
@@ -49,15 +52,26 @@ class HeadConfig:
 
 @dataclass
 class ECLossConfig:
-    """Arguments of :func:`ecloss_fast.ecloss` on the last conv's maps."""
+    """Arguments of :func:`ecloss_fast.ecloss` on the last conv's maps.
+
+    ``tau: auto`` calibrates ``tau`` once, on the first batch of the run, with
+    :func:`ecloss_fast.calibrate_tau` (``spread=score_spread``, the run's templates and
+    normalize): the mean over maps of the scores' standard deviation over templates is then
+    ``score_spread``. The value is logged and kept in the checkpoint, so a resumed run goes
+    on with it. ``diversity`` and ``normalize`` are the options of docs/design.md's "Beyond
+    the paper"; at their defaults the loss is the paper's.
+    """
 
     enabled: bool = True
     templates: Union[int, str] = "full"  # "full" or k, the paper's evenly spaced subset (400)
     estimator: Literal["uniform", "marginal"] = "uniform"
     backend: str = "auto"
-    tau: float = 1e-3
+    tau: Union[float, Literal["auto"]] = 1e-3
+    score_spread: float = 1.0  # tau=auto: the target mean std of the scores over templates
     radius: float = 4.0
     precision: Optional[Literal["ieee", "tf32", "bf16"]] = None
+    diversity: float = 0.0  # lambda of the channel diversity term; 0: off
+    normalize: bool = False  # score each map divided by its L2 norm
 
 
 @dataclass
@@ -78,7 +92,7 @@ class BetaConfig:
     warmup_steps: int = 0
     grad_ratio: float = 0.25
     # A measurement costs one more ECLoss backward and a host sync: every step would add
-    # about a third of ECLoss's own cost to each step (SPEC: "every few steps").
+    # about a third of ECLoss's own cost to each step (docs/design.md: "every few steps").
     update_every: int = 10
     ema: float = 0.9
     max_growth: float = 2.0  # auto: beta grows at most by this factor per measurement
@@ -99,6 +113,7 @@ class DataConfig:
     num_identities: int = 100  # synthetic only
     images_per_identity: int = 40  # synthetic only
     seed: int = 0  # synthetic only: which faces are drawn
+    jitter: bool = False  # synthetic only: the pose spread of unaligned detector crops
     num_classes: Optional[int] = None  # recordio: override the count read from the data
     flip: bool = True  # random horizontal flips
     num_workers: int = 2
@@ -296,11 +311,19 @@ def _validate(config: Config) -> None:
                 "model.embedding_dim": config.model.embedding_dim,
                 "train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,
                 "train.log_every": config.train.log_every, "optim.lr": config.optim.lr,
-                "ecloss.tau": config.ecloss.tau, "ecloss.radius": config.ecloss.radius,
+                "ecloss.radius": config.ecloss.radius,
+                "ecloss.score_spread": config.ecloss.score_spread,
                 "beta.update_every": config.beta.update_every}
+    if config.ecloss.tau != "auto":
+        positive["ecloss.tau"] = config.ecloss.tau
     for key, value in positive.items():
         if not value > 0:
             raise ValueError(f"{key} must be positive, got {value}")
+    if not 0 <= config.ecloss.diversity < math.inf:
+        raise ValueError(f"ecloss.diversity must be a finite number >= 0, got {config.ecloss.diversity}")
+    if config.data.jitter and config.data.source != "synthetic":
+        raise ValueError("data.jitter draws the synthetic faces in other poses; "
+                         f"data.source={config.data.source!r} has its own")
     templates = config.ecloss.templates
     if isinstance(templates, str) and templates != "full":
         raise ValueError(f"ecloss.templates must be 'full' or an int, got {templates!r}")

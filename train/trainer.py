@@ -12,7 +12,8 @@ the command line around it, with or without ``torchrun``. The run directory hold
 What the loop does per step, in order: move the batch, mirror each image with probability
 1/2 (a generator seeded by seed, step and rank, so a resumed run replays the same flips
 and no RNG state is involved), forward under autocast, CE in float32,
-ECLoss on the maps outside autocast (the core picks its own precision), every
+ECLoss on the maps outside autocast (the core picks its own precision; with
+``ecloss.tau=auto`` the first step calibrates tau on these maps first), every
 ``beta.update_every`` steps the two gradient norms at the maps (train/beta.py), backward
 through the (fp16-only) GradScaler, unscale, clip, and skip the update if the gradient is
 not finite. SIGINT and SIGTERM finish the current step, save ``last.pt`` and return.
@@ -110,7 +111,9 @@ class Trainer:
         torch.backends.cudnn.benchmark = not run.deterministic
         # ECLoss's gradient carries tau / (B*C) * beta: on the CPU it turns into subnormal
         # floats in the backbone's backward, which made a step 50x slower (bench/NOTES.md).
-        self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        # In every intra-op thread: set_flush_denormal alone reaches the calling thread only.
+        self._cpu_switches = contextlib.ExitStack()
+        self._cpu_switches.enter_context(ecloss_fast.flush_subnormals(self.device.type == "cpu"))
         _seed_everything(_mix(run.seed, self.ctx.rank))
 
         state = load_checkpoint(run.resume) if run.resume else None
@@ -124,7 +127,7 @@ class Trainer:
         m, h = config.model, config.head
         backbone = build_model(m.arch, batch_norm=m.batch_norm, width=m.width,
                                input_size=m.input_size, embedding_dim=m.embedding_dim,
-                               dropout=m.dropout)
+                               dropout=m.dropout, drop_last_pool=m.drop_last_pool)
         head = build_head(h.kind, m.embedding_dim, self.num_classes, s=h.s, m=h.m)
         self.module = Recognizer(backbone, head).to(self.device)
         if state is not None:
@@ -144,6 +147,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.steps_per_epoch,
                                          self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
+        # ecloss.tau=auto: the tau calibrated on the run's first batch (None until then; a
+        # resumed run takes it from the checkpoint). None for a configured tau.
+        self.calibrated_tau = self._saved_tau(state)
         self.criterion = self._criterion()
         self.beta = BetaSchedule(config.beta, h.alpha)
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -183,7 +189,9 @@ class Trainer:
     RESUMABLE_CHANGES = frozenset({"head.alpha", "data.num_workers", "data.on_bad_data"})
 
     def _check_compatible(self, state: dict) -> None:
-        saved, current = state["config"], config_to_dict(self.config)
+        # Through Config, so that keys added after the checkpoint take their defaults.
+        saved = config_to_dict(config_from_dict(state["config"]))
+        current = config_to_dict(self.config)
         for section in ("model", "head", "data"):
             for key, value in current[section].items():
                 name = f"{section}.{key}"
@@ -191,14 +199,45 @@ class Trainer:
                     raise ValueError(f"cannot resume: {name} is {value!r} but the checkpoint "
                                      f"was trained with {saved[section].get(key)!r}")
 
-    def _criterion(self):
-        e = self.config.ecloss
-        if not e.enabled:
+    def _saved_tau(self, state: dict | None) -> float | None:
+        if self.config.ecloss.tau != "auto" or state is None:
             return None
-        group = self.ctx.group if e.estimator == "marginal" else None
-        return ecloss_fast.ECLoss(tau=e.tau, radius=e.radius, templates=e.templates,
+        tau = state.get("calibrated_tau")  # absent from checkpoints of a configured tau
+        if tau is not None:
+            self.log.info("ecloss.tau=auto: tau = %.6g, calibrated at the start of this run",
+                          tau)
+        return tau
+
+    def _criterion(self):
+        """ECLoss as configured; ``None`` when disabled, and while ``tau=auto`` waits for
+        the first batch (see :meth:`_calibrate_tau`)."""
+        e = self.config.ecloss
+        tau = self.calibrated_tau if e.tau == "auto" else e.tau
+        if not e.enabled or tau is None:
+            return None
+        # Only when asked for: at their defaults they are the paper's loss, and the loss
+        # accepts them from the version that implements them.
+        options = {}
+        if e.diversity != 0.0:
+            options["diversity"] = e.diversity
+        if e.normalize:
+            options["normalize"] = True
+        # The batch marginal pbar (marginal estimator, diversity) is over the global batch.
+        group = self.ctx.group if e.estimator == "marginal" or e.diversity > 0 else None
+        return ecloss_fast.ECLoss(tau=tau, radius=e.radius, templates=e.templates,
                                   estimator=e.estimator, reduction="mean", backend=e.backend,
-                                  precision=e.precision, process_group=group)
+                                  precision=e.precision, process_group=group, **options)
+
+    def _calibrate_tau(self, maps: torch.Tensor) -> None:
+        """``ecloss.tau=auto``: calibrate on these maps (the first batch, every rank's)."""
+        e = self.config.ecloss
+        self.calibrated_tau = ecloss_fast.calibrate_tau(
+            maps, radius=e.radius, templates=e.templates, spread=e.score_spread,
+            normalize=e.normalize, process_group=self.ctx.group)
+        self.log.info("ecloss.tau=auto: tau = %.6g, calibrated on the maps of step %d: the "
+                      "mean std of their scores over the templates is %g", self.calibrated_tau,
+                      self.step + 1, e.score_spread)
+        self.criterion = self._criterion()
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -240,7 +279,8 @@ class Trainer:
                      "head": self.module.head.state_dict(),
                      "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "beta": self.beta.state_dict(), "rng": rng,
+                     "beta": self.beta.state_dict(), "calibrated_tau": self.calibrated_tau,
+                     "rng": rng,
                      "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
             save_checkpoint(state, path)
             if periodic and self.config.train.keep_checkpoints > 0:
@@ -306,6 +346,8 @@ class Trainer:
         with self._autocast():
             logits, out = self.network(images, labels)
             ce = F.cross_entropy(logits.float(), labels)
+        if self.criterion is None and self.config.ecloss.enabled:
+            self._calibrate_tau(out.maps)
         ecl = (self.criterion(out.maps) if self.criterion is not None
                else torch.zeros((), device=self.device))
         if self.criterion is not None and self.beta.measures_at(self.step):
@@ -421,8 +463,7 @@ class Trainer:
         deterministic, benchmark = self._global_switches
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
-        if self._flush_denormal:
-            torch.set_flush_denormal(False)
+        self._cpu_switches.close()
 
     def _stop(self) -> Path:
         path = self.save()
