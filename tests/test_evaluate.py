@@ -73,6 +73,85 @@ def test_synthetic_pairs_alternate_same_and_different():
     assert pairs.images.shape == (12, 32, 32, 3)
 
 
+# ---------------------------------------------------------------- synthetic faces, jittered
+
+
+def _similarity(source: np.ndarray, target: np.ndarray):
+    """The least-squares similarity ``target = a * source + b`` in complex numbers, and the
+    largest residual in pixels."""
+    z, w = source[:, 0] + 1j * source[:, 1], target[:, 0] + 1j * target[:, 1]
+    design = np.stack([z, np.ones_like(z)], 1)
+    (a, b), *_ = np.linalg.lstsq(design, w, rcond=None)
+    return a, b, np.abs(design @ np.array([a, b]) - w).max()
+
+
+def _label_map(masks: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros_like(masks[:1]), masks]).argmax(0)  # 0: no part
+
+
+def test_jitter_moves_the_same_face_by_a_similarity():
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    from train.data.synthetic import SyntheticFaces
+
+    size = 96
+    aligned = SyntheticFaces(4, 4, size=size, seed=5)
+    jittered = SyntheticFaces(4, 4, size=size, seed=5, jitter=True)
+    rolls, scales = [], []
+    for index in range(len(aligned)):
+        _, label_a, points_a, masks_a = aligned._render(index)
+        _, label_j, points_j, masks_j = jittered._render(index)
+        assert label_a == label_j
+        # The 68 landmarks move by one similarity, to float32 rounding.
+        a, b, residual = _similarity(points_a.astype(float), points_j.astype(float))
+        assert residual < 1e-3, index
+        rolls.append(np.degrees(np.angle(a)))
+        scales.append(abs(a))
+        # The masks move with them: map each jittered pixel back and compare with the
+        # aligned label there, wherever the aligned 3x3 neighbourhood has a single label
+        # (rasterising a rotated edge moves it by up to a pixel; a face-top sliver a
+        # pixel wide flips a few pixels): at most 0.09% here; unmoved masks disagree on 7-35%.
+        labels_a, labels_j = _label_map(masks_a), _label_map(masks_j)
+        y, x = np.mgrid[0:size, 0:size]
+        back = (x + 1j * y - b) / a
+        u, v = np.round(back.imag).astype(int), np.round(back.real).astype(int)
+        inside = (u >= 0) & (u < size) & (v >= 0) & (v < size)
+        u, v = u.clip(0, size - 1), v.clip(0, size - 1)
+        uniform = maximum_filter(labels_a, 3, mode="nearest") == minimum_filter(labels_a, 3, mode="nearest")
+        compared = inside & uniform[u, v]
+        disagree = compared & (labels_j != labels_a[u, v])
+        assert compared.sum() > 0.5 * size * size
+        assert disagree.sum() <= 2e-3 * compared.sum(), (index, disagree.sum())
+    # Rolls within +-30 degrees of the image's own (at most ~25), scales 0.8-1.25.
+    assert max(map(abs, rolls)) < 55 and max(rolls) - min(rolls) > 20
+    assert 0.75 < min(scales) and max(scales) < 1.3 and max(scales) / min(scales) > 1.2
+
+
+@pytest.mark.parametrize("jitter", [False, True])
+def test_painted_pixels_lie_in_their_part_masks(jitter):
+    from train.data.synthetic import PARTS, SyntheticFaces, _rgb
+
+    faces = SyntheticFaces(4, 3, size=96, seed=2, jitter=jitter)
+    for index in range(len(faces)):
+        canvas, label, _, _ = faces._draw(index)
+        part = dict(zip(PARTS, canvas.masks()))
+        ident = faces.identity(label)
+        # A pixel whose supersampled pixels all carry one flat fill colour of a part.
+        size, hi = canvas.size, canvas.hi
+        blocks = np.asarray(canvas.picture).reshape(size, hi, size, hi, 3).transpose(0, 2, 1, 3, 4)
+        blocks = blocks.reshape(size, size, hi * hi, 3)
+        flat = (blocks == blocks[:, :, :1]).all((2, 3))
+        fills = {"lips": (ident.lips, part["mouth"]), "eye white": ((235, 232, 225), part["eyes"]),
+                 "skin": (ident.skin, part["forehead"] | part["cheek"] | part["jaw"]),
+                 "nose": (np.array(ident.skin) * 0.93, part["nose"]),
+                 "fringe": (ident.hair, part["hair"]),
+                 "hair": (np.array(ident.hair) * 0.85, part["hair"])}
+        for name, (colour, mask) in fills.items():
+            painted = flat & (blocks[:, :, 0] == _rgb(colour)).all(-1)
+            assert painted.sum() > 0 or name == "fringe", (index, name)
+            assert not (painted & ~mask).any(), (index, name, int((painted & ~mask).sum()))
+
+
 # ---------------------------------------------------------------- python -m train.data
 
 
@@ -122,6 +201,90 @@ def test_report_tables_put_runs_beside_the_paper():
     assert "| VGG16 + ECLoss | 91.23% ± 1.00 |" in text
     assert "| VGG16 + ECLoss | 2.500 ± 0.050 |" in text  # robustness: only helen has it
     assert "| VGG16 + ECLoss | 0.1632 | 0.1490 | 0.1566 | 0.1431 | 0.1443 |" in text  # paper
+    assert "Part coverage" not in text  # no run has it
+
+
+def test_report_shows_settings_and_the_metrics_beyond_the_paper():
+    from train.report import tables_markdown
+
+    def run(label, ecloss, coverage):
+        return {"run": {"label": label, "map_size": 14, "ecloss": ecloss,
+                        "beta": {"schedule": "auto", "grad_ratio": 0.25}},
+                "datasets": {"synthetic": {"part_coverage": {"mean": coverage, "se": 0.5},
+                                           "dead_fraction": {"mean": 0.125, "se": 0.01}},
+                             "synthetic_jitter": {"part_entropy": {"mean": 1.5, "se": 0.25},
+                                                  "activation_robustness_live": {"mean": 1.75, "se": 0.1}}}}
+
+    calibrated = dict(enabled=True, templates="full", estimator="uniform", tau="auto",
+                      calibrated_tau=0.0684987, score_spread=1.0, diversity=0.5, normalize=False)
+    text = "\n".join(tables_markdown([(None, run("A", calibrated, 6.0)),
+                                      (None, run("B", dict(enabled=False), 1.0))]))
+    assert "| A | 14 x 14 | full | uniform | auto: 0.0685 (score std 1) | 0.5 | False | auto, ratio 0.25 |" in text
+    assert "| B | 14 x 14 | no ECLoss | – | – | – | – | auto, ratio 0.25 |" in text
+    assert "| A | 6.00 ± 0.50 |" in text and "| B | 1.00 ± 0.50 |" in text
+    assert "| A | 0.125 ± 0.010 |" in text and "| A | 1.500 ± 0.250 |" in text
+    assert "| A | 1.750 ± 0.100 |" in text
+
+
+# ---------------------------------------------------------------- evaluate_model
+
+
+def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
+    from ecloss_fast import metrics
+    from models import build_model
+    from train.config import config_from_dict
+    from train.data.synthetic import SyntheticFaces
+    from train.evaluate import EvalSettings, _draws, evaluate_model
+
+    config = config_from_dict({"model": {"arch": "vgg13", "width": 1 / 16, "input_size": 64,
+                                         "embedding_dim": 16, "batch_norm": True},
+                               "ecloss": {"tau": "auto"}})
+    torch.manual_seed(0)
+    model = build_model("vgg13", batch_norm=True, width=1 / 16, input_size=64, embedding_dim=16).eval()
+    settings = EvalSettings(images=12, repeats=1, pairs=30, batch_size=16, figure_faces=4,
+                            figure_channels=3, figure_grid_channels=10)
+    assert EvalSettings().pairs >= 1000
+    results = evaluate_model(model, config, tmp_path, settings=settings, calibrated_tau=0.25)
+    assert set(results["datasets"]) == {"synthetic", "synthetic_jitter"}
+    assert results["run"]["ecloss"]["tau"] == "auto" and results["run"]["ecloss"]["calibrated_tau"] == 0.25
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for name, jitter in (("synthetic", False), ("synthetic_jitter", True)):
+        entry = saved["datasets"][name]
+        assert set(entry) == {"pei", "location_consistency", "part_coverage", "part_entropy",
+                              "activation_robustness", "activation_robustness_live",
+                              "dead_fraction", "verification"}
+        assert entry["verification"]["pairs"] == 30
+        # The numbers, recomputed from the images of the draw with the metrics themselves.
+        # Held out: seed + 1; 3 identities of 10 images hold twice the 12 images of a draw.
+        faces = SyntheticFaces(3, 10, size=64, seed=1, jitter=jitter)
+        draw = _draws(len(faces), settings)[0]
+        images = torch.stack([faces[int(i)]["image"] for i in draw])
+        masks = torch.stack([faces[int(i)]["part_masks"] for i in draw])
+        with torch.no_grad():
+            maps = model(images).maps
+        dominant = metrics.dominant_parts(maps, masks)
+        expected = {"pei": metrics.part_explainability(maps, masks).mean().item(),
+                    "location_consistency": metrics.location_consistency(maps, masks).item(),
+                    "part_coverage": metrics.part_coverage(dominant),
+                    "part_entropy": metrics.part_entropy(dominant),
+                    "activation_robustness": metrics.activation_robustness(maps).item(),
+                    "activation_robustness_live": metrics.activation_robustness(maps, live_only=True).item(),
+                    "dead_fraction": metrics.dead_fraction(maps).item()}
+        for key, value in expected.items():
+            assert entry[key]["mean"] == pytest.approx(value, rel=1e-6, abs=1e-12), (name, key)
+    assert saved["datasets"]["synthetic"]["pei"] != saved["datasets"]["synthetic_jitter"]["pei"]
+    for figure in ("top_activation", "channel_parts", "maps_with_peaks", "peak_histogram",
+                   "part_assignment"):
+        assert (tmp_path / saved["figures"][figure]).is_file(), figure
+
+
+def test_figure_six_takes_one_face_per_identity():
+    from train.evaluate import _distinct_faces
+
+    extra = {"images": torch.zeros(8, 3, 4, 4), "labels": torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])}
+    assert _distinct_faces(extra, 3) == [0, 2, 5]
+    assert _distinct_faces(extra, 9) == [0, 2, 5, 6]
+    assert _distinct_faces({"images": extra["images"], "labels": None}, 3) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- demo and evaluate, end to end
@@ -146,7 +309,9 @@ def test_demo_tiny_writes_the_report(tiny_demo):
     for run in ("softmax", "ecloss"):
         results = json.loads((tiny_demo / "eval" / run / "metrics.json").read_text())
         synthetic = results["datasets"]["synthetic"]
-        assert set(synthetic) == {"pei", "location_consistency", "activation_robustness", "verification"}
+        assert set(synthetic) == {"pei", "location_consistency", "part_coverage", "part_entropy",
+                                  "activation_robustness", "activation_robustness_live",
+                                  "dead_fraction", "verification"}
         assert 0 <= synthetic["pei"]["mean"] <= 1
         assert 0 <= synthetic["location_consistency"]["mean"] <= 6 / 49 + 1e-6
         assert 0.0 <= synthetic["verification"]["accuracy"] <= 1.0
@@ -172,8 +337,10 @@ def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
     results = main(["--checkpoint", str(tiny_demo / "runs" / "ecloss"), "--out", str(out),
                     "--data", f"photos={parts}", "--data", f"pairs={tmp_path / 'v.bin'}",
                     "--images", "3", "--repeats", "2", "--device", "cpu"])
-    assert set(results["datasets"]["photos"]) == {"pei", "location_consistency", "activation_robustness"}
-    assert set(results["datasets"]["pairs"]) == {"verification", "activation_robustness"}
+    robustness = {"activation_robustness", "activation_robustness_live", "dead_fraction"}
+    assert set(results["datasets"]["photos"]) == {"pei", "location_consistency", "part_coverage",
+                                                  "part_entropy"} | robustness
+    assert set(results["datasets"]["pairs"]) == {"verification"} | robustness
     assert results["datasets"]["pairs"]["verification"]["pairs"] == 20
     assert (out / "metrics.json").is_file() and (out / "fig6_top_activation.png").is_file()
     saved = json.loads((out / "metrics.json").read_text())

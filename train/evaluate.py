@@ -3,23 +3,27 @@
     python -m train.evaluate --checkpoint RUN_DIR_OR_FILE --out DIR \\
         [--data synthetic] [--data helen=PATH] [--data lfw=lfw.bin] ...
 
-``--data NAME=PATH`` (repeatable; default ``synthetic``) is one of:
+``--data NAME=PATH`` (repeatable; default ``synthetic`` and ``synthetic_jitter``) is one of:
 
 - ``synthetic``: faces drawn with identities the model never saw (the training seed + 1),
-  with their exact part masks: PEI, location consistency, robustness and verification;
+  with their exact part masks: PEI, location consistency, part coverage, robustness and
+  verification; ``synthetic_jitter``: the same faces in the pose spread of unaligned
+  detector crops (the paper evaluates without alignment);
 - a folder of iBUG ``.pts`` files beside their images (300-W, Helen, AFW, LFPW) or LaPa's
   ``images/`` + ``landmarks/``: PEI, location consistency and robustness (Tables 2, 4, 5);
 - an InsightFace ``.bin`` (``lfw.bin``, ``cfp_ff.bin``, ``calfw.bin``, ...) or an LFW
   ``pairs.txt@IMAGE_ROOT``: verification accuracy and robustness (Tables 3, 5);
 - a RecordIO ``.rec`` or an image folder: robustness (Table 5's VGGFace column).
 
-PEI, location consistency and activation robustness are the mean and standard error over
-``--repeats`` random draws of ``--images`` images (the paper: 100 images, 5 draws);
-verification is the mean and standard deviation over 10 folds with flip augmentation.
-Writes ``DIR/metrics.json`` and, from the first ``--data`` set with images, the figures
-``DIR/*.png``: Figure 6 (top activation of the most consistent channels over several
-faces), Figure 5 (one face's maps with their peaks), the histogram of peaks per map and
-the part assignment matrix ``A[c, k]``.
+PEI, location consistency, part coverage and entropy (how many parts the channels' dominant
+parts cover), activation robustness (over all maps and over live maps only) and the
+fraction of dead maps are the mean and standard error over ``--repeats`` random draws of
+``--images`` images (the paper: 100 images, 5 draws); verification is the mean and
+standard deviation over 10 folds with flip augmentation. Writes ``DIR/metrics.json`` and,
+from the first ``--data`` set with images, the figures ``DIR/*.png``: Figure 6 (top
+activation of the most consistent channels over faces of distinct identities), Figure 5
+(one face's maps with their peaks), each channel's dominant part and where its peaks land,
+the histogram of peaks per map and the part assignment matrix ``A[c, k]``.
 """
 from __future__ import annotations
 
@@ -51,28 +55,32 @@ class EvalSettings:
 
     images: int = 100  # images per random draw
     repeats: int = 5  # random draws
-    pairs: int = 600  # synthetic verification pairs
+    pairs: int = 1000  # synthetic verification pairs
     fraction: float = 0.1  # the top activation area (Eq. 9)
     min_prominence: float = 0.1  # of each map's max - min (count_peaks)
     folds: int = 10
     batch_size: int = 64
     seed: int = 0
     figure_channels: int = 8  # rows of Figure 6
-    figure_faces: int = 6  # columns of Figure 6
+    figure_faces: int = 6  # columns of Figure 6, one identity each where labels are known
+    figure_grid_channels: int = 64  # panels of the per-channel figure (evenly spaced channels)
 
 
 # ---------------------------------------------------------------------------- data
 
 
-def _synthetic(config, settings: EvalSettings):
+SYNTHETIC = {"synthetic": False, "synthetic_jitter": True}  # --data path: jitter
+
+
+def _synthetic(config, settings: EvalSettings, jitter: bool):
     from train.data.synthetic import SyntheticFaces
     from train.verification import synthetic_pairs
 
     per = 10
     pool = max(settings.images * 2, (settings.pairs // per) + 2 * per)
-    # seed + 1: identities the model was not trained on
+    # seed + 1: identities the model was not trained on; the same ones with and without jitter
     faces = SyntheticFaces(max(2, -(-pool // per)), per, size=config.model.input_size,
-                           seed=config.data.seed + 1)
+                           seed=config.data.seed + 1, jitter=jitter)
     return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed))
 
 
@@ -82,8 +90,8 @@ def _open_data(name: str, path: str, config, settings: EvalSettings) -> dict:
     from train.verification import read_bin, read_pairs_list
 
     size = config.model.input_size
-    if path == "synthetic":
-        return _synthetic(config, settings)
+    if path in SYNTHETIC:
+        return _synthetic(config, settings, SYNTHETIC[path])
     if "@" in path:
         pairs_file, root = path.split("@", 1)
         return dict(pairs=read_pairs_list(pairs_file, root, size))
@@ -100,8 +108,8 @@ def _open_data(name: str, path: str, config, settings: EvalSettings) -> dict:
         from train.data.folder import ImageFolderFaces
 
         return dict(images=ImageFolderFaces(file, size))
-    raise ValueError(f"--data {name}={path}: not 'synthetic', a .bin, pairs.txt@ROOT, a .rec, "
-                     "a landmark folder or an image folder")
+    raise ValueError(f"--data {name}={path}: not 'synthetic', 'synthetic_jitter', a .bin, "
+                     "pairs.txt@ROOT, a .rec, a landmark folder or an image folder")
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -130,9 +138,24 @@ def _draws(pool: int, settings: EvalSettings) -> list[np.ndarray]:
 def _gather(dataset, indices) -> dict:
     items = [dataset[int(i)] for i in tqdm(indices, desc="load images", leave=False)]
     batch = {"image": torch.stack([item["image"] for item in items])}
-    if "part_masks" in items[0]:
-        batch["part_masks"] = torch.stack([item["part_masks"] for item in items])
+    for key in ("part_masks", "label"):
+        if key in items[0]:
+            batch[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
     return batch
+
+
+def _robustness(maps: torch.Tensor, settings: EvalSettings, draws, position) -> dict:
+    """Peaks per map over all maps and over live maps, and the dead fraction, per draw."""
+    peaks = metrics.count_peaks(maps, settings.min_prominence).double()  # (B, C)
+    live = metrics.live_maps(maps)
+    all_maps, live_maps, dead = [], [], []
+    for draw in draws:
+        rows = [position[int(i)] for i in draw]
+        all_maps.append(peaks[rows].mean().item())
+        live_maps.append(peaks[rows][live[rows]].mean().item())
+        dead.append(1 - live[rows].double().mean().item())
+    return {"activation_robustness": _mean_se(all_maps),
+            "activation_robustness_live": _mean_se(live_maps), "dead_fraction": _mean_se(dead)}
 
 
 def _explainability(model, dataset, settings: EvalSettings, device, with_parts: bool):
@@ -142,19 +165,20 @@ def _explainability(model, dataset, settings: EvalSettings, device, with_parts: 
     batch = _gather(dataset, used)
     maps = _maps(model, batch["image"], settings.batch_size, device)
     position = {int(i): k for k, i in enumerate(used)}
-    peaks = metrics.count_peaks(maps, settings.min_prominence).double().mean(1)  # per image
-    result = {"activation_robustness": _mean_se([peaks[[position[int(i)] for i in d]].mean().item()
-                                                 for d in draws])}
-    extra = dict(images=batch["image"], maps=maps)
+    result = _robustness(maps, settings, draws, position)
+    extra = dict(images=batch["image"], maps=maps, labels=batch.get("label"))
     if with_parts:
         iou = metrics.part_iou(maps, batch["part_masks"], settings.fraction)
-        pei, consistency = [], []
+        scores = {"pei": [], "location_consistency": [], "part_coverage": [], "part_entropy": []}
         for draw in draws:
             rows = [position[int(i)] for i in draw]
-            pei.append(iou[rows].amax(-1).mean().item())
-            consistency.append(metrics.channel_consistency(metrics.part_assignment(iou[rows])).nanmean().item())
-        result["pei"] = _mean_se(pei)
-        result["location_consistency"] = _mean_se(consistency)
+            scores["pei"].append(iou[rows].amax(-1).mean().item())
+            scores["location_consistency"].append(
+                metrics.channel_consistency(metrics.part_assignment(iou[rows])).nanmean().item())
+            dominant = metrics.dominant_parts_from_iou(iou[rows])
+            scores["part_coverage"].append(metrics.part_coverage(dominant))
+            scores["part_entropy"].append(metrics.part_entropy(dominant))
+        result.update({key: _mean_se(values) for key, values in scores.items()})
         extra.update(iou=iou, part_masks=batch["part_masks"])
     return result, extra
 
@@ -178,8 +202,23 @@ def _upsample(maps: torch.Tensor, size: int) -> np.ndarray:
     return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False).numpy()
 
 
+def _distinct_faces(extra: dict, count: int) -> list[int]:
+    """``count`` images, the first of each identity in turn (the first images without labels)."""
+    labels = extra.get("labels")
+    if labels is None:
+        return list(range(min(count, len(extra["images"]))))
+    _, first = np.unique(labels.numpy(), return_index=True)
+    return sorted(first.tolist())[:count]
+
+
+def _part_name(part: int) -> str:
+    return metrics.PARTS[part] if part >= 0 else "no part"
+
+
 def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title: str) -> list[int]:
-    """The paper's Figure 6: top-10% activation of chosen channels over several faces.
+    """The paper's Figure 6: top-10% activation of chosen channels over faces of distinct
+    identities (one column each), so a row shows whether a channel finds the same part
+    on different people.
 
     Channels are the ``figure_channels`` most consistent ones (largest ``S[c]``, the same
     rule for every model), each row labelled with its dominant part. Returns the channels.
@@ -188,7 +227,8 @@ def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title
     assignment = metrics.part_assignment(iou)
     spread = metrics.channel_consistency(assignment).nan_to_num(-1.0)
     channels = spread.argsort(descending=True)[:settings.figure_channels].tolist()
-    faces = list(range(min(settings.figure_faces, len(images))))
+    dominant = metrics.dominant_parts_from_iou(iou).tolist()
+    faces = _distinct_faces(extra, settings.figure_faces)
     size = images.shape[-1]
     pictures = _faces(images[faces])
     fig, axes = plt.subplots(len(channels), len(faces), figsize=(1.5 * len(faces), 1.5 * len(channels)),
@@ -202,9 +242,9 @@ def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title
             ax.imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        dominant = metrics.PARTS[int(assignment[channel].nan_to_num(0).argmax())]
-        row[0].set_ylabel(f"ch {channel}\n{dominant}", fontsize=8)
-    fig.suptitle(f"{title}: top {settings.fraction:.0%} activation", fontsize=10)
+        row[0].set_ylabel(f"ch {channel}\n{_part_name(dominant[channel])}", fontsize=8)
+    people = " (one identity per column)" if extra.get("labels") is not None else ""
+    fig.suptitle(f"{title}: top {settings.fraction:.0%} activation{people}", fontsize=10)
     fig.tight_layout()
     _save(fig, path, dpi=70)
     return channels
@@ -232,6 +272,55 @@ def figure_maps_with_peaks(extra: dict, settings: EvalSettings, path: Path, titl
     fig.suptitle(f"{title}: maps of one face, peaks (x){suffix}", fontsize=9)
     fig.tight_layout()
     _save(fig, path, dpi=70)
+
+
+def figure_channel_parts(extra: dict, settings: EvalSettings, path: Path, title: str) -> None:
+    """Per channel: where its counted peaks land over all evaluated faces, on the mean face,
+    with the outline of its dominant part (``argmax_k mean_b IoU``) in that part's colour.
+
+    A cell's opacity is how often a peak falls on it, relative to the channel's most
+    frequent cell; the title gives that cell's share of faces. Up to
+    ``figure_grid_channels`` channels, evenly spaced over the channel indices (no choice by
+    score), shown grouped by dominant part.
+    """
+    from matplotlib import colormaps
+
+    from train.data.synthetic import PART_COLOURS
+
+    maps, iou, masks = extra["maps"], extra["iou"], extra["part_masks"]
+    channels = maps.shape[1]
+    shown = np.unique(np.linspace(0, channels - 1, min(channels, settings.figure_grid_channels))
+                      .round().astype(int))
+    dominant = metrics.dominant_parts_from_iou(iou).numpy()
+    shown = sorted(shown, key=lambda c: (dominant[c] < 0, dominant[c], c))
+    density = metrics.peak_mask(maps[:, shown], settings.min_prominence).double().mean(0).numpy()
+    size = masks.shape[-1]
+    face = _faces(extra["images"]).mean((0, -1)) / 255  # the mean face in grey, in [0, 1]
+    outline = masks.double().mean(0).numpy()  # (K, S, S): how often each pixel is that part
+    columns = math.ceil(math.sqrt(len(shown) * 1.5))
+    rows = math.ceil(len(shown) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    heat_colour = colormaps["autumn"](0.15)  # one strong colour; opacity carries the count
+    for ax, channel, heat in zip(axes.ravel(), shown, density):
+        part = int(dominant[channel])
+        ax.imshow(face, cmap="gray", vmin=0, vmax=1.2, extent=(0, size, size, 0))
+        overlay = np.zeros(heat.shape + (4,))
+        overlay[..., :3] = heat_colour[:3]
+        overlay[..., 3] = heat / heat.max() if heat.max() > 0 else 0
+        ax.imshow(overlay, interpolation="nearest", extent=(0, size, size, 0))
+        colour = PART_COLOURS[part] / 255 if part >= 0 else (0, 0, 0)
+        if part >= 0:
+            ax.contour(np.arange(size) + 0.5, np.arange(size) + 0.5, outline[part], levels=[0.5],
+                       colors=[colour], linewidths=1.5)
+        ax.set_title(f"{channel}: {_part_name(part)} {heat.max():.0%}", fontsize=7, pad=2,
+                     color=colour * np.array([0.75, 0.75, 0.75]) if part >= 0 else "black")
+    fig.suptitle(f"{title}: where each channel's peaks land (opacity: how often, relative to its "
+                 "busiest cell, whose share of faces is in the title); outline: its dominant part",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    _save(fig, path, dpi=80)
 
 
 def figure_peak_histogram(extra: dict, settings: EvalSettings, path: Path, title: str) -> None:
@@ -263,35 +352,43 @@ def figure_part_assignment(extra: dict, path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------- entry points
 
 
-def describe(config) -> dict:
-    """The run's settings that identify it in a report."""
+def describe(config, calibrated_tau: float | None = None, map_size: int | None = None) -> dict:
+    """The run's settings that identify it in a report; ``calibrated_tau`` is the tau that
+    ``ecloss.tau=auto`` chose (the checkpoint's ``calibrated_tau``), ``map_size`` the side
+    of the target maps."""
     m, e = config.model, config.ecloss
     loss = "ECLoss" if e.enabled else "Softmax"
     network = f"{m.arch.upper()}{'-BN' if m.batch_norm else ''}"
     if m.width != 1.0:
         network += f" x{m.width:g}"
     return dict(network=network, loss=loss, label=f"{network} + {loss}", input_size=m.input_size,
-                width=m.width, head=config.head.kind,
+                map_size=map_size, width=m.width, head=config.head.kind,
                 ecloss=dict(enabled=e.enabled, templates=e.templates, estimator=e.estimator, tau=e.tau,
-                            radius=e.radius),
+                            calibrated_tau=calibrated_tau, score_spread=e.score_spread,
+                            radius=e.radius, diversity=e.diversity, normalize=e.normalize),
                 beta=dict(schedule=config.beta.schedule, grad_ratio=config.beta.grad_ratio,
                           value=config.beta.value))
 
 
+DEFAULT_DATA = {"synthetic": "synthetic", "synthetic_jitter": "synthetic_jitter"}
+
+
 def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None = None,
                    settings: EvalSettings | None = None, device="cpu", title: str | None = None,
-                   run_dir: str | Path | None = None) -> dict:
+                   run_dir: str | Path | None = None, calibrated_tau: float | None = None) -> dict:
     """Compute every metric on every data set, write ``out/metrics.json`` and the figures.
 
-    ``data`` maps names to the ``--data`` paths (default: ``{"synthetic": "synthetic"}``);
-    ``run_dir``, the training run, lets ``train.report`` draw its training curves.
+    ``data`` maps names to the ``--data`` paths (default: the held-out synthetic faces,
+    aligned and jittered, as ``synthetic`` and ``synthetic_jitter``); ``run_dir``, the
+    training run, lets ``train.report`` draw its training curves; ``calibrated_tau`` (the
+    checkpoint's, for ``ecloss.tau=auto``) goes into the run's description.
     """
     settings = settings or EvalSettings()
-    data = data or {"synthetic": "synthetic"}
+    data = data or DEFAULT_DATA
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
-    info = describe(config)
+    info = describe(config, calibrated_tau, model.map_size)
     title = title or info["label"]
     results = {"run": info, "run_dir": str(run_dir) if run_dir else None, "settings": vars(settings),
                "datasets": {}, "figures": {}}
@@ -316,10 +413,7 @@ def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None =
             draws = _draws(len(images), settings)
             used = np.unique(np.concatenate(draws))
             maps = _maps(model, torch.stack([normalize(images[i]) for i in used]), settings.batch_size, device)
-            peaks = metrics.count_peaks(maps, settings.min_prominence).double().mean(1)
-            where = {int(i): k for k, i in enumerate(used)}
-            entry["activation_robustness"] = _mean_se(
-                [peaks[[where[int(i)] for i in d]].mean().item() for d in draws])
+            entry.update(_robustness(maps, settings, draws, {int(i): k for k, i in enumerate(used)}))
         results["datasets"][name] = entry
         if extra is not None and name == next(iter(data)):
             figures = {}
@@ -329,6 +423,8 @@ def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None =
                     extra, settings, out / figures["top_activation"], title)
                 figures["part_assignment"] = "part_assignment.png"
                 figure_part_assignment(extra, out / figures["part_assignment"], title)
+                figures["channel_parts"] = "channel_parts.png"
+                figure_channel_parts(extra, settings, out / figures["channel_parts"], title)
             figures["maps_with_peaks"] = "fig5_maps_peaks.png"
             figure_maps_with_peaks(extra, settings, out / figures["maps_with_peaks"], title)
             figures["peak_histogram"] = "peaks_histogram.png"
@@ -340,22 +436,25 @@ def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None =
 
 def evaluate_checkpoint(checkpoint, out, data=None, settings=None, device="auto") -> dict:
     """:func:`evaluate_model` of a checkpoint file or run directory."""
-    from train.checkpoint import load_for_eval, resolve_checkpoint
+    from train.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_checkpoint(checkpoint)
-    model, config = load_for_eval(path, device=device)
+    state = load_checkpoint(path, map_location=device)
+    model, config = model_from_state(state, device)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return evaluate_model(model, config, out, data, settings, device, run_dir=run_dir)
+    return evaluate_model(model, config, out, data, settings, device, run_dir=run_dir,
+                          calibrated_tau=state.get("calibrated_tau"))
 
 
 def _data_argument(text: str) -> tuple[str, str]:
-    if text == "synthetic":
-        return "synthetic", "synthetic"
+    if text in SYNTHETIC:
+        return text, text
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH or 'synthetic', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, 'synthetic' or 'synthetic_jitter', "
+                                         f"got {text!r}")
     return name, path
 
 
@@ -365,14 +464,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a run directory")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--data", action="append", type=_data_argument, default=None,
-                        help="NAME=PATH or 'synthetic' (repeatable; default: synthetic)")
+                        help="NAME=PATH, 'synthetic' or 'synthetic_jitter' (repeatable; "
+                             "default: both synthetic sets)")
     parser.add_argument("--device", default="auto")
     defaults = EvalSettings()
     for field, value in vars(defaults).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     settings = EvalSettings(**{f: getattr(args, f) for f in vars(defaults)})
-    results = evaluate_checkpoint(args.checkpoint, args.out, dict(args.data or [("synthetic", "synthetic")]),
+    results = evaluate_checkpoint(args.checkpoint, args.out, dict(args.data or DEFAULT_DATA),
                                   settings, args.device)
     print(json.dumps(results["datasets"], indent=2))
     return results

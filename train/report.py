@@ -3,9 +3,11 @@
     python -m train.report EVAL_DIR_A EVAL_DIR_B ... --out DIR
 
 Each EVAL_DIR holds a ``metrics.json`` written by ``python -m train.evaluate``. Writes
-``DIR/report.md``: one markdown table per paper table (rows: network and loss; columns:
-data sets) beside the paper's published numbers, the figures of the runs side by side
-(copied to ``DIR/figures/``), and the training curves when the run directories are known.
+``DIR/report.md``: the runs' settings (the calibrated tau included), one markdown table per
+paper table (rows: network and loss; columns: data sets) beside the paper's published
+numbers, the tables of the metrics the paper does not have (dead maps, peaks over live
+maps, part coverage and entropy), the figures of the runs side by side (copied to
+``DIR/figures/``), and the training curves when the run directories are known.
 """
 from __future__ import annotations
 
@@ -72,7 +74,18 @@ PAPER = {
             ["1.672 ± 0.108", "1.743 ± 0.164", "1.493 ± 0.037", "1.775 ± 0.183", "1.829 ± 0.053", "1.849 ± 0.065"],
         ]))),
 }
+# Metrics of this project beyond the paper's (docs/design.md): (title, decimals).
+EXTRA = {
+    "dead_fraction": ("Dead maps: fraction of maps whose maximum is at most 0 (lower is better)", 3),
+    "activation_robustness_live": (
+        "Activation robustness over live maps only, peaks per map (a dead map has 0 peaks)", 3),
+    "part_coverage": ("Part coverage: distinct dominant parts among the channels (of 7; 1 is "
+                      "a collapse onto one part)", 2),
+    "part_entropy": ("Part entropy: entropy of the channels' dominant parts, nats (log 7 = "
+                     "1.946 when spread evenly)", 3),
+}
 _FIGURES = [("top_activation", "Figure 6: top-10% activation of the most consistent channels"),
+            ("channel_parts", "Per channel: its dominant part and where its peaks land"),
             ("maps_with_peaks", "Figure 5: one face, all its channel maps, counted peaks marked"),
             ("peak_histogram", "Peaks per map"),
             ("part_assignment", "Part assignment A[c, k] (rows: parts; columns: channels)")]
@@ -95,7 +108,7 @@ def _cell(metric: str, entry: dict | None) -> str:
     value = entry[metric]
     if metric == "verification":
         return f"{100 * value['accuracy']:.2f}% ± {100 * value['std']:.2f}"
-    digits = 3 if metric == "activation_robustness" else 4
+    digits = EXTRA[metric][1] if metric in EXTRA else 3 if metric == "activation_robustness" else 4
     return f"{value['mean']:.{digits}f} ± {value['se']:.{digits}f}"
 
 
@@ -105,25 +118,62 @@ def _table(columns, rows) -> list[str]:
     return lines
 
 
+def _runs_table(runs) -> list[str]:
+    """Each run's loss settings: what tells the arms of a study apart."""
+    lines = ["| Run | maps | templates | estimator | tau | diversity | normalize | beta |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, results in runs:
+        run = results["run"]
+        e, beta = run.get("ecloss", {}), run.get("beta", {})
+        size = run.get("map_size")
+        tau = e.get("tau", "–")
+        if tau == "auto":
+            calibrated = e.get("calibrated_tau")
+            tau = (f"auto: {calibrated:.4g}" if calibrated is not None else "auto") + \
+                f" (score std {e.get('score_spread', 1.0):g})"
+        cells = [f"{size} x {size}" if size else "–"]
+        if e.get("enabled", True):
+            cells += [str(e.get("templates", "–")), str(e.get("estimator", "–")), str(tau),
+                      f"{e.get('diversity', 0.0):g}", str(e.get("normalize", False))]
+        else:
+            cells += ["no ECLoss"] + ["–"] * 4
+        cells.append(f"{beta.get('schedule', '–')}, ratio {beta.get('grad_ratio', '–')}")
+        lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _run_rows(runs, metric: str, present: list[str]) -> list[tuple[str, list[str]]]:
+    return [(r["run"]["label"], [_cell(metric, r["datasets"].get(d)) for d in present]) for _, r in runs]
+
+
 def tables_markdown(runs) -> list[str]:
-    """The four tables: this project's runs, then the paper's numbers for reference."""
-    lines = []
+    """The runs' settings; the paper's four tables, this project's runs beside the paper's
+    numbers; then the metrics that the paper does not report."""
+    lines = ["### Runs", ""] + _runs_table(runs) + [""]
     datasets = list(dict.fromkeys(name for _, results in runs for name in results["datasets"]))
+
+    def present(metric):
+        return [d for d in datasets if any(metric in r["datasets"].get(d, {}) for _, r in runs)]
+
     for metric, paper in PAPER.items():
-        present = [d for d in datasets if any(metric in r["datasets"].get(d, {}) for _, r in runs)]
+        columns = present(metric)
         lines.append(f"### {paper['title']}")
         lines.append("")
-        if present:
+        if columns:
             lines.append("This project's runs (mean ± standard error over random draws; "
                          "verification: mean ± std over 10 folds):")
             lines.append("")
-            lines += _table(present, [(r["run"]["label"], [_cell(metric, r["datasets"].get(d)) for d in present])
-                                      for _, r in runs])
+            lines += _table(columns, _run_rows(runs, metric, columns))
         else:
             lines.append("No data set of these runs has this metric.")
         lines += ["", "The paper's numbers (VGG at 224 x 224, Glint360K training):", ""]
         lines += _table(paper["columns"], list(paper["rows"].items()))
         lines.append("")
+    for metric, (title, _) in EXTRA.items():
+        columns = present(metric)
+        if columns:
+            lines += [f"### {title}", "", "Not in the paper; mean ± standard error over random draws:", ""]
+            lines += _table(columns, _run_rows(runs, metric, columns)) + [""]
     return lines
 
 
