@@ -48,7 +48,9 @@ def template_matrix(height: int, width: int, radius: float, subset: int | None,
     Built from the ``P x P`` one-peak table: a two-peak row is the element-wise maximum of
     two one-peak rows, so building the full 14x14 set costs one gather, not a loop.
     """
-    if not radius > 0 or not math.isfinite(radius):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) radius may be a
+    # SymFloat, which math.* cannot take; a NaN fails both.
+    if not 0 < radius < math.inf:
         raise ValueError(f"radius must be a positive finite number, got {radius}")
     pixels = height * width
     total = num_templates(height, width)

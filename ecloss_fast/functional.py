@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from ecloss_fast import _ops
 from ecloss_fast._dispatch import BACKENDS, PRECISIONS
@@ -36,9 +37,20 @@ def _check_input(x):
 def _check_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument
+    # is a SymFloat, which math.* cannot take; a NaN fails both comparisons.
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be positive and finite; got {value}")
-    return float(value)
+    return value if isinstance(value, float) else float(value)
+
+
+def _check_process_group(group):
+    if group is None:
+        return None
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup (for example "
+                        f"torch.distributed.group.WORLD) or None; got {type(group).__name__}")
+    return group
 
 
 def _template_tensor(templates, x, dtype):
@@ -51,6 +63,9 @@ def _template_tensor(templates, x, dtype):
         raise ValueError("templates must hold at least one template; got N = 0")
     if not templates.dtype.is_floating_point:
         raise TypeError(f"templates must be a floating tensor; got {templates.dtype}")
+    if templates.is_meta and not x.is_meta:
+        raise ValueError("templates must hold values; got a tensor on the meta device (shape "
+                         f"{tuple(templates.shape)} only), for x on {x.device}")
     return templates.detach().to(x.device, dtype).reshape(templates.shape[0], -1).contiguous()
 
 
@@ -64,9 +79,17 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     the paper) or the batch marginal ``pbar[c] = mean_b p[b,c]`` (``"marginal"``; with
     ``process_group``, the mean over that group's global batch). ``templates`` is
     ``"full"`` (all ``num_templates(H, W)``), an int ``k`` (the paper's evenly spaced
-    subset) or a tensor ``(N, H, W)``. ``reduction`` is ``"mean"`` or ``"sum"`` over
+    subset) or a tensor ``(N, H, W)``; templates are constants: a tensor that requires grad
+    is used detached and gets no gradient. ``reduction`` is ``"mean"`` or ``"sum"`` over
     channels, or ``"none"`` for the ``(C,)`` vector. The result is float32 (float64 for
-    float64 input); the gradient has ``x``'s dtype. See SPEC.md for every definition.
+    float64 input); the gradient has ``x``'s dtype.
+
+    With ``process_group`` (a ``torch.distributed`` group) the loss is that of the group's
+    global batch, for equal and unequal per-process batches alike: each process returns
+    its own maps' terms weighted by ``world_size / B_global``, so that the mean over the
+    processes of the losses, and of the gradients (as DDP averages them), equals the loss
+    and gradient of one process holding the whole batch. See docs/design.md for every
+    definition.
     """
     _check_input(x)
     tau = _check_positive("tau", tau)
@@ -75,6 +98,7 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     _choice("reduction", reduction, REDUCTIONS)
     _choice("backend", backend, BACKENDS + ("auto",))
     _choice("precision", precision, PRECISIONS + (None,))
+    process_group = _check_process_group(process_group)
     marginal = estimator == "marginal"
     dtype = _ops.accumulation_dtype(x.dtype)
     height, width = x.shape[-2:]
@@ -97,11 +121,10 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     if backend == "reference":
         if template_rows is None:
             template_rows = template_matrix(height, width, radius, subset or None, x.device, dtype)
-        per_channel = reference.channel_loss(
-            x, template_rows, tau, marginal, process_group if marginal else None)
+        per_channel = reference.channel_loss(x, template_rows, tau, marginal, process_group)
     else:
         # The op resolves "auto" and precision=None itself, at run time (see ecloss_fast._ops).
-        group = _ops.register_process_group(process_group) if marginal and process_group else ""
+        group = _ops.register_process_group(process_group) if process_group is not None else ""
         per_channel = torch.ops.ecloss_fast.channel_loss(
             x, template_rows, radius, subset, tau, marginal, precision or "", backend, group)[0]
 

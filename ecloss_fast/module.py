@@ -12,7 +12,9 @@ class ECLoss(torch.nn.Module):
     """Explainable channel loss over activation templates; see ``ecloss_fast.ecloss``.
 
     Holds no parameters or buffers: the templates live in a per-device cache shared by
-    every instance, so moving a model does not move (or copy) them.
+    every instance, so moving a model does not move (or copy) them. A templates tensor
+    given here is used as it is on each call: templates are constants, and one that
+    requires grad gets no gradient.
     """
 
     def __init__(self, tau: float = 1e-3, radius: float = 4.0, templates="full",

@@ -28,6 +28,12 @@ from ecloss_fast.testing import peaked_maps, random_maps
     (lambda: torch.rand(2, 3, 4, 4), dict(templates=torch.rand(5, 16)), ValueError, "(N, H, W)"),
     (lambda: torch.rand(2, 3, 4, 4), dict(templates=torch.ones(5, 4, 4, dtype=torch.int32)),
      TypeError, "floating"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(templates=torch.ones(5, 4, 4, device="meta")),
+     ValueError, "templates must hold values"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(process_group=object()), TypeError,
+     "process_group must be a torch.distributed ProcessGroup"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(process_group="WORLD", estimator="marginal"),
+     TypeError, "process_group"),
 ])
 def test_bad_input_errors(make_input, kwargs, error, words):
     with pytest.raises(error) as info:
@@ -45,6 +51,35 @@ def test_unavailable_backend_says_how_to_get_it(monkeypatch):
         assert "cuda" not in ef.available_backends()
     finally:
         _dispatch._load.cache_clear()
+
+
+def test_missing_cuda_device_message_says_how_to_get_one(monkeypatch):
+    from ecloss_fast import _dispatch
+    from ecloss_fast.backends import cpp_cuda
+    if cpp_cuda.extension_error is not None:
+        pytest.skip(f"the extension does not load here: {cpp_cuda.extension_error}")
+    monkeypatch.setattr(cpp_cuda, "_has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _dispatch._load.cache_clear()
+    try:
+        with pytest.raises(ef.BackendUnavailableError) as info:
+            ef.ecloss(torch.rand(1, 1, 2, 2), backend="cuda")
+    finally:
+        _dispatch._load.cache_clear()
+    message = str(info.value)
+    assert "no CUDA device" in message                     # why
+    assert "nvidia-smi" in message and "backend='cpu'" in message  # how
+
+
+def test_templates_are_constants():
+    x = peaked_maps(2, 3, 4, 4, seed=2).requires_grad_()
+    templates = ef.make_templates(4).requires_grad_()
+    loss = ef.ecloss(x, templates=templates, estimator="marginal", backend="torch")
+    loss.backward()
+    assert templates.grad is None and x.grad is not None
+    torch.testing.assert_close(loss, ef.ecloss(x.detach(), estimator="marginal", backend="torch"))
+    for doc in (ef.ecloss.__doc__, ef.ECLoss.__doc__):
+        assert "templates are constants" in doc
 
 
 def test_available_backends_lists_reference_and_torch():
@@ -109,9 +144,11 @@ def test_custom_ops_pass_opcheck():
     for marginal in (False, True):
         torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default,
                               (x, None, 4.0, 0, 1e-3, marginal, "ieee", "torch", ""))
-    lse = torch.zeros(2, 3)
-    torch.library.opcheck(torch.ops.ecloss_fast.input_grad.default,
-                          (x.detach(), None, 4.0, 7, 1e-3, lse, lse, None, torch.ones(2, 3), "ieee", "torch"))
+    row_max, log_sum, neg_entropy = torch.zeros(2, 3), torch.full((2, 3), math.log(7)), torch.zeros(2, 3)
+    for log_q in (None, torch.full((3, 7), -math.log(7))):
+        torch.library.opcheck(torch.ops.ecloss_fast.input_grad.default,
+                              (x.detach(), None, 4.0, 7, 1e-3, row_max, log_sum, neg_entropy,
+                               log_q, torch.ones(2, 3), "ieee", "torch"))
 
 
 def test_torch_compile_fullgraph_equals_eager():

@@ -61,17 +61,19 @@ def _compare(x, templates, precision, marginal, seed=0):
     baseline = evaluate_contract(_rounded(x, precision), _rounded(templates, precision),
                          row_weight.float(), marginal)
 
-    lse, neg_entropy = triton_fused.row_stats(x, templates, TAU, precision)
-    assert lse.dtype == neg_entropy.dtype == torch.float32 and lse.shape == (batch, channels)
-    _check("lse", lse, truth[0], baseline[0], precision)
-    _check("neg_entropy", neg_entropy, truth[1], baseline[1], precision)
+    row_max, log_sum, neg_entropy = triton_fused.row_stats(x, templates, TAU, precision)
+    for stat in (row_max, log_sum, neg_entropy):
+        assert stat.dtype == torch.float32 and stat.shape == (batch, channels)
+    _check("row_max", row_max, truth.row_max, baseline.row_max, precision)
+    _check("log_sum", log_sum, truth.log_sum, baseline.log_sum, precision)
+    _check("neg_entropy", neg_entropy, truth.neg_entropy, baseline.neg_entropy, precision)
     log_q = None
     if marginal:
-        sums = triton_fused.column_sums(x, templates, TAU, lse, precision)
+        sums = triton_fused.column_sums(x, templates, TAU, row_max, log_sum, precision)
         assert sums.shape == (channels, templates.shape[0]) and sums.dtype == torch.float32
-        _check("column_sums", sums, truth[2], baseline[2], precision)
+        _check("column_sums", sums, truth.column_sums, baseline.column_sums, precision)
         log_q = torch.log((sums / batch).clamp_min(torch.finfo(torch.float32).tiny))
-    dx = triton_fused.input_grad(x, templates, TAU, lse, neg_entropy, log_q,
+    dx = triton_fused.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, log_q,
                                  row_weight.float(), precision)
     assert dx.shape == x.shape and dx.dtype == x.dtype
     # With B = 1 the marginal gradient is exactly 0: measure it on the scale of SPEC
@@ -79,7 +81,7 @@ def _compare(x, templates, precision, marginal, seed=0):
     p = torch.softmax(TAU * torch.einsum("bck,nk->bcn", x.double(), templates.double()), -1)
     scale = (math.log(templates.shape[0]) * TAU * row_weight[..., None]
              * torch.einsum("bcn,nk->bck", p, templates.double().abs())).norm().item()
-    _check("dx", dx, truth[4], baseline[4], precision, scale if batch == 1 else 0.0)
+    _check("dx", dx, truth.dx, baseline.dx, precision, scale if batch == 1 else 0.0)
 
 
 # (height, width, B, C): K and N multiples of no block; rectangular maps; B = 1.
@@ -113,28 +115,30 @@ def test_kernels_match_float64_14x14():
 def test_float64_input_accumulates_in_float64():
     x = peaked_maps(2, 2, 3, 5, seed=9, dtype=torch.float64).reshape(2, 2, 15)
     templates = contract_templates(3, 5, dtype=torch.float64)
-    lse, neg_entropy = triton_fused.row_stats(x, templates, TAU, "ieee")
+    row_max, log_sum, neg_entropy = triton_fused.row_stats(x, templates, TAU, "ieee")
     truth = evaluate_contract(x, templates, torch.ones(2, 2, dtype=torch.float64), marginal=False)
-    assert lse.dtype == torch.float64
-    torch.testing.assert_close(lse, truth[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(neg_entropy, truth[1], rtol=1e-10, atol=1e-14)
+    assert row_max.dtype == log_sum.dtype == neg_entropy.dtype == torch.float64
+    torch.testing.assert_close(row_max, truth.row_max, rtol=1e-13, atol=0)
+    torch.testing.assert_close(log_sum, truth.log_sum, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(neg_entropy, truth.neg_entropy, rtol=1e-10, atol=1e-14)
 
 
 def test_column_sums_are_deterministic():
     x = random_maps(3, 3, 3, 5, seed=1).reshape(3, 3, 15)
     templates = contract_templates(3, 5)
-    lse, _ = triton_fused.row_stats(x, templates, TAU, "ieee")
-    first = triton_fused.column_sums(x, templates, TAU, lse, "ieee")
-    assert torch.equal(first, triton_fused.column_sums(x, templates, TAU, lse, "ieee"))
+    row_max, log_sum, _ = triton_fused.row_stats(x, templates, TAU, "ieee")
+    first = triton_fused.column_sums(x, templates, TAU, row_max, log_sum, "ieee")
+    assert torch.equal(first, triton_fused.column_sums(x, templates, TAU, row_max, log_sum, "ieee"))
 
 
 def test_non_finite_input_gives_non_finite_statistics():
     x = peaked_maps(1, 2, 3, 5, seed=2).reshape(1, 2, 15)
     x[0, 0, 3] = float("nan")
     x[0, 1, 4] = float("inf")
-    lse, neg_entropy = triton_fused.row_stats(x, contract_templates(3, 5), TAU, "ieee")
-    assert not torch.isfinite(lse).any() or not torch.isfinite(neg_entropy).any()
-    assert not torch.isfinite(lse[0, 0])
+    row_max, log_sum, neg_entropy = triton_fused.row_stats(x, contract_templates(3, 5), TAU, "ieee")
+    for row in range(2):
+        assert not torch.isfinite(neg_entropy[0, row])
+        assert not (torch.isfinite(row_max[0, row]) and torch.isfinite(log_sum[0, row]))
 
 
 @pytest.mark.parametrize("k, chunks", [(196, (128, 64, 16)), (49, (64, 0, 0)), (15, (16, 0, 0)),
@@ -143,6 +147,31 @@ def test_non_finite_input_gives_non_finite_statistics():
 def test_k_chunks_cover_k_with_little_padding(k, chunks):
     assert triton_fused._chunks(k) == chunks
     assert k <= sum(chunks) < k + 64
+
+
+def test_matrix_unit_configs_share_one_instruction_shape():
+    """Every sweep must recompute bitwise the scores of row_stats: for the matrix-unit
+    operand kinds, one block_n and 16 rows per warp in every kernel and candidate (one
+    wgmma shape on Hopper; see triton_kernels.configs)."""
+    from ecloss_fast.triton_kernels import configs
+
+    for table in (configs.HOPPER, configs.AMPERE):
+        for kind in ("bf16", "tf32"):
+            tiles = [config for kernel in configs.KERNELS for config in table[(kernel, kind)]]
+            assert len({config.block_n for config in tiles}) == 1, (kind, tiles)
+            assert all(config.block_m == 16 * config.num_warps for config in tiles), (kind, tiles)
+
+
+def test_column_sums_keep_their_mass_at_huge_scores():
+    """At scores near 1e8 (ulp 8) a recomputed score or normaliser that is rounded unlike
+    row_stats' moves each p by a factor up to e^8: the column sums of every channel must
+    still add up to B."""
+    # Constant maps: templates of equal sums tie for the maximum, so log_sum = log(ties).
+    x = torch.tensor([2e9, 7e8, 3e9]).repeat(4, 1)[..., None].expand(4, 3, 15).contiguous()
+    templates = contract_templates(3, 5)
+    row_max, log_sum, _ = triton_fused.row_stats(x, templates, TAU, "ieee")
+    sums = triton_fused.column_sums(x, templates, TAU, row_max, log_sum, "ieee")
+    torch.testing.assert_close(sums.sum(-1), torch.full((3,), 4.0), rtol=1e-6, atol=0)
 
 
 def test_availability_and_dtypes():

@@ -39,10 +39,10 @@ def row_stats(x, templates, tau, precision):
     return torch.ops.ecloss_fast_C.row_stats(x, templates, tau, precision)
 
 
-def column_sums(x, templates, tau, lse, precision):
-    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, lse, precision)
+def column_sums(x, templates, tau, row_max, log_sum, precision):
+    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum, precision)
 
 
-def input_grad(x, templates, tau, lse, neg_entropy, log_q, row_weight, precision):
-    return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, lse, neg_entropy, log_q,
-                                              row_weight, precision)
+def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, log_q, row_weight, precision):
+    return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, row_max, log_sum, neg_entropy,
+                                              log_q, row_weight, precision)

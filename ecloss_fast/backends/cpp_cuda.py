@@ -29,7 +29,10 @@ def availability() -> str | None:
                 "(nvcc) matching torch.version.cuda and rebuild with "
                 "`python setup.py build_ext --inplace`")
     if not torch.cuda.is_available():
-        return "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
+        return ("no CUDA device is visible to torch (torch.cuda.is_available() is False); "
+                "run on a machine with an NVIDIA GPU, its driver (check `nvidia-smi`) and "
+                "CUDA_VISIBLE_DEVICES including it, or use backend='cpu' or 'torch' for "
+                "tensors on the CPU")
     return None
 
 

@@ -62,7 +62,23 @@ def _operands(x: torch.Tensor, templates: torch.Tensor, precision: str):
 
 
 def _scores(rows, templates, chunk, tau):
+    """Scores of one chunk, rounded as in every sweep: the same GEMM shapes, then one ``* tau``.
+
+    Every sweep walks the same ``_chunks`` of the same operands, so the scores it
+    recomputes are bitwise those that gave ``row_max``; at float32 scores near 1e7 one ulp
+    is about 1, so anything else would move ``p`` by a factor ``e``.
+    """
     return torch.mm(rows, templates[chunk].t()).mul_(tau)
+
+
+def _shifted_scores(rows, templates, chunk, tau, row_max):
+    """``s - row_max`` of one chunk, from the rounded scores and the rounded maximum."""
+    return _scores(rows, templates, chunk, tau).sub_(row_max)
+
+
+def _log_probabilities(rows, templates, chunk, tau, row_max, log_sum):
+    """``log p = (s - row_max) - log_sum`` of one chunk, ``p`` as ``row_stats`` normalised it."""
+    return _shifted_scores(rows, templates, chunk, tau, row_max).sub_(log_sum)
 
 
 def row_stats(x, templates, tau, precision):
@@ -90,44 +106,59 @@ def row_stats(x, templates, tau, precision):
             sum_exp_shifted += weights.mul_(shifted).sum(dim=1)
             running_max = new_max
     log_sum = sum_exp.log()
-    lse = running_max + log_sum
     neg_entropy = sum_exp_shifted / sum_exp - log_sum
-    return lse.view(batch, channels), neg_entropy.view(batch, channels)
+    return (running_max.view(batch, channels), log_sum.view(batch, channels),
+            neg_entropy.view(batch, channels))
 
 
-def column_sums(x, templates, tau, lse, precision):
+def column_sums(x, templates, tau, row_max, log_sum, precision):
     batch, channels, _ = x.shape
     rows, templates = _operands(x, templates, precision)
     sums = torch.empty(channels, templates.shape[0], dtype=templates.dtype, device=x.device)
-    row_lse = lse.reshape(-1, 1)
+    row_max, log_sum = row_max.reshape(-1, 1), log_sum.reshape(-1, 1)
     with _matmul_precision(precision):
         for chunk in _chunks(rows.shape[0], templates.shape[0]):
-            p = _scores(rows, templates, chunk, tau).sub_(row_lse).exp_()
+            p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum).exp_()
             sums[:, chunk] = p.view(batch, channels, -1).sum(dim=0)
     return sums
 
 
-def input_grad(x, templates, tau, lse, neg_entropy, log_q, row_weight, precision):
+def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, log_q, row_weight, precision):
     batch, channels, pixels = x.shape
     rows, templates = _operands(x, templates, precision)
-    row_lse = lse.reshape(-1, 1)
-    # ds = w p (s - lse - h - log q + r): everything but s - log q is a per-row constant.
-    offset = (lse + neg_entropy).reshape(-1, 1)
+    row_max, log_sum = row_max.reshape(-1, 1), log_sum.reshape(-1, 1)
     with _matmul_precision(precision):
         if log_q is not None:
-            expected_log_q = torch.zeros_like(lse)
+            # ds = w p ((log p - log q) - D), D = sum p (log p - log q): the contract's
+            # (s - m) - E - log q + r regrouped. log p - log q stays within log B of D
+            # wherever p matters, while E and r have the size of the entropies; formed
+            # apart, their float32 difference put 7e-6 of error into dx on peaked maps
+            # (tests/test_robustness.py), 8e-7 this way, as float32 autograd.
+            divergence = torch.zeros(batch, channels, dtype=rows.dtype, device=x.device)
+            mass = torch.zeros_like(divergence)
             for chunk in _chunks(rows.shape[0], templates.shape[0]):
-                p = _scores(rows, templates, chunk, tau).sub_(row_lse).exp_()
-                expected_log_q += (p.view(batch, channels, -1) * log_q[None, :, chunk]).sum(-1)
-            offset = offset - expected_log_q.reshape(-1, 1)
+                log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
+                p = log_p.exp().view(batch, channels, -1)
+                log_ratio = log_p.view_as(p).sub_(log_q[None, :, chunk])
+                divergence += log_ratio.mul_(p).sum(-1)
+                mass += p.sum(-1)
+            # Over the recomputed mass (1 in exact arithmetic): the weights then sum to 0.
+            offset = (divergence / mass).reshape(-1, 1)
+        else:
+            # ds = w p ((s - m) - E), E = sum p (s - m) = neg_entropy + log_sum.
+            offset = (neg_entropy + log_sum.view_as(neg_entropy)).reshape(-1, 1)
         grad = torch.zeros_like(rows)
         weight = row_weight.reshape(-1, 1)
         for chunk in _chunks(rows.shape[0], templates.shape[0]):
-            scores = _scores(rows, templates, chunk, tau)
-            p = (scores - row_lse).exp_()
-            factor = scores.sub_(offset)
-            if log_q is not None:
-                factor = (factor.view(batch, channels, -1) - log_q[None, :, chunk]).view_as(p)
+            if log_q is None:
+                shifted = _shifted_scores(rows, templates, chunk, tau, row_max)
+                p = (shifted - log_sum).exp_()
+                factor = shifted.sub_(offset)
+            else:
+                log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
+                p = log_p.exp()
+                factor = log_p.view(batch, channels, -1).sub_(log_q[None, :, chunk])
+                factor = factor.view_as(p).sub_(offset)
             grad_scores = p.mul_(factor).mul_(weight)
             if precision == "bf16" and grad_scores.dtype == torch.float32:
                 grad_scores = grad_scores.bfloat16().float()

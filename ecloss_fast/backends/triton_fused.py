@@ -12,7 +12,7 @@ Sweeps over the ``M x N`` scores (``M = B*C`` feature maps, ``N`` templates), SP
 * ``column_sums``: 1 (one product; each program owns all maps of its channels, or
   per-batch-block partials are summed in a fixed order afterwards);
 * ``input_grad``: 1 for the uniform prior (two products: recompute, then ``dx += w T``),
-  2 with a prior (``row_prior`` first computes ``r = sum_t p log_q``, which every
+  2 with a prior (``row_prior`` first computes ``D = KL(p || q)`` per map, which every
   template's weight needs).
 
 Nothing of size ``B x C x N`` is allocated: the outputs are ``(B, C)``, ``(C, N)`` (times
@@ -118,7 +118,8 @@ def _common_constants(x: torch.Tensor, tau: float, precision: str):
     chunks = _chunks(x.shape[-1])
     return interpreted, operands, dict(
         TAU=float(tau), K=x.shape[-1], K0=chunks[0], K1=chunks[1], K2=chunks[2],
-        OPERANDS=operands, ACC=tl.float64 if operands == "fp64" else tl.float32)
+        OPERANDS=operands, ACC=tl.float64 if operands == "fp64" else tl.float32,
+        INTERPRETED=interpreted)
 
 
 def _launch(kernel, grid, interpreted: bool, *args, **kwargs) -> None:
@@ -158,12 +159,13 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
 
 
 def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
-              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lse`` and ``neg_entropy`` per feature map, one online-softmax sweep (contract).
+              precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``row_max``, ``log_sum`` and ``neg_entropy`` per feature map, one sweep (contract).
 
     ``x``: ``(B, C, K)`` contiguous, float16/bfloat16/float32/float64. ``templates``:
-    ``(N, K)`` contiguous, unit-scaled, accumulation dtype. Returns two ``(B, C)`` tensors
-    in the accumulation dtype: ``lse = log sum_t exp s`` and ``sum_t p (s - lse)``.
+    ``(N, K)`` contiguous, unit-scaled, accumulation dtype. Returns three ``(B, C)``
+    tensors in the accumulation dtype: ``max_t s``, ``log sum_t exp(s - row_max)`` and
+    ``sum_t p (s - row_max) - log_sum``.
     """
     from ecloss_fast.triton_kernels.row_stats import row_stats_kernel
 
@@ -171,21 +173,21 @@ def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
     x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
-    lse = torch.empty(batch, channels, device=x.device, dtype=accumulation_dtype(x.dtype))
-    neg_entropy = torch.empty_like(lse)
+    row_max = torch.empty(batch, channels, device=x.device, dtype=accumulation_dtype(x.dtype))
+    log_sum, neg_entropy = torch.empty_like(row_max), torch.empty_like(row_max)
 
     def launch(config):
         _launch(row_stats_kernel, (math.ceil(rows / config.block_m),), interpreted,
-            x, templates, lse, neg_entropy, rows, count, **constants,
+            x, templates, row_max, log_sum, neg_entropy, rows, count, **constants,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
     _run("row_stats", x, operands, interpreted, rows, count, launch)
-    return lse, neg_entropy
+    return row_max, log_sum, neg_entropy
 
 
-def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.Tensor,
-                precision: str) -> torch.Tensor:
+def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: torch.Tensor,
+                log_sum: torch.Tensor, precision: str) -> torch.Tensor:
     """``sum_b p[b,c,t]`` as a ``(C, N)`` tensor in the accumulation dtype (contract).
 
     Deterministic: a program owns ``channels x block_b`` maps and a range of templates;
@@ -198,7 +200,7 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch
     batch, channels, _ = x.shape
     count = templates.shape[0]
     x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
-    lse = lse.contiguous()
+    row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
     result = {}
 
     def launch(config):
@@ -217,7 +219,7 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch
         partial = torch.empty(batch_blocks, channels, count, device=x.device,
                               dtype=accumulation_dtype(x.dtype))
         _launch(column_sums_kernel, (grid_channels, batch_blocks, splits), interpreted,
-            x, templates, lse, partial, batch, channels, count, tiles_per_program,
+            x, templates, row_max, log_sum, partial, batch, channels, count, tiles_per_program,
             **constants, CHANNELS=per_program, BLOCK_B=block_b, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)
         result["partial"] = partial
@@ -227,19 +229,21 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch
     return partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)
 
 
-def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.Tensor,
-               neg_entropy: torch.Tensor, log_q: torch.Tensor | None,
+def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: torch.Tensor,
+               log_sum: torch.Tensor, neg_entropy: torch.Tensor, log_q: torch.Tensor | None,
                row_weight: torch.Tensor, precision: str) -> torch.Tensor:
     """``dx`` of ECLoss, scores recomputed, shape and dtype of ``x`` (contract)::
 
+        E[b,c]    = neg_entropy[b,c] + log_sum[b,c]
         r[b,c]    = sum_t p[b,c,t] * log_q[c,t]                       (0 when uniform)
         dx[b,c,:] = tau * row_weight[b,c] * sum_k p[b,c,k]
-                      * (s[b,c,k] - lse[b,c] - neg_entropy[b,c] - log_q[c,k] + r[b,c])
+                      * ((s[b,c,k] - row_max[b,c]) - E[b,c] - log_q[c,k] + r[b,c])
                       * templates[k,:]
 
-    ``log_q`` is ``(C, N)`` or ``None`` (uniform); ``lse``, ``neg_entropy`` and
-    ``row_weight`` are ``(B, C)`` in the accumulation dtype. With a prior, ``r`` takes a
-    sweep of its own (``row_prior_kernel``) before the gradient sweep.
+    ``log_q`` is ``(C, N)`` or ``None`` (uniform); the row statistics and ``row_weight``
+    are ``(B, C)`` in the accumulation dtype. With a prior, the per-row divergence
+    ``D = E - log_sum - r`` takes a sweep of its own (``row_prior_kernel``) before the
+    gradient sweep, which weights each template by ``p ((log p - log_q) - D)``.
     """
     from ecloss_fast.triton_kernels.input_grad import input_grad_kernel
     from ecloss_fast.triton_kernels.row_prior import row_prior_kernel
@@ -248,18 +252,19 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
     x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
-    lse, neg_entropy = lse.contiguous(), neg_entropy.contiguous()
+    row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
+    neg_entropy = neg_entropy.contiguous()
     row_weight = row_weight.to(accumulation_dtype(x.dtype)).contiguous()
     has_prior = log_q is not None
-    prior = lse  # an unread placeholder pointer when there is no prior
+    prior = row_max  # an unread placeholder pointer when there is no prior
     if has_prior:
         log_q = log_q.contiguous()
-        prior = torch.empty_like(lse)
+        prior = torch.empty_like(row_max)
 
         def launch_prior(config):
             _launch(row_prior_kernel, (math.ceil(rows / config.block_m),), interpreted,
-                x, templates, lse, log_q, prior, batch, channels, count, **constants,
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                x, templates, row_max, log_sum, log_q, prior, batch, channels, count,
+                **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
         _run("row_prior", x, operands, interpreted, rows, count, launch_prior)
@@ -267,8 +272,8 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, lse: torch.
 
     def launch(config):
         _launch(input_grad_kernel, (math.ceil(rows / config.block_m),), interpreted,
-            x, templates, lse, neg_entropy, log_q if has_prior else lse, prior, row_weight, dx,
-            batch, channels, count, **constants, HAS_PRIOR=has_prior,
+            x, templates, row_max, log_sum, neg_entropy, log_q if has_prior else row_max, prior,
+            row_weight, dx, batch, channels, count, **constants, HAS_PRIOR=has_prior,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)
 

@@ -1,5 +1,13 @@
 """Tile helpers shared by the ECLoss kernels: row mapping, chunked loads, the two products.
 
+Every kernel forms its scores with ``scores`` (the same ``products``, the same ``K``
+chunks, then one rounded multiply by ``tau``), so the scores that a backward or marginal
+sweep recomputes are bitwise those that gave ``row_max``: at float32 scores near 1e7 one
+ulp is about 1, and a shift of one ulp would scale ``p`` by ``e``. The per-element order
+of accumulation does not depend on the tile shape: the FMA products (``"ieee"``,
+``"fp64"``) run ``k`` in order whatever the tile; for the matrix units the launch
+configurations keep one instruction shape per operand kind (see ``configs``).
+
 The reduction length ``K = H*W`` is rarely a power of two (196 for 14x14) and ``tl.arange``
 needs one, so a row of ``x`` or of the templates is held as up to three power-of-two
 chunks of widths ``K0 >= K1 >= K2`` (multiples of 16, the matrix unit's step) that cover
@@ -21,6 +29,7 @@ chunk in its place, which the callers never read (the compiler drops it).
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -101,6 +110,23 @@ def products(x0, x1, x2, t0, t1, t2, K1: tl.constexpr, K2: tl.constexpr,
     if K2 > 0:
         acc = _dot(x2, tl.trans(t2), acc, OPERANDS)
     return acc
+
+
+@triton.jit
+def scores(x0, x1, x2, t0, t1, t2, TAU: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+           OPERANDS: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Scores ``tau * x @ templates^T`` in natural units, ``[R, Nt]`` in ``ACC``, rounded once.
+
+    The multiply by ``tau`` is rounded on its own (``mul_rn``): left to the compiler,
+    ``tau * acc - row_max`` may become one FMA, whose shift is not the rounded score minus
+    the rounded maximum that ``row_stats`` took. Triton's interpreter (numpy, every
+    operation rounded; no libdevice) multiplies plainly.
+    """
+    acc = products(x0, x1, x2, t0, t1, t2, K1, K2, OPERANDS, ACC)
+    if INTERPRETED:
+        return acc * TAU
+    else:
+        return libdevice.mul_rn(acc, tl.full(acc.shape, TAU, ACC))
 
 
 @triton.jit
