@@ -74,14 +74,15 @@ BUDGETS = {
 }
 
 
-def render_training_set(budget: Budget, rec_path: Path) -> None:
+def render_training_set(identities: int, images_per_identity: int, size: int, rec_path: Path,
+                        jitter: bool = False) -> None:
     """Draw the synthetic training faces once and store them as PNGs in RecordIO."""
     from train.data.recordio import write_recordio
     from train.data.synthetic import SyntheticFaces
 
     if rec_path.is_file() and rec_path.with_suffix(".idx").is_file():
         return
-    faces = SyntheticFaces(budget.identities, budget.images_per_identity, size=budget.input_size, seed=0)
+    faces = SyntheticFaces(identities, images_per_identity, size=size, seed=0, jitter=jitter)
 
     def encoded():
         for index in tqdm(range(len(faces)), desc="draw training faces"):
@@ -218,7 +219,7 @@ def main(argv=None) -> Path:
     start = time.time()
     out = Path(args.out)
     rec_path = out / "data" / "train.rec"
-    render_training_set(budget, rec_path)
+    render_training_set(budget.identities, budget.images_per_identity, budget.input_size, rec_path)
     settings = EvalSettings(images=budget.eval_images, repeats=budget.eval_repeats,
                             pairs=budget.eval_pairs, figure_channels=6, figure_faces=6)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
