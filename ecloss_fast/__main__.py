@@ -1,0 +1,98 @@
+"""``python -m ecloss_fast``: what this installation can run, for bug reports.
+
+Prints the versions (ecloss-fast, Python, torch, triton, CUDA), every backend with
+"available" or why not and how to get it, what ``precision=None`` resolves to for float32
+and bfloat16 input under the current ``torch.get_float32_matmul_precision()``, and the GPU
+architectures the built extension ``ecloss_fast._C`` carries code for.
+"""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import re
+import shutil
+import subprocess
+
+import torch
+
+import ecloss_fast
+from ecloss_fast import _dispatch
+
+_EXTENSION = "ecloss_fast._C"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def _cuda() -> str:
+    if torch.version.cuda is None:
+        return "none (torch is a CPU build)"
+    if not torch.cuda.is_available():
+        return f"{torch.version.cuda} (torch's build); no CUDA device visible"
+    devices = ", ".join(
+        "{} (sm_{}{})".format(torch.cuda.get_device_name(index),
+                              *torch.cuda.get_device_capability(index))
+        for index in range(torch.cuda.device_count()))
+    return f"{torch.version.cuda} (torch's build); devices: {devices}"
+
+
+def _cuobjdump() -> str | None:
+    """CUDA's cuobjdump: the one on PATH, else the copy that Triton ships."""
+    found = shutil.which("cuobjdump")
+    if found is not None:
+        return found
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return knobs.nvidia.cuobjdump.path
+
+
+def _extension_architectures() -> str:
+    why_not = _dispatch._load("cpu")[1]  # the cpu backend is the extension's loader
+    if why_not is not None:
+        return why_not
+    path = importlib.util.find_spec(_EXTENSION).origin
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("ecloss_fast_C::row_stats", "CUDA"):
+        return f"{path}: the C++ CPU kernels only, no CUDA kernels"
+    tool = _cuobjdump()
+    if tool is None:
+        return f"{path}: CUDA kernels (architectures unknown: no cuobjdump found)"
+    listed = {}
+    for kind in ("elf", "ptx"):
+        listing = subprocess.run([tool, f"--list-{kind}", path], capture_output=True,
+                                 text=True).stdout
+        listed[kind] = sorted(set(re.findall(r"\bsm_\d+[a-z]?", listing)),
+                              key=lambda arch: int(re.sub(r"\D", "", arch)))
+    ptx = f"; PTX for {', '.join(listed['ptx'])}" if listed["ptx"] else "; no PTX"
+    return f"{path}: CUDA kernels for {', '.join(listed['elf']) or 'none'}{ptx}"
+
+
+def report() -> str:
+    """The report ``python -m ecloss_fast`` prints."""
+    lines = [
+        ("ecloss-fast", ecloss_fast.__version__),
+        ("python", f"{platform.python_version()} ({platform.system()} {platform.machine()})"),
+        ("torch", torch.__version__),
+        ("triton", _triton_version()),
+        ("CUDA", _cuda()),
+    ]
+    for name in _dispatch.BACKENDS:
+        why_not = None if name == "reference" else _dispatch._load(name)[1]
+        lines.append((f"backend {name}", "available" if why_not is None else why_not))
+    # The dispatcher resolves precision=None from the matmul setting alone, whatever the dtype.
+    lines.append(("precision=None", f"{_dispatch.resolve_precision('')} for float32 and "
+                  "bfloat16 input alike (torch.get_float32_matmul_precision() is "
+                  f"{torch.get_float32_matmul_precision()!r})"))
+    lines.append(("extension", _extension_architectures()))
+    width = max(len(key) for key, _ in lines)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
+
+
+if __name__ == "__main__":
+    print(report())
