@@ -82,7 +82,7 @@ class StudyBudget:
     """Everything the study fixes for every arm; printed in the report."""
 
     arch: str = "vgg16"
-    width: float = 0.0625
+    width: float = 0.125
     input_size: int = 112
     drop_last_pool: bool = True  # 14 x 14 target maps at 112 x 112 input
     embedding_dim: int = 128
@@ -90,7 +90,7 @@ class StudyBudget:
     images_per_identity: int = 16
     jitter: bool = True  # pose-jittered training faces: the paper trains without alignment
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int = 64
     lr: float = 0.03
     grad_ratio: float = 0.25  # ECLoss gradient / classification gradient at the target conv
     score_spread: float = 1.0  # calibrated tau: std of the scores over templates
