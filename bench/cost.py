@@ -1,4 +1,4 @@
-"""The cost model of SPEC section 6: flops, exponentials and bytes per estimator and pass.
+"""The cost model of docs/design.md section 6: flops, exponentials and bytes per estimator and pass.
 
 Rows ``M = B*C``, templates ``N``, reduction length ``K = H*W``. One sweep of scores is a
 GEMM of ``2*M*N*K`` flops plus ``M*N`` exponentials. These are the *useful* counts of the
@@ -13,7 +13,7 @@ __all__ = ["PASSES", "gemm_count", "sweep_count", "Workload"]
 
 PASSES = ("forward", "backward", "forward_backward")
 
-# (GEMMs of 2MNK, sweeps of M x N scores) per estimator and pass, SPEC section 6's table.
+# (GEMMs of 2MNK, sweeps of M x N scores) per estimator and pass, docs/design.md section 6's table.
 _FORWARD = {"uniform": (1, 1), "marginal": (2, 2)}
 _BACKWARD = {"uniform": (2, 1), "marginal": (3, 2)}
 

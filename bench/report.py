@@ -84,7 +84,7 @@ def markdown(document: dict) -> str:
              "measured here (TFLOP/s): "
              + ", ".join(f"{k} {v:.3g}" for k, v in meta.get("matmul_peak_tflops", {}).items())
              + ". Times are medians in ms; speedup is the reference's time over the route's "
-             "(same run); TFLOP/s counts the useful flops of SPEC section 6; memory is the "
+             "(same run); TFLOP/s counts the useful flops of docs/design.md section 6; memory is the "
              "peak beyond the inputs for one forward+backward."]
     if meta.get("interrupted"):
         lines += ["", "**The run was interrupted; cases after the last one listed are missing.**"]

@@ -1,11 +1,11 @@
 """ECLoss (uniform estimator) through PyTorch's fused attention: the baseline a user could write.
 
-SPEC section 6: with scores ``s = tau * x T^T`` the uniform loss only needs, per row,
+docs/design.md section 6: with scores ``s = tau * x T^T`` the uniform loss only needs, per row,
 ``lse = log sum_t exp s`` and ``sum_t p s = tau * <x, softmax(s) T>``, i.e. attention with
 queries ``x``, keys and values the templates, and scale ``tau``::
 
     H[b,c]    = lse[b,c] - tau * <x[b,c], O[b,c]>          O = softmax(s) T   (entropy)
-    loss[c]   = mean_b H[b,c] - log N                       (= -MI[c], SPEC section 2)
+    loss[c]   = mean_b H[b,c] - log N                       (= -MI[c], docs/design.md section 2)
 
 Attention never materialises the ``M x N`` scores, but it pays for what ECLoss does not
 need: the ``P V`` product in forward and ``dK, dV`` in backward.

@@ -4,7 +4,7 @@
     loss = ef.ecloss(maps)               # maps: post-ReLU (B, C, H, W) of the last conv
     criterion = ef.ECLoss(estimator="marginal")
 
-See SPEC.md for the definitions; ``available_backends()`` lists what runs here.
+See docs/design.md for the definitions; ``available_backends()`` lists what runs here.
 """
 from ecloss_fast import _ops  # noqa: F401  (registers the torch.library ops)
 from ecloss_fast._dispatch import BackendUnavailableError, available_backends

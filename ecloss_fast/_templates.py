@@ -1,4 +1,4 @@
-"""Activation templates of SPEC section 1: one-peak, two-peak and negative, in contract order."""
+"""Activation templates of docs/design.md section 1: one-peak, two-peak and negative, in contract order."""
 from __future__ import annotations
 
 import functools
@@ -74,7 +74,7 @@ def template_matrix(height: int, width: int, radius: float, subset: int | None,
 def make_templates(height: int, width: int | None = None, *, radius: float = 4.0,
                    subset: int | None = None, dtype: torch.dtype = torch.float32,
                    device=None) -> torch.Tensor:
-    """The templates of SPEC section 1 as a fresh ``(N, height, width)`` tensor.
+    """The templates of docs/design.md section 1 as a fresh ``(N, height, width)`` tensor.
 
     Order: the ``P`` one-peak templates by peak pixel, the ``P(P-1)/2`` two-peak templates
     by peak pair ``(a, b)``, ``a < b``, lexicographically, then the all ``-1`` template.

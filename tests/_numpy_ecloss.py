@@ -1,9 +1,9 @@
-"""SPEC sections 2 and 3 written directly in float64 NumPy, independent of the package."""
+"""docs/design.md sections 2 and 3 written directly in float64 NumPy, independent of the package."""
 import numpy as np
 
 
 def _templates(h, w, radius=4.0):
-    """SPEC section 1 by loops, independent of ecloss_fast.make_templates."""
+    """docs/design.md section 1 by loops, independent of ecloss_fast.make_templates."""
     u, v = np.divmod(np.arange(h * w), w)
     one = np.maximum(1 - np.hypot(u[:, None] - u[None, :], v[:, None] - v[None, :]) / radius, -1)
     rows = list(one)
@@ -15,7 +15,7 @@ def _templates(h, w, radius=4.0):
 
 
 def loss_and_grad(x, tau=1e-3, estimator="uniform", templates=None, upstream=None):
-    """Per-channel loss ``(C,)`` and ``d(sum_c upstream[c] loss[c]) / dx`` by the SPEC formulas."""
+    """Per-channel loss ``(C,)`` and ``d(sum_c upstream[c] loss[c]) / dx`` by the formulas of docs/design.md."""
     x = np.asarray(x, dtype=np.float64)
     b, c, h, w = x.shape
     t = _templates(h, w) if templates is None else np.asarray(templates, np.float64).reshape(-1, h * w)

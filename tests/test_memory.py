@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 # B=64, C=64, 14x14: one float32 B x C x N tensor is 64 * 64 * 19307 * 4 B = 302 MiB. The
-# marginal estimator keeps C x N statistics (SPEC section 3), 1/B of that: small at B = 64.
+# marginal estimator keeps C x N statistics (docs/design.md section 3), 1/B of that: small at B = 64.
 _SCRIPT = textwrap.dedent("""
     import json, sys, torch
     import ecloss_fast as ef

@@ -1,4 +1,4 @@
-"""Templates against SPEC section 1, computed by hand or by a plain loop."""
+"""Templates against docs/design.md section 1, computed by hand or by a plain loop."""
 import math
 
 import pytest
