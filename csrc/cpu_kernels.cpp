@@ -5,14 +5,19 @@
 // templates (48 x 128: 24 KB in float32, in L1/L2). Per block:
 //   1. a GEMM micro-kernel computes 6-row x 2-vector score tiles (6 x 16 floats on AVX2:
 //      twelve accumulator registers) with K innermost, reading the templates from a
-//      panel-packed copy (K x 2 vectors per panel) and the rows from a packed copy (K x 6);
+//      panel-packed copy (K x 2 vectors per panel) and the rows from a packed copy (K x 6),
+//      and stores them multiplied by tau;
 //   2. a vectorised epilogue turns the block into what the op needs (online softmax state,
-//      column sums, or the score gradient, ecloss_math.h);
+//      column sums, the centre of the score gradient under a prior, or the score gradient,
+//      ecloss_math.h);
 //   3. input_grad only: a second micro-kernel adds gradient x templates into a per-row dx
 //      accumulator, the templates' K axis in the vector lanes.
 // Threads own disjoint rows (row_stats, input_grad) or disjoint (channel, template block)
 // pairs whose rows they sum in batch order (column_sums), so every result is deterministic
-// and independent of the thread count.
+// and independent of the thread count. Every sweep computes each score with the same
+// micro-kernel (one copy per process, below), as one FMA chain over k = 0 .. K-1 whatever the
+// block a row falls in, then one multiply by tau: the scores of row_stats, column_sums and
+// input_grad are bitwise the same, hence so are their p (ecloss_math.h).
 //
 // The micro-kernels use GCC/Clang vector extensions of the instruction set's native width;
 // the hot functions are compiled three times (x86-64 baseline with 16-byte vectors, AVX2+FMA
@@ -68,11 +73,13 @@ struct Problem {
   int64_t padded_pixels;   // K rounded up to the tile width
   scalar_t tau;
   int64_t rows_per_block;  // a multiple of kRowTile, at most kRowBlock
-  const scalar_t* lse;          // (B, C), input of column_sums and input_grad
+  const scalar_t* row_max;      // (B, C), input of column_sums and input_grad
+  const scalar_t* log_sum;      // (B, C), input of column_sums and input_grad
   const scalar_t* neg_entropy;  // (B, C), input of input_grad
-  scalar_t* lse_out;            // (B, C), output of row_stats
-  scalar_t* neg_entropy_out;    // (B, C), output of row_stats
-  const scalar_t* log_q;   // (C, N) or nullptr
+  scalar_t* row_max_out;        // (B, C), outputs of row_stats
+  scalar_t* log_sum_out;
+  scalar_t* neg_entropy_out;
+  const scalar_t* prior;   // (C, N) or nullptr
   const scalar_t* row_weight;  // (B, C)
   scalar_t* dx;                // (B, C, K)
   scalar_t* column_sums;       // (C, N)
@@ -91,13 +98,15 @@ struct Scratch {
         grads(kRowBlock * kTemplateBlock, scalar_t(0)),
         dx(kRowBlock * problem.padded_pixels),
         states(kRowBlock),
-        shifts(kRowBlock) {}
+        centres(kRowBlock),
+        masses(kRowBlock) {}
   std::vector<scalar_t> row_panels;  // (kRowBlock / kRowTile, K, kRowTile)
-  std::vector<scalar_t> scores;      // (kRowBlock, kTemplateBlock), unscaled <x, T[t]>
+  std::vector<scalar_t> scores;      // (kRowBlock, kTemplateBlock), s = tau * <x, T[t]>
   std::vector<scalar_t> grads;       // (kRowBlock, kTemplateBlock), d loss / d s / weight
   std::vector<scalar_t> dx;          // (kRowBlock, padded_pixels)
   std::vector<SoftmaxState<scalar_t>> states;
-  std::vector<scalar_t> shifts;      // per row: neg_entropy - r, or r while summing it
+  std::vector<scalar_t> centres;     // per row: the centre of score_grad
+  std::vector<scalar_t> masses;      // per row: sum_t p, while summing a centre under a prior
 };
 
 // Copies the block's rows into panels of kRowTile rows, pixel-major, zero rows past count.
@@ -117,7 +126,12 @@ ECLOSS_HOST void pack_rows(const Problem<scalar_t>& problem, const RowBlock& blo
   }
 }
 
-// scores[i, j] = <x[row i], T[t0 + j]> for the block's rows and templates t0 .. t0 + width.
+// scores[i, j] = s = tau * <x[row i], T[t0 + j]> for the block's rows and templates
+// t0 .. t0 + width: the dot product as one FMA chain in pixel order, then one rounded
+// multiply by tau. The epilogues read s back from this buffer, so their shift s - max is the
+// rounded score minus the rounded max: setup.py's -ffp-contract=fast cannot fuse
+// tau * <x, T> - max into one FMA across the store (the FMA's unrounded product differs from
+// s by up to half an ulp of s, which passes the range of exp once scores pass 1e9).
 template <typename scalar_t, int kBytes>
 ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& block,
                              const scalar_t* row_panels, int64_t t0, int64_t width,
@@ -143,7 +157,8 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
 #pragma GCC unroll 6
       for (int64_t i = 0; i < kRowTile; ++i) {
         for (int64_t v = 0; v < kTileVectors; ++v) {
-          S::store(scores + (i0 + i) * kTemplateBlock + j0 + v * S::kLanes, accumulators[i][v]);
+          S::store(scores + (i0 + i) * kTemplateBlock + j0 + v * S::kLanes,
+                   accumulators[i][v] * problem.tau);
         }
       }
     }
@@ -188,7 +203,6 @@ ECLOSS_HOST void accumulate_input_grad(const Problem<scalar_t>& problem, const R
 template <typename scalar_t, int kBytes>
 ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlock& block,
                                   Scratch<scalar_t>& scratch) {
-  const scalar_t tau = problem.tau;
   for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
   for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
     const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
@@ -197,14 +211,16 @@ ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlo
     for (int64_t i = 0; i < block.count; ++i) {
       const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
       scalar_t block_max = -std::numeric_limits<scalar_t>::infinity();
+      // A select of values: with std::max(block_max, scores[j]), a reference into the
+      // buffer, GCC 12 left this reduction scalar (vmaxss; row_stats 35% slower at 14x14).
 #pragma omp simd reduction(max : block_max)
       for (int64_t j = 0; j < width; ++j) {
-        block_max = std::max(block_max, tau * scores[j]);
+        block_max = block_max < scores[j] ? scores[j] : block_max;
       }
       scalar_t sum_exp = 0, sum_exp_shift = 0;
 #pragma omp simd reduction(+ : sum_exp, sum_exp_shift)
       for (int64_t j = 0; j < width; ++j) {
-        const scalar_t shifted = tau * scores[j] - block_max;
+        const scalar_t shifted = scores[j] - block_max;
         const scalar_t weight = host_exp(shifted);
         sum_exp += weight;
         sum_exp_shift += weight * shifted;
@@ -214,28 +230,36 @@ ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlo
   }
 }
 
-// r[i] = sum_t p[i, t] * log_q[c_i, t] into scratch.shifts.
+// The centre of score_grad under a prior, D = sum_t p z / sum_t p with z = w log p - prior
+// (over the recomputed mass, 1 in exact arithmetic), into scratch.centres.
 template <typename scalar_t, int kBytes>
-ECLOSS_HOST void sweep_prior_dot(const Problem<scalar_t>& problem, const RowBlock& block,
-                                 Scratch<scalar_t>& scratch) {
-  const scalar_t tau = problem.tau;
-  for (int64_t i = 0; i < block.count; ++i) scratch.shifts[i] = 0;
+ECLOSS_HOST void sweep_prior_centres(const Problem<scalar_t>& problem, const RowBlock& block,
+                                     Scratch<scalar_t>& scratch) {
+  for (int64_t i = 0; i < block.count; ++i) scratch.centres[i] = scratch.masses[i] = 0;
   for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
     const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
     score_block<scalar_t, kBytes>(problem, block, scratch.row_panels.data(), t0, width,
                                   scratch.scores.data());
     for (int64_t i = 0; i < block.count; ++i) {
       const int64_t row = block.first + i * block.stride;
-      const scalar_t lse = problem.lse[row];
+      const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
+      const scalar_t weight = problem.row_weight[row];
       const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
-      const scalar_t* log_q =
-          problem.log_q + (row % problem.channels) * problem.num_templates + t0;
-      scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < width; ++j) dot += host_exp(tau * scores[j] - lse) * log_q[j];
-      scratch.shifts[i] += dot;
+      const scalar_t* prior =
+          problem.prior + (row % problem.channels) * problem.num_templates + t0;
+      scalar_t weighted = 0, mass = 0;
+#pragma omp simd reduction(+ : weighted, mass)
+      for (int64_t j = 0; j < width; ++j) {
+        const scalar_t log_p = log_probability(scores[j] - row_max, log_sum);
+        const scalar_t p = exp_(log_p);
+        weighted += p * (weight * log_p - prior[j]);
+        mass += p;
+      }
+      scratch.centres[i] += weighted;
+      scratch.masses[i] += mass;
     }
   }
+  for (int64_t i = 0; i < block.count; ++i) scratch.centres[i] /= scratch.masses[i];
 }
 
 template <typename scalar_t, int kBytes>
@@ -248,7 +272,8 @@ ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin
     pack_rows(problem, block, scratch.row_panels.data());
     sweep_row_states<scalar_t, kBytes>(problem, block, scratch);
     for (int64_t i = 0; i < block.count; ++i) {
-      finish(scratch.states[i], problem.lse_out[first + i], problem.neg_entropy_out[first + i]);
+      finish(scratch.states[i], problem.row_max_out[first + i], problem.log_sum_out[first + i],
+             problem.neg_entropy_out[first + i]);
     }
   }
 }
@@ -260,7 +285,6 @@ ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t beg
                                    int64_t end) {
   Scratch<scalar_t> scratch(problem);
   const int64_t template_blocks = (problem.num_templates + kTemplateBlock - 1) / kTemplateBlock;
-  const scalar_t tau = problem.tau;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t channel = task / template_blocks;
     const int64_t t0 = (task % template_blocks) * kTemplateBlock;
@@ -274,10 +298,11 @@ ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t beg
       score_block<scalar_t, kBytes>(problem, block, scratch.row_panels.data(), t0, width,
                                   scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
-        const scalar_t lse = problem.lse[block.first + i * block.stride];
+        const int64_t row = block.first + i * block.stride;
+        const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
         const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) sums[j] += host_exp(tau * scores[j] - lse);
+        for (int64_t j = 0; j < width; ++j) sums[j] += probability(scores[j] - row_max, log_sum);
       }
     }
   }
@@ -293,13 +318,12 @@ ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begi
     const int64_t first = task * problem.rows_per_block;
     const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
     pack_rows(problem, block, scratch.row_panels.data());
-    if (problem.log_q != nullptr) {
-      sweep_prior_dot<scalar_t, kBytes>(problem, block, scratch);
+    if (problem.prior != nullptr) {
+      sweep_prior_centres<scalar_t, kBytes>(problem, block, scratch);
     } else {
-      std::fill(scratch.shifts.begin(), scratch.shifts.end(), scalar_t(0));
-    }
-    for (int64_t i = 0; i < block.count; ++i) {
-      scratch.shifts[i] = problem.neg_entropy[first + i] - scratch.shifts[i];
+      for (int64_t i = 0; i < block.count; ++i) {  // E = neg_entropy + log_sum
+        scratch.centres[i] = problem.neg_entropy[first + i] + problem.log_sum[first + i];
+      }
     }
     std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
     for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
@@ -308,29 +332,32 @@ ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begi
                                   scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
         const int64_t row = first + i;
-        const scalar_t lse = problem.lse[row];
-        const scalar_t shift = scratch.shifts[i];
+        const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
+        const scalar_t centre = scratch.centres[i];
         const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
         scalar_t* grads = scratch.grads.data() + i * kTemplateBlock;
-        if (problem.log_q != nullptr) {
-          const scalar_t* log_q =
-              problem.log_q + (row % problem.channels) * problem.num_templates + t0;
+        if (problem.prior != nullptr) {
+          const scalar_t weight = problem.row_weight[row];
+          const scalar_t* prior =
+              problem.prior + (row % problem.channels) * problem.num_templates + t0;
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
-            grads[j] = score_grad(tau * scores[j], lse, shift, log_q[j]);
+            const scalar_t log_p = log_probability(scores[j] - row_max, log_sum);
+            grads[j] = score_grad(exp_(log_p), weight * log_p - prior[j], centre);
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
-            grads[j] = score_grad(tau * scores[j], lse, shift, scalar_t(0));
+            const scalar_t shifted = scores[j] - row_max;
+            grads[j] = score_grad(probability(shifted, log_sum), shifted, centre);
           }
         }
       }
       accumulate_input_grad<scalar_t, kBytes>(problem, block, scratch.grads.data(), t0, width,
                                               scratch.dx.data());
     }
-    for (int64_t i = 0; i < block.count; ++i) {
-      const scalar_t scale = tau * problem.row_weight[first + i];
+    for (int64_t i = 0; i < block.count; ++i) {  // a prior carries the row weight already
+      const scalar_t scale = problem.prior != nullptr ? tau : tau * problem.row_weight[first + i];
       const scalar_t* source = scratch.dx.data() + i * padded_pixels;
       scalar_t* target = problem.dx + (first + i) * problem.pixels;
       for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
@@ -461,20 +488,23 @@ at::Tensor in_accumulation_type(const at::Tensor& x) {
   return x.to(accumulation_type(x.scalar_type()));
 }
 
-std::tuple<at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x_input,
-                                                 const at::Tensor& templates, double tau,
-                                                 c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x_input,
+                                                             const at::Tensor& templates,
+                                                             double tau,
+                                                             c10::string_view precision) {
   check_arguments("row_stats", x_input, templates, {}, std::nullopt);
   parse_precision(precision);  // the CPU always computes in full precision
   const at::Tensor x = in_accumulation_type(x_input);
-  at::Tensor lse = at::empty({x.size(0), x.size(1)}, templates.options());
-  at::Tensor neg_entropy = at::empty_like(lse);
-  if (x.numel() == 0) return {lse, neg_entropy};
+  at::Tensor row_max = at::empty({x.size(0), x.size(1)}, templates.options());
+  at::Tensor log_sum = at::empty_like(row_max);
+  at::Tensor neg_entropy = at::empty_like(row_max);
+  if (x.numel() == 0) return {row_max, log_sum, neg_entropy};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_row_stats_cpu", [&] {
     at::Tensor panels, padded;
     pack_templates<scalar_t>(templates, tasks<scalar_t>().tile_width, false, panels, padded);
     Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, panels, padded);
-    problem.lse_out = lse.data_ptr<scalar_t>();
+    problem.row_max_out = row_max.data_ptr<scalar_t>();
+    problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
     const int64_t rows = problem.batch * problem.channels;
     const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
@@ -482,22 +512,26 @@ std::tuple<at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x_input,
       tasks<scalar_t>().row_stats(problem, begin, end);
     });
   });
-  return {lse, neg_entropy};
+  return {row_max, log_sum, neg_entropy};
 }
 
 at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& templates, double tau,
-                           const at::Tensor& lse_input, c10::string_view precision) {
-  check_arguments("column_sums", x_input, templates, {&lse_input}, std::nullopt);
+                           const at::Tensor& row_max_input, const at::Tensor& log_sum_input,
+                           c10::string_view precision) {
+  check_arguments("column_sums", x_input, templates, {&row_max_input, &log_sum_input},
+                  std::nullopt);
   parse_precision(precision);
   const at::Tensor x = in_accumulation_type(x_input);
-  const at::Tensor lse = lse_input.contiguous();
+  const at::Tensor row_max = row_max_input.contiguous();
+  const at::Tensor log_sum = log_sum_input.contiguous();
   at::Tensor sums = at::zeros({x.size(1), templates.size(0)}, templates.options());
   if (x.numel() == 0) return sums;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_column_sums_cpu", [&] {
     at::Tensor panels, padded;
     pack_templates<scalar_t>(templates, tasks<scalar_t>().tile_width, false, panels, padded);
     Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, panels, padded);
-    problem.lse = lse.data_ptr<scalar_t>();
+    problem.row_max = row_max.data_ptr<scalar_t>();
+    problem.log_sum = log_sum.data_ptr<scalar_t>();
     problem.column_sums = sums.data_ptr<scalar_t>();
     const int64_t template_blocks = (problem.num_templates + kTemplateBlock - 1) / kTemplateBlock;
     at::parallel_for(0, problem.channels * template_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -508,26 +542,30 @@ at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& template
 }
 
 at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates, double tau,
-                          const at::Tensor& lse_input, const at::Tensor& neg_entropy_input,
-                          const std::optional<at::Tensor>& log_q_input,
+                          const at::Tensor& row_max_input, const at::Tensor& log_sum_input,
+                          const at::Tensor& neg_entropy_input,
+                          const std::optional<at::Tensor>& prior_input,
                           const at::Tensor& row_weight_input, c10::string_view precision) {
   check_arguments("input_grad", x_input, templates,
-                  {&lse_input, &neg_entropy_input, &row_weight_input}, log_q_input);
+                  {&row_max_input, &log_sum_input, &neg_entropy_input, &row_weight_input},
+                  prior_input);
   parse_precision(precision);
   const at::Tensor x = in_accumulation_type(x_input);
-  const at::Tensor lse = lse_input.contiguous();
+  const at::Tensor row_max = row_max_input.contiguous();
+  const at::Tensor log_sum = log_sum_input.contiguous();
   const at::Tensor neg_entropy = neg_entropy_input.contiguous();
   const at::Tensor row_weight = row_weight_input.contiguous();
-  const at::Tensor log_q = log_q_input.has_value() ? log_q_input->contiguous() : at::Tensor();
+  const at::Tensor prior = prior_input.has_value() ? prior_input->contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx.to(x_input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_input_grad_cpu", [&] {
     at::Tensor panels, padded;
     pack_templates<scalar_t>(templates, tasks<scalar_t>().tile_width, true, panels, padded);
     Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, panels, padded);
-    problem.lse = lse.data_ptr<scalar_t>();
+    problem.row_max = row_max.data_ptr<scalar_t>();
+    problem.log_sum = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy = neg_entropy.data_ptr<scalar_t>();
-    problem.log_q = log_q.defined() ? log_q.data_ptr<scalar_t>() : nullptr;
+    problem.prior = prior.defined() ? prior.data_ptr<scalar_t>() : nullptr;
     problem.row_weight = row_weight.data_ptr<scalar_t>();
     problem.dx = dx.data_ptr<scalar_t>();
     const int64_t rows = problem.batch * problem.channels;

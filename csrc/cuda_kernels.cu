@@ -9,14 +9,18 @@
 // accumulation; plain float32 FMAs for "ieee"), and lane j of the warp folds column j into
 // per-lane online-softmax states (ecloss_math.h), merged across lanes by a fixed butterfly
 // at the end. Nothing of size B x C x N exists; the backward pass recomputes the scores.
-//   row_stats    one sweep: lse and neg_entropy per row.
+// Every mode computes a score with the same code (warp_scores, then one __fmul_rn by tau,
+// which nvcc never contracts into the FMA of the following shift s - row_max), so the
+// scores, and the p = exp((s - row_max) - log_sum) of all sweeps, are bitwise the same.
+//   row_stats    one sweep: row_max, log_sum and neg_entropy per row.
 //   column_sums  the block's rows are 64 maps of one channel (grid = batch blocks x C);
 //                after each tile the 64 probabilities of a column are summed in row order
 //                by one thread, so the sums are deterministic; batches above 64 give
 //                per-block partials that the host adds in a fixed order.
-//   input_grad   (marginal: a first sweep for r = sum_t p log_q) a sweep that turns scores
-//                into d loss / d s in shared memory and multiplies them by the same template
-//                tile on the tensor cores into a per-row dx accumulator in shared memory.
+//   input_grad   (with a prior: a first sweep for the centre of the score gradient) a sweep
+//                that turns scores into d loss / d s in shared memory and multiplies them by
+//                the same template tile on the tensor cores into a per-row dx accumulator in
+//                shared memory.
 // Flops per sweep: 2 * M * N * K (+ the same again for dx); exps: M * N per sweep.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -74,11 +78,13 @@ struct Arguments {
   int64_t batch, channels, pixels, num_templates;
   int padded_pixels;        // K rounded up to 16
   float tau;
-  const float* lse;         // (B, C), column_sums and input_grad
+  const float* row_max;     // (B, C), column_sums and input_grad
+  const float* log_sum;     // (B, C), column_sums and input_grad
   const float* neg_entropy; // (B, C), input_grad
-  const float* log_q;       // (C, N) or nullptr, input_grad
+  const float* prior;       // (C, N) or nullptr, input_grad
   const float* row_weight;  // (B, C), input_grad
-  float* lse_out;           // (B, C), row_stats
+  float* row_max_out;       // (B, C), row_stats
+  float* log_sum_out;       // (B, C), row_stats
   float* neg_entropy_out;   // (B, C), row_stats
   void* dx;                 // (B, C, K), input dtype, input_grad
   float* column_sums;       // (ceil(B / 64), C, N), column_sums
@@ -240,20 +246,26 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
     xs[i * layout.x_stride + k] = Operand<P>::from(value);
   }
 
-  // Per-row constants of the warp's rows, held by every lane.
-  float lse[kWarpRows], shift[kWarpRows];
-  const float* log_q_rows[kWarpRows];
+  // Per-row constants of the warp's rows, held by every lane. centre is score_grad's:
+  // neg_entropy + log_sum without a prior, else summed (with the mass) by the first sweep.
+  const bool has_prior = args.prior != nullptr;
+  float row_max[kWarpRows], log_sum[kWarpRows], weight[kWarpRows], centre[kWarpRows],
+      mass[kWarpRows];
+  const float* prior_rows[kWarpRows];
 #pragma unroll
   for (int r = 0; r < kWarpRows; ++r) {
     const int64_t row = row_of(warp * kWarpRows + r);
-    // A missing row of a column-sum block must add p = exp(0 - lse) = 0, hence lse = inf.
-    lse[r] = M == Mode::kRowStats ? 0.0f
-             : row >= 0           ? args.lse[row]
-             : M == Mode::kColumnSums ? INFINITY : 0.0f;
-    shift[r] = M == Mode::kInputGrad && row >= 0 ? args.neg_entropy[row] : 0.0f;
-    log_q_rows[r] = args.log_q != nullptr && row >= 0
-                        ? args.log_q + (row % args.channels) * num_templates
-                        : nullptr;
+    const bool reads_stats = M != Mode::kRowStats && row >= 0;
+    row_max[r] = reads_stats ? args.row_max[row] : 0.0f;
+    // A missing row of a column-sum block must add p = exp(0 - log_sum) = 0, hence inf.
+    log_sum[r] = reads_stats ? args.log_sum[row] : M == Mode::kColumnSums ? INFINITY : 0.0f;
+    weight[r] = M == Mode::kInputGrad && row >= 0 ? args.row_weight[row] : 0.0f;
+    centre[r] = M == Mode::kInputGrad && !has_prior && row >= 0
+                    ? args.neg_entropy[row] + log_sum[r]
+                    : 0.0f;
+    mass[r] = 0.0f;
+    prior_rows[r] =
+        has_prior && row >= 0 ? args.prior + (row % args.channels) * num_templates : nullptr;
   }
   if constexpr (M == Mode::kInputGrad) {
     for (int index = lane; index < kWarpRows * layout.dx_stride; index += 32) {
@@ -261,17 +273,14 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
     }
   }
   SoftmaxState<float> states[kWarpRows];
-  float prior_dot[kWarpRows];
 #pragma unroll
-  for (int r = 0; r < kWarpRows; ++r) {
-    states[r] = empty_state<float>();
-    prior_dot[r] = 0.0f;
-  }
+  for (int r = 0; r < kWarpRows; ++r) states[r] = empty_state<float>();
 
-  // Sweep 0 (input_grad with a prior only): r = sum_t p log_q. Last sweep: the mode's work.
-  const int first_sweep = M == Mode::kInputGrad && args.log_q != nullptr ? 0 : 1;
+  // Sweep 0 (input_grad with a prior only): each lane's part of sum_t p (w log p - prior) and
+  // of sum_t p. Last sweep: the mode's work.
+  const int first_sweep = M == Mode::kInputGrad && has_prior ? 0 : 1;
   for (int sweep = first_sweep; sweep < 2; ++sweep) {
-    const bool prior_sweep = sweep == 0;
+    const bool centre_sweep = sweep == 0;
     for (int64_t t0 = 0; t0 < num_templates; t0 += kBlockTemplates) {
       __syncthreads();  // the previous tile is no longer read (and xs is written, at first)
       for (int index = threadIdx.x; index < kBlockTemplates * padded_pixels; index += kThreads) {
@@ -289,17 +298,26 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
       float* score_rows = scores + warp * kWarpRows * kScoreStride;
 #pragma unroll
       for (int r = 0; r < kWarpRows; ++r) {
-        const float score = tau * score_rows[r * kScoreStride + lane];
+        const float score = __fmul_rn(tau, score_rows[r * kScoreStride + lane]);
         if constexpr (M == Mode::kRowStats) {
           if (valid) push(states[r], score);
         } else if constexpr (M == Mode::kColumnSums) {
-          score_rows[r * kScoreStride + lane] = valid ? exp_(score - lse[r]) : 0.0f;
+          score_rows[r * kScoreStride + lane] =
+              valid ? probability(score - row_max[r], log_sum[r]) : 0.0f;
         } else {
-          const float log_q = log_q_rows[r] != nullptr && valid ? log_q_rows[r][t] : 0.0f;
-          if (prior_sweep) {
-            if (valid) prior_dot[r] += exp_(score - lse[r]) * log_q;
+          const float shifted = score - row_max[r];
+          const float log_p = log_probability(shifted, log_sum[r]);
+          const float p = exp_(log_p);
+          // The z of score_grad: w log p - prior, or s - row_max without a prior.
+          const float prior = prior_rows[r] != nullptr && valid ? prior_rows[r][t] : 0.0f;
+          const float z = has_prior ? weight[r] * log_p - prior : shifted;
+          if (centre_sweep) {
+            if (valid) {
+              centre[r] += p * z;
+              mass[r] += p;
+            }
           } else {
-            const float grad = valid ? score_grad(score, lse[r], shift[r], log_q) : 0.0f;
+            const float grad = valid ? score_grad(p, z, centre[r]) : 0.0f;
             if constexpr (P == Precision::kBf16) {
               grads_bf16[(warp * kWarpRows + r) * kGradStride + lane] = __float2bfloat16_rn(grad);
             } else {
@@ -317,21 +335,22 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
                                num_templates + t] = sum;
         }
       } else if constexpr (M == Mode::kInputGrad) {
-        if (!prior_sweep) {
+        if (!centre_sweep) {
           __syncwarp();
           warp_input_grad<P>(ts, scores, grads_bf16, dxs, layout, padded_pixels, warp, lane);
         }
       }
     }
     if constexpr (M == Mode::kInputGrad) {
-      if (prior_sweep) {  // shift = neg_entropy - r, r summed over lanes in a fixed order
+      if (centre_sweep) {  // the lanes' parts summed by a fixed butterfly: every lane gets
+                           // the same sums (each step adds the same two values)
 #pragma unroll
         for (int r = 0; r < kWarpRows; ++r) {
-          float dot = prior_dot[r];
           for (int offset = 16; offset > 0; offset /= 2) {
-            dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+            centre[r] += __shfl_xor_sync(0xffffffffu, centre[r], offset);
+            mass[r] += __shfl_xor_sync(0xffffffffu, mass[r], offset);
           }
-          shift[r] -= dot;
+          centre[r] /= mass[r];
         }
       }
     }
@@ -348,7 +367,9 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
         state = merge(state, other);
       }
       const int64_t row = row_of(warp * kWarpRows + r);
-      if (lane == 0 && row >= 0) finish(state, args.lse_out[row], args.neg_entropy_out[row]);
+      if (lane == 0 && row >= 0) {
+        finish(state, args.row_max_out[row], args.log_sum_out[row], args.neg_entropy_out[row]);
+      }
     }
   } else if constexpr (M == Mode::kInputGrad) {
     __syncwarp();
@@ -356,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
     for (int r = 0; r < kWarpRows; ++r) {
       const int64_t row = row_of(warp * kWarpRows + r);
       if (row < 0) break;
-      const float scale = tau * args.row_weight[row];
+      const float scale = has_prior ? tau : tau * args.row_weight[row];  // a prior carries w
       for (int k = lane; k < pixels; k += 32) {
         dx[row * pixels + k] =
             static_cast<input_t>(scale * dxs[(warp * kWarpRows + r) * layout.dx_stride + k]);
@@ -422,32 +443,39 @@ unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows);
 }
 
-std::tuple<at::Tensor, at::Tensor> row_stats_cuda(const at::Tensor& x, const at::Tensor& templates,
-                                                  double tau, c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(const at::Tensor& x,
+                                                              const at::Tensor& templates,
+                                                              double tau,
+                                                              c10::string_view precision) {
   check_arguments("row_stats", x, templates, {}, std::nullopt);
   const Precision resolved = parse_precision(precision);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor lse = at::empty({x.size(0), x.size(1)}, templates.options());
-  at::Tensor neg_entropy = at::empty_like(lse);
-  if (x.numel() == 0) return {lse, neg_entropy};
+  at::Tensor row_max = at::empty({x.size(0), x.size(1)}, templates.options());
+  at::Tensor log_sum = at::empty_like(row_max);
+  at::Tensor neg_entropy = at::empty_like(row_max);
+  if (x.numel() == 0) return {row_max, log_sum, neg_entropy};
   Arguments args = make_arguments(x, templates, tau);
-  args.lse_out = lse.data_ptr<float>();
+  args.row_max_out = row_max.data_ptr<float>();
+  args.log_sum_out = log_sum.data_ptr<float>();
   args.neg_entropy_out = neg_entropy.data_ptr<float>();
   dispatch<Mode::kRowStats>(x, resolved, args, dim3(row_blocks(x.size(0) * x.size(1))));
-  return {lse, neg_entropy};
+  return {row_max, log_sum, neg_entropy};
 }
 
 at::Tensor column_sums_cuda(const at::Tensor& x, const at::Tensor& templates, double tau,
-                            const at::Tensor& lse, c10::string_view precision) {
-  check_arguments("column_sums", x, templates, {&lse}, std::nullopt);
+                            const at::Tensor& row_max, const at::Tensor& log_sum,
+                            c10::string_view precision) {
+  check_arguments("column_sums", x, templates, {&row_max, &log_sum}, std::nullopt);
   const Precision resolved = parse_precision(precision);
   const c10::cuda::CUDAGuard guard(x.device());
   const unsigned batch_blocks = row_blocks(x.size(0));
   at::Tensor partial = at::empty({batch_blocks, x.size(1), templates.size(0)}, templates.options());
   if (x.numel() == 0) return at::zeros({x.size(1), templates.size(0)}, templates.options());
-  const at::Tensor lse_contiguous = lse.contiguous();
+  const at::Tensor row_max_contiguous = row_max.contiguous();
+  const at::Tensor log_sum_contiguous = log_sum.contiguous();
   Arguments args = make_arguments(x, templates, tau);
-  args.lse = lse_contiguous.data_ptr<float>();
+  args.row_max = row_max_contiguous.data_ptr<float>();
+  args.log_sum = log_sum_contiguous.data_ptr<float>();
   args.column_sums = partial.data_ptr<float>();
   dispatch<Mode::kColumnSums>(x, resolved, args,
                               dim3(batch_blocks, static_cast<unsigned>(x.size(1))));
@@ -456,23 +484,26 @@ at::Tensor column_sums_cuda(const at::Tensor& x, const at::Tensor& templates, do
 }
 
 at::Tensor input_grad_cuda(const at::Tensor& x, const at::Tensor& templates, double tau,
-                           const at::Tensor& lse, const at::Tensor& neg_entropy,
-                           const std::optional<at::Tensor>& log_q,
+                           const at::Tensor& row_max, const at::Tensor& log_sum,
+                           const at::Tensor& neg_entropy, const std::optional<at::Tensor>& prior,
                            const at::Tensor& row_weight, c10::string_view precision) {
-  check_arguments("input_grad", x, templates, {&lse, &neg_entropy, &row_weight}, log_q);
+  check_arguments("input_grad", x, templates, {&row_max, &log_sum, &neg_entropy, &row_weight},
+                  prior);
   const Precision resolved = parse_precision(precision);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx;
-  const at::Tensor lse_contiguous = lse.contiguous();
+  const at::Tensor row_max_contiguous = row_max.contiguous();
+  const at::Tensor log_sum_contiguous = log_sum.contiguous();
   const at::Tensor neg_entropy_contiguous = neg_entropy.contiguous();
   const at::Tensor weight_contiguous = row_weight.contiguous();
-  const at::Tensor log_q_contiguous = log_q.has_value() ? log_q->contiguous() : at::Tensor();
+  const at::Tensor prior_contiguous = prior.has_value() ? prior->contiguous() : at::Tensor();
   Arguments args = make_arguments(x, templates, tau);
-  args.lse = lse_contiguous.data_ptr<float>();
+  args.row_max = row_max_contiguous.data_ptr<float>();
+  args.log_sum = log_sum_contiguous.data_ptr<float>();
   args.neg_entropy = neg_entropy_contiguous.data_ptr<float>();
   args.row_weight = weight_contiguous.data_ptr<float>();
-  args.log_q = log_q_contiguous.defined() ? log_q_contiguous.data_ptr<float>() : nullptr;
+  args.prior = prior_contiguous.defined() ? prior_contiguous.data_ptr<float>() : nullptr;
   args.dx = dx.data_ptr();
   dispatch<Mode::kInputGrad>(x, resolved, args, dim3(row_blocks(x.size(0) * x.size(1))));
   return dx;

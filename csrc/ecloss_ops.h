@@ -15,13 +15,13 @@ enum class Precision { kIeee, kTf32, kBf16 };
 // "ieee", "tf32" or "bf16" (already resolved from precision=None by the Python side).
 Precision parse_precision(c10::string_view precision);
 
-// The accumulation dtype of SPEC section 4: float64 for float64 input, else float32.
+// The accumulation dtype of docs/design.md section 4: float64 for float64 input, else float32.
 at::ScalarType accumulation_type(at::ScalarType input_type);
 
 // x (B, C, K) contiguous floating; templates (N, K) contiguous in the accumulation dtype on
-// x's device; each of `row_tensors` (B, C) in the accumulation dtype; log_q (C, N) if given.
+// x's device; each of `row_tensors` (B, C) in the accumulation dtype; prior (C, N) if given.
 void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& templates,
                      std::initializer_list<const at::Tensor*> row_tensors,
-                     const std::optional<at::Tensor>& log_q);
+                     const std::optional<at::Tensor>& prior);
 
 }  // namespace ecloss

@@ -24,7 +24,7 @@ at::ScalarType accumulation_type(at::ScalarType input_type) {
 
 void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& templates,
                      std::initializer_list<const at::Tensor*> row_tensors,
-                     const std::optional<at::Tensor>& log_q) {
+                     const std::optional<at::Tensor>& prior) {
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be (B, C, K), got shape ", x.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
                    ": x must be floating, got ", x.scalar_type());
@@ -51,40 +51,45 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& temp
     TORCH_CHECK_VALUE(row->device() == x.device(), op, ": per-row statistics are on ",
                       row->device(), " but x is on ", x.device());
   }
-  if (log_q.has_value()) {
-    TORCH_CHECK_VALUE(log_q->dim() == 2 && log_q->size(0) == x.size(1) &&
-                          log_q->size(1) == templates.size(0),
-                      op, ": log_q must be (C, N) = (", x.size(1), ", ", templates.size(0),
-                      "), got shape ", log_q->sizes());
-    TORCH_CHECK_TYPE(log_q->scalar_type() == accumulation, op, ": log_q must be ",
-                     accumulation, ", got ", log_q->scalar_type());
-    TORCH_CHECK_VALUE(log_q->device() == x.device(), op, ": log_q is on ", log_q->device(),
+  if (prior.has_value()) {
+    TORCH_CHECK_VALUE(prior->dim() == 2 && prior->size(0) == x.size(1) &&
+                          prior->size(1) == templates.size(0),
+                      op, ": prior must be (C, N) = (", x.size(1), ", ", templates.size(0),
+                      "), got shape ", prior->sizes());
+    TORCH_CHECK_TYPE(prior->scalar_type() == accumulation, op, ": prior must be ",
+                     accumulation, ", got ", prior->scalar_type());
+    TORCH_CHECK_VALUE(prior->device() == x.device(), op, ": prior is on ", prior->device(),
                       " but x is on ", x.device());
   }
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& x, const at::Tensor& templates,
-                                                  double tau, c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& x,
+                                                              const at::Tensor& templates,
+                                                              double tau,
+                                                              c10::string_view precision) {
   check_arguments("row_stats", x, templates, {}, std::nullopt);
   parse_precision(precision);
   const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
-  return {at::empty({x.size(0), x.size(1)}, options), at::empty({x.size(0), x.size(1)}, options)};
+  return {at::empty({x.size(0), x.size(1)}, options), at::empty({x.size(0), x.size(1)}, options),
+          at::empty({x.size(0), x.size(1)}, options)};
 }
 
 at::Tensor column_sums_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
-                            const at::Tensor& lse, c10::string_view precision) {
-  check_arguments("column_sums", x, templates, {&lse}, std::nullopt);
+                            const at::Tensor& row_max, const at::Tensor& log_sum,
+                            c10::string_view precision) {
+  check_arguments("column_sums", x, templates, {&row_max, &log_sum}, std::nullopt);
   parse_precision(precision);
-  return at::empty({x.size(1), templates.size(0)}, lse.options());
+  return at::empty({x.size(1), templates.size(0)}, row_max.options());
 }
 
 at::Tensor input_grad_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
-                           const at::Tensor& lse, const at::Tensor& neg_entropy,
-                           const std::optional<at::Tensor>& log_q, const at::Tensor& row_weight,
-                           c10::string_view precision) {
-  check_arguments("input_grad", x, templates, {&lse, &neg_entropy, &row_weight}, log_q);
+                           const at::Tensor& row_max, const at::Tensor& log_sum,
+                           const at::Tensor& neg_entropy, const std::optional<at::Tensor>& prior,
+                           const at::Tensor& row_weight, c10::string_view precision) {
+  check_arguments("input_grad", x, templates, {&row_max, &log_sum, &neg_entropy, &row_weight},
+                  prior);
   parse_precision(precision);
   return at::empty_like(x);
 }
@@ -93,11 +98,15 @@ at::Tensor input_grad_meta(const at::Tensor& x, const at::Tensor& templates, dou
 }  // namespace ecloss
 
 TORCH_LIBRARY(ecloss_fast_C, m) {
-  m.def("row_stats(Tensor x, Tensor templates, float tau, str precision) -> (Tensor, Tensor)");
-  m.def("column_sums(Tensor x, Tensor templates, float tau, Tensor lse, str precision) -> Tensor");
   m.def(
-      "input_grad(Tensor x, Tensor templates, float tau, Tensor lse, Tensor neg_entropy, "
-      "Tensor? log_q, Tensor row_weight, str precision) -> Tensor");
+      "row_stats(Tensor x, Tensor templates, float tau, str precision) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "column_sums(Tensor x, Tensor templates, float tau, Tensor row_max, Tensor log_sum, "
+      "str precision) -> Tensor");
+  m.def(
+      "input_grad(Tensor x, Tensor templates, float tau, Tensor row_max, Tensor log_sum, "
+      "Tensor neg_entropy, Tensor? prior, Tensor row_weight, str precision) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {
