@@ -13,6 +13,7 @@ __all__ = ["BACKENDS", "PRECISIONS", "available_backends", "backend_module", "re
 BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
 PRECISIONS = ("ieee", "tf32", "bf16")
 _MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+_HALF_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _MODULES = {
     "torch": "ecloss_fast.backends.streaming",
@@ -84,9 +85,20 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
-def resolve_precision(precision: str) -> str:
-    """``""`` (the API's ``None``) follows ``torch.get_float32_matmul_precision()`` now.
+def resolve_precision(precision: str, dtype: torch.dtype = torch.float32) -> str:
+    """The matrix-unit precision for maps of ``dtype``; ``""`` is the API's ``precision=None``.
 
-    Resolved inside the ops, at run time, so a compiled graph follows the setting too.
+    ``None`` gives float16 and bfloat16 maps products in their own half type (``"fp16"``,
+    which only this resolution produces, and ``"bf16"``), so half-precision maps never take
+    the slow float32 path; float32 maps follow ``torch.get_float32_matmul_precision()``
+    ("highest" ieee, "high" tf32, "medium" bf16); float64 maps compute in float64, which
+    every backend does for them whatever the precision. Resolved inside the ops, at run
+    time, so a compiled graph follows the setting too.
     """
-    return precision or _MATMUL_PRECISION[torch.get_float32_matmul_precision()]
+    if precision:
+        return precision
+    if dtype in _HALF_PRECISION:
+        return _HALF_PRECISION[dtype]
+    if dtype == torch.float64:
+        return "ieee"
+    return _MATMUL_PRECISION[torch.get_float32_matmul_precision()]

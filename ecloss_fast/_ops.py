@@ -1,10 +1,11 @@
 """The ``torch.library`` custom ops that every fused backend runs behind.
 
 ``ecloss_fast::channel_loss`` runs the forward sweeps of one backend and returns the
-per-channel loss with the per-row statistics that its backward needs;
-``ecloss_fast::input_grad`` is that backward. Both are opaque to ``torch.compile``, which
-keeps them whole (no graph break, no retracing of kernels), and the templates are looked
-up inside them so a compiled graph never rebuilds them.
+per-channel loss with the per-row statistics that its backward needs (and, when asked,
+the diagnostics of docs/design.md section 8.4); ``ecloss_fast::input_grad`` is that
+backward. Both are opaque to ``torch.compile``, which keeps them whole (no graph break, no
+retracing of kernels), and the templates are looked up inside them so a compiled graph
+never rebuilds them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ import torch.distributed as dist
 from ecloss_fast._dispatch import backend_module, resolve_backend, resolve_precision
 from ecloss_fast._templates import count_for_pixels, template_matrix
 
-__all__ = ["channel_loss", "input_grad", "register_process_group", "accumulation_dtype"]
+__all__ = ["channel_loss", "input_grad", "register_process_group", "accumulation_dtype",
+           "DIAGNOSTICS"]
+
+# The names of the diagnostics vector, in its order (docs/design.md section 8.4).
+DIAGNOSTICS = ("mi_over_log_n", "max_p", "score_std")
 
 _PROCESS_GROUPS: dict[str, object] = {}
 
@@ -30,7 +35,7 @@ def register_process_group(group) -> str:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores and reductions: float64 for float64 input, else float32 (SPEC section 4)."""
+    """Scores and reductions: float64 for float64 input, else float32 (docs/design.md 4.1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -50,21 +55,28 @@ def _num_templates(x, templates, subset):
 
 @torch.library.custom_op("ecloss_fast::channel_loss", mutates_args=())
 def channel_loss(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float, subset: int,
-                 tau: float, marginal: bool, precision: str, backend: str, group: str
+                 tau: float, marginal: bool, diversity: float, diagnostics: bool, precision: str,
+                 backend: str, group: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                            torch.Tensor]:
-    """``(loss[c], row_max[b,c], log_sum[b,c], neg_entropy[b,c], log_q[c,t], map_weight)``.
+                            torch.Tensor, torch.Tensor]:
+    """``(loss[c], row_max[b,c], log_sum[b,c], neg_entropy[b,c], pbar[c,t], map_weight, summary)``.
 
-    The loss of docs/design.md section 2 with the per-row statistics of
-    ``ecloss_fast.backends`` that its backward needs. ``templates`` is ``(N, H*W)`` in the
-    accumulation dtype, or ``None`` for the built-in set (``subset = 0`` for all of it);
-    ``log_q`` is empty for the uniform estimator. ``map_weight`` (0-d) weights each feature
-    map's term: ``1 / B``, or ``world_size / B_global`` under the process group named
-    ``group``, so that the mean of the processes' losses is the loss of the global batch
-    for any split of it. It stays a tensor: no host synchronisation.
+    The loss of docs/design.md sections 2 and 8.1,
+    ``loss[c] = -MI[c] - diversity * KL(pbar[c] || mean_c pbar[c])``, with the per-row
+    statistics of ``ecloss_fast.backends`` that its backward needs. ``templates`` is
+    ``(N, H*W)`` in the accumulation dtype, or ``None`` for the built-in set (``subset = 0``
+    for all of it). ``pbar`` is the batch marginal (global under the process group named
+    ``group``) when the marginal estimator or the diversity term needs it, else empty.
+    ``map_weight`` (0-d) weights each feature map's term: ``1 / B``, or
+    ``world_size / B_global`` under the process group, so that the mean of the processes'
+    losses is the loss of the global batch for any split of it. ``summary`` is the vector
+    of ``DIAGNOSTICS`` when ``diagnostics`` asks for it, else empty; its per-map means
+    carry the same weights, so their mean over the processes is the global batch's.
+    Everything stays a tensor: no host synchronisation.
     """
     with torch.autocast(x.device.type, enabled=False):  # accumulation dtype, not autocast's
-        return _channel_loss(x, templates, radius, subset, tau, marginal, precision, backend, group)
+        return _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
+                             precision, backend, group)
 
 
 def _global_batch(local_sums, batch, group, like):
@@ -79,81 +91,159 @@ def _global_batch(local_sums, batch, group, like):
     return totals, packed[-1], dist.get_world_size(process_group) / packed[-1]
 
 
-def _channel_loss(x, templates, radius, subset, tau, marginal, precision, backend, group):
+def _log_floored(probabilities):
+    """``log max(q, tiny)``: finite, so that a term with ``q = 0`` contributes 0 (section 4)."""
+    return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+
+
+def _log_ratio_to_mean(pbar):
+    """``L[c,t] = log max(pbar, tiny) - log max(pbb, tiny)``, ``pbb = mean_c pbar``; and ``pbb``.
+
+    Taken as the log of the ratio: near a uniform softmax ``L`` is of size 1e-3 while the two
+    logarithms are of size ``log N``, whose float32 difference would be 20 times less exact.
+    The floored ratio is finite: ``pbb`` is at most 1 and ``pbar`` at most ``C pbb``.
+    """
+    tiny = torch.finfo(pbar.dtype).tiny
+    mean = pbar.mean(0).clamp_min(tiny)
+    return (pbar.clamp_min(tiny) / mean).log(), mean
+
+
+def _channel_diversity(pbar):
+    """``Div[c] = KL(pbar[c] || pbb) = sum_t pbar[c,t] L[c,t]`` (docs/design.md section 8.1)."""
+    return torch.linalg.vecdot(pbar, _log_ratio_to_mean(pbar)[0])
+
+
+def _diversity_prior(pbar, upstream):
+    """``F[c,t] = g[c] L[c,t] - v[t] / C``, ``v[t] = sum_c g[c] pbar[c,t] / pbb[t]``, up to a
+    constant over ``t``.
+
+    The gradient of ``-sum_c g[c] Div[c]`` by the scores is ``-(1/B) p (F - E_p F)`` per map,
+    so a constant added to ``F`` changes nothing. With ``e = (pbar - pbb) / pbb``, which sums
+    to 0 over ``c``, ``v[t] / C = mean(g) + sum_c (g[c] - mean(g)) e[c,t] / C`` exactly: the
+    constant ``mean(g)`` is dropped, and what is left is formed from ``e`` (of size 1e-3
+    near a uniform softmax, where ``g L`` is too) instead of ratios near 1 whose sum over
+    ``C`` channels would cancel to it. (A column with ``pbb < tiny`` has ``p = 0`` in every
+    map, so the constant it leaves does not matter.)
+    """
+    log_ratio, mean = _log_ratio_to_mean(pbar)
+    excess = (pbar - mean) / mean
+    spread = torch.linalg.vecdot((upstream - upstream.mean())[:, None], excess, dim=0)  # (N,)
+    return upstream[:, None] * log_ratio - spread / pbar.shape[0]
+
+
+def _diagnostics(x, rows, templates, radius, subset, tau, information, log_sum, map_weight):
+    """``DIAGNOSTICS`` as one vector: the mean MI over ``log N``, the mean largest ``p`` (it is
+    ``exp(-log_sum)``: the row statistics hold it) and the mean std of the scores over the
+    templates through their covariance factor (one ``K x K`` product of the rows)."""
+    from ecloss_fast.calibration import covariance_factor  # calibration imports this module
+
+    height, width = x.shape[-2:]
+    factor = covariance_factor(templates, height, width, radius, subset if subset > 0 else None,
+                               x.device, log_sum.dtype)
+    std = torch.linalg.vector_norm(rows.to(log_sum.dtype) @ factor.T, dim=-1)  # (B, C)
+    per_map = torch.stack([torch.exp(-log_sum), tau * std]).sum(1).mean(-1) * map_weight
+    num_templates = _num_templates(x, templates, subset)
+    return torch.cat([(information.mean() / math.log(num_templates))[None], per_map])
+
+
+def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
+                  precision, backend, group):
     module = backend_module(resolve_backend(backend, x.device, x.dtype))
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, x.dtype)
+    given_templates = templates
     templates = _templates_for(x, templates, radius, subset)
     batch, channels = x.shape[:2]
     rows = x.reshape(batch, channels, -1).contiguous()
     row_max, log_sum, neg_entropy = module.row_stats(rows, templates, tau, precision)
+    needs_marginal = marginal or diversity > 0
     local_sums = (module.column_sums(rows, templates, tau, row_max, log_sum, precision)
-                  if marginal else None)
+                  if needs_marginal else None)
     totals, count, map_weight = _global_batch(local_sums, batch, group, neg_entropy)
+    pbar = neg_entropy.new_empty(0)
+    if needs_marginal:
+        # The p of the column sums sum to 1 only to a few ulps over N terms: pbar is taken
+        # over its own mass (B in exact arithmetic).
+        pbar = totals / totals.sum(-1, keepdim=True)
     if marginal:
         # sum_b D[b] = sum_b neg_entropy[b] - sum_t (sum_b p[b,t]) log pbar[t], every p of
-        # the column sums formed as in row_stats. Those p sum to 1 only to a few ulps over
-        # N terms, and an excess mass d moves the second term by d log N: so pbar and the
-        # local sums are both taken over their mass (B in exact arithmetic), and the two
+        # the column sums formed as in row_stats. An excess mass d of the local sums would
+        # move the second term by d log N: they too are taken over their mass, and the two
         # terms of a batch of identical maps cancel to the rounding of the entropies.
-        pbar = totals / totals.sum(-1, keepdim=True)
-        log_q = pbar.clamp_min_(torch.finfo(totals.dtype).tiny).log_()
         mass = local_sums.sum(-1) / batch
-        divergence = neg_entropy.sum(0) - torch.linalg.vecdot(local_sums, log_q) / mass
+        divergence = (neg_entropy.sum(0)
+                      - torch.linalg.vecdot(local_sums, _log_floored(pbar)) / mass)
     else:
-        log_q = neg_entropy.new_empty(0)
         divergence = (neg_entropy + math.log(templates.shape[0])).sum(0)
-    return -divergence * map_weight, row_max, log_sum, neg_entropy, log_q, map_weight
+    information = divergence * map_weight
+    loss = -information
+    if diversity > 0:
+        loss = loss - diversity * _channel_diversity(pbar)
+    summary = (_diagnostics(x, rows, given_templates, radius, subset, tau, information, log_sum,
+                            map_weight) if diagnostics else neg_entropy.new_empty(0))
+    return loss, row_max, log_sum, neg_entropy, pbar, map_weight, summary
 
 
 @channel_loss.register_fake
-def _(x, templates, radius, subset, tau, marginal, precision, backend, group):
+def _(x, templates, radius, subset, tau, marginal, diversity, diagnostics, precision, backend,
+      group):
     batch, channels = x.shape[:2]
     dtype = accumulation_dtype(x.dtype)
     n = _num_templates(x, templates, subset)
     stats = x.new_empty((batch, channels), dtype=dtype)
-    log_q = x.new_empty((channels, n) if marginal else (0,), dtype=dtype)
+    pbar = x.new_empty((channels, n) if marginal or diversity > 0 else (0,), dtype=dtype)
+    summary = x.new_empty((len(DIAGNOSTICS) if diagnostics else 0,), dtype=dtype)
     return (x.new_empty((channels,), dtype=dtype), stats, torch.empty_like(stats),
-            torch.empty_like(stats), log_q, x.new_empty((), dtype=dtype))
+            torch.empty_like(stats), pbar, x.new_empty((), dtype=dtype), summary)
 
 
 @torch.library.custom_op("ecloss_fast::input_grad", mutates_args=())
 def input_grad(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float, subset: int,
                tau: float, row_max: torch.Tensor, log_sum: torch.Tensor,
-               neg_entropy: torch.Tensor, log_q: Optional[torch.Tensor],
+               neg_entropy: torch.Tensor, prior: Optional[torch.Tensor],
                row_weight: torch.Tensor, precision: str, backend: str) -> torch.Tensor:
-    """``dx`` of docs/design.md section 3 for the row weights ``-g[c] * map_weight``."""
+    """``dx`` of docs/design.md sections 3 and 8.1 for the row weights ``-g[c] * map_weight``
+    and the ``(C, N)`` prior of the backend contract (``None``: uniform, no diversity)."""
     module = backend_module(resolve_backend(backend, x.device, x.dtype))
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, x.dtype)
     templates = _templates_for(x, templates, radius, subset)
     batch, channels = x.shape[:2]
     rows = x.reshape(batch, channels, -1).contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        grad = module.input_grad(rows, templates, tau, row_max, log_sum, neg_entropy, log_q,
+        grad = module.input_grad(rows, templates, tau, row_max, log_sum, neg_entropy, prior,
                                  row_weight, precision)
     return grad.view(x.shape)
 
 
 @input_grad.register_fake
-def _(x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, log_q, row_weight,
+def _(x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, row_weight,
       precision, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, templates, radius, subset, tau, marginal, precision, backend, _ = inputs
-    _, row_max, log_sum, neg_entropy, log_q, map_weight = output
-    ctx.save_for_backward(x, templates, row_max, log_sum, neg_entropy, log_q, map_weight)
-    ctx.options = (radius, subset, tau, marginal, precision, backend)
+    x, templates, radius, subset, tau, marginal, diversity, _, precision, backend, _ = inputs
+    _, row_max, log_sum, neg_entropy, pbar, map_weight, _ = output
+    ctx.save_for_backward(x, templates, row_max, log_sum, neg_entropy, pbar, map_weight)
+    ctx.options = (radius, subset, tau, marginal, diversity, precision, backend)
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
-    x, templates, row_max, log_sum, neg_entropy, log_q, map_weight = ctx.saved_tensors
-    radius, subset, tau, marginal, precision, backend = ctx.options
-    row_weight = (grad_loss.to(row_max.dtype) * -map_weight).expand_as(row_max).contiguous()
+    """The backend contract's prior (docs/design.md section 9) for upstream ``g = grad_loss``:
+    ``w_c log pbar`` (marginal) plus ``diversity * map_weight * F`` (``_diversity_prior``),
+    or ``None`` for the uniform estimator without diversity."""
+    x, templates, row_max, log_sum, neg_entropy, pbar, map_weight = ctx.saved_tensors
+    radius, subset, tau, marginal, diversity, precision, backend = ctx.options
+    upstream = grad_loss.to(row_max.dtype)
+    channel_weight = upstream * -map_weight
+    prior = channel_weight[:, None] * _log_floored(pbar) if marginal else None
+    if diversity > 0:
+        term = (diversity * map_weight) * _diversity_prior(pbar, upstream)
+        prior = term if prior is None else prior + term
+    row_weight = channel_weight.expand_as(row_max).contiguous()
     grad_x = torch.ops.ecloss_fast.input_grad(
-        x, templates, radius, subset, tau, row_max, log_sum, neg_entropy,
-        log_q if marginal else None, row_weight, precision, backend)
-    return grad_x, None, None, None, None, None, None, None, None
+        x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, row_weight,
+        precision, backend)
+    return grad_x, None, None, None, None, None, None, None, None, None, None
 
 
 channel_loss.register_autograd(_backward, setup_context=_setup_context)

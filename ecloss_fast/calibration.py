@@ -23,7 +23,7 @@ from ecloss_fast._templates import num_templates, template_matrix
 from ecloss_fast.functional import (_check_input, _check_positive, _check_process_group, _choice,
                                     _template_tensor)
 
-__all__ = ["calibrate_tau"]
+__all__ = ["calibrate_tau", "covariance_factor"]
 
 
 def _covariance_factor(rows: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,20 @@ def _builtin_factor(height: int, width: int, radius: float, subset: int | None,
     scores are the ones the loss computes.
     """
     return _covariance_factor(template_matrix(height, width, radius, subset, device, dtype)).to(dtype)
+
+
+def covariance_factor(template_rows: torch.Tensor | None, height: int, width: int,
+                      radius: float, subset: int | None, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``R`` in ``dtype`` with ``||R x|| = std_t <x, T[t]>`` for maps of ``height x width``.
+
+    ``template_rows`` ``(N, K)`` are the templates the loss uses, or ``None`` for the
+    built-in set of ``radius`` (``subset`` k of it, ``None`` for all), whose factor is cached.
+    The loss's diagnostics use it too (``score_std``, docs/design.md section 8.4).
+    """
+    if template_rows is not None:
+        return _covariance_factor(template_rows).to(dtype)
+    return _builtin_factor(height, width, radius, subset, device, dtype)
 
 
 def _factor_for(templates, x: torch.Tensor, radius: float, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``ecloss``: the public entry point of SPEC section 5, with its input validation."""
+"""``ecloss``: the public entry point of docs/design.md section 5, with its input validation."""
 from __future__ import annotations
 
 import math
@@ -44,6 +44,20 @@ def _check_positive(name, value):
     return value if isinstance(value, float) else float(value)
 
 
+def _check_diversity(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"diversity must be a float; got {type(value).__name__}")
+    if not 0 <= value < math.inf:  # comparisons: see _check_positive
+        raise ValueError(f"diversity must be finite and at least 0; got {value}")
+    return value if isinstance(value, float) else float(value)
+
+
+def _check_normalize(value):
+    if not isinstance(value, bool):
+        raise TypeError(f"normalize must be True or False; got {type(value).__name__}")
+    return value
+
+
 def _check_process_group(group):
     if group is None:
         return None
@@ -71,7 +85,8 @@ def _template_tensor(templates, x, dtype):
 
 def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates="full",
            estimator: str = "uniform", reduction: str = "mean", backend: str = "auto",
-           precision: str | None = None, process_group=None) -> torch.Tensor:
+           precision: str | None = None, process_group=None, diversity: float = 0.0,
+           normalize: bool = False) -> torch.Tensor:
     """ECLoss, ``-MI(T; X)`` per channel of the post-ReLU maps ``x`` of shape ``(B, C, H, W)``.
 
     ``s[b,c,t] = tau * <x[b,c], T[t]>``, ``p = softmax_t(s)``, and per channel
@@ -84,13 +99,49 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     channels, or ``"none"`` for the ``(C,)`` vector. The result is float32 (float64 for
     float64 input); the gradient has ``x``'s dtype.
 
+    Beyond the paper (off by default): ``diversity = lambda >= 0`` subtracts
+    ``lambda * KL(pbar[c] || pbb)`` from each channel's loss, ``pbb = mean_c pbar[c]``, which
+    rewards channels for matching different templates (with the uniform estimator it adds
+    the marginal's column-sums sweep to the forward and one sweep to the backward);
+    ``normalize=True`` scores each map divided by ``max(||x[b,c]||_2, eps)`` (``eps`` the
+    smallest normal float of the accumulation type), so that ``tau`` is an inverse
+    temperature (about 1-100) and amplitude is not rewarded; a dead map (norm below
+    ``eps``) then has a uniform softmax and no gradient.
+
     With ``process_group`` (a ``torch.distributed`` group) the loss is that of the group's
     global batch, for equal and unequal per-process batches alike: each process returns
-    its own maps' terms weighted by ``world_size / B_global``, so that the mean over the
-    processes of the losses, and of the gradients (as DDP averages them), equals the loss
-    and gradient of one process holding the whole batch. See docs/design.md for every
-    definition.
+    its own maps' terms weighted by ``world_size / B_global`` (and the diversity term, a
+    function of the global ``pbar``, whole), so that the mean over the processes of the
+    losses, and of the gradients (as DDP averages them), equals the loss and gradient of
+    one process holding the whole batch. See docs/design.md for every definition.
     """
+    return loss_and_diagnostics(x, tau=tau, radius=radius, templates=templates,
+                                estimator=estimator, reduction=reduction, backend=backend,
+                                precision=precision, process_group=process_group,
+                                diversity=diversity, normalize=normalize, diagnostics=False)[0]
+
+
+def normalized_maps(x: torch.Tensor) -> torch.Tensor:
+    """``x[b,c] / max(||x[b,c]||_2, eps)`` in the accumulation dtype, returned in ``x``'s dtype.
+
+    The gradient is autograd's of this formula, except on maps whose norm is below ``eps``
+    (dead maps, ``x = 0`` after the ReLU): those are held constant. The formula's own
+    derivative there, ``1 / eps`` (about 1e38 in float32), is an artefact of the floor that
+    would turn any upstream gradient into an infinite one.
+    """
+    dtype = _ops.accumulation_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        maps = x.to(dtype)
+        norm = torch.linalg.vector_norm(maps, dim=(-2, -1), keepdim=True)
+        floor = torch.finfo(dtype).tiny
+        scaled = maps / norm.clamp_min(floor)
+        scaled = torch.where(norm >= floor, scaled, scaled.detach())
+    return scaled.to(x.dtype)
+
+
+def loss_and_diagnostics(x, *, tau, radius, templates, estimator, reduction, backend, precision,
+                         process_group, diversity, normalize, diagnostics):
+    """``ecloss``'s value and, with ``diagnostics``, the ``_ops.DIAGNOSTICS`` vector, else None."""
     _check_input(x)
     tau = _check_positive("tau", tau)
     radius = _check_positive("radius", radius)
@@ -99,6 +150,8 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     _choice("backend", backend, BACKENDS + ("auto",))
     _choice("precision", precision, PRECISIONS + (None,))
     process_group = _check_process_group(process_group)
+    diversity = _check_diversity(diversity)
+    normalize = _check_normalize(normalize)
     marginal = estimator == "marginal"
     dtype = _ops.accumulation_dtype(x.dtype)
     height, width = x.shape[-2:]
@@ -118,18 +171,25 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
         raise TypeError("templates must be 'full', an int k or a tensor (N, H, W); "
                         f"got {type(templates).__name__}")
 
+    if normalize:
+        x = normalized_maps(x)
     if backend == "reference":
         if template_rows is None:
             template_rows = template_matrix(height, width, radius, subset or None, x.device, dtype)
-        per_channel = reference.channel_loss(x, template_rows, tau, marginal, process_group)
+        per_channel, summary = reference.channel_loss(x, template_rows, tau, marginal, diversity,
+                                                      process_group, diagnostics)
     else:
         # The op resolves "auto" and precision=None itself, at run time (see ecloss_fast._ops).
         group = _ops.register_process_group(process_group) if process_group is not None else ""
-        per_channel = torch.ops.ecloss_fast.channel_loss(
-            x, template_rows, radius, subset, tau, marginal, precision or "", backend, group)[0]
+        outputs = torch.ops.ecloss_fast.channel_loss(
+            x, template_rows, radius, subset, tau, marginal, diversity, diagnostics,
+            precision or "", backend, group)
+        per_channel, summary = outputs[0], (outputs[-1] if diagnostics else None)
 
     if reduction == "mean":
-        return per_channel.mean()
-    if reduction == "sum":
-        return per_channel.sum()
-    return per_channel
+        loss = per_channel.mean()
+    elif reduction == "sum":
+        loss = per_channel.sum()
+    else:
+        loss = per_channel
+    return loss, None if summary is None else summary.detach()

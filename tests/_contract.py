@@ -20,8 +20,14 @@ def contract_templates(h, w, dtype=torch.float32, device="cpu"):
     return template_matrix(h, w, 4.0, None, torch.device(device), dtype)
 
 
-def evaluate_contract(x, templates, row_weight, marginal, tau=1e-3) -> Contract:
-    """SPEC sections 2-3 at the arguments' dtype (materialises B x C x N)."""
+def evaluate_contract(x, templates, row_weight, marginal, tau=1e-3, prior=None) -> Contract:
+    """docs/design.md sections 2-3 and 9 at the arguments' dtype (materialises B x C x N).
+
+    ``dx`` is ``input_grad``'s: with a ``(C, N)`` ``prior``,
+    ``ds = p (w log p - prior - D)``, ``D = sum_t p (w log p - prior) / sum_t p``; without
+    one, ``ds = w p (log r - sum_t p log r)`` with ``log r = log p - log_q`` for
+    ``marginal`` (the prior ``w log_q``, row by row) and ``log p`` otherwise.
+    """
     scores = tau * torch.einsum("bck,nk->bcn", x, templates)
     row_max = scores.amax(-1)
     shifted = scores - row_max[..., None]
@@ -33,9 +39,13 @@ def evaluate_contract(x, templates, row_weight, marginal, tau=1e-3) -> Contract:
     log_q = None
     if marginal:
         log_q = torch.log((sums / x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny))
-        log_ratio = log_p - log_q
+    if prior is not None:
+        terms = row_weight[..., None] * log_p - prior
+        offset = (p * terms).sum(-1, keepdim=True) / p.sum(-1, keepdim=True)
+        grad_scores = p * (terms - offset)
     else:
-        log_ratio = log_p
-    coefficient = log_ratio - (p * log_ratio).sum(-1, keepdim=True)
-    dx = tau * row_weight[..., None] * torch.einsum("bcn,nk->bck", p * coefficient, templates)
+        log_ratio = log_p - log_q if marginal else log_p
+        coefficient = log_ratio - (p * log_ratio).sum(-1, keepdim=True)
+        grad_scores = row_weight[..., None] * p * coefficient
+    dx = tau * torch.einsum("bcn,nk->bck", grad_scores, templates)
     return Contract(row_max, log_sum, neg_entropy, sums, log_q, dx)

@@ -34,10 +34,20 @@ from ecloss_fast.testing import peaked_maps, random_maps
      "process_group must be a torch.distributed ProcessGroup"),
     (lambda: torch.rand(2, 3, 4, 4), dict(process_group="WORLD", estimator="marginal"),
      TypeError, "process_group"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(diversity=-0.5), ValueError, "diversity"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(diversity=float("inf")), ValueError, "diversity"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(diversity=float("nan")), ValueError, "diversity"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(diversity="some"), TypeError, "diversity"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(diversity=True), TypeError, "diversity"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(normalize=1), TypeError, "normalize"),
+    (lambda: torch.rand(2, 3, 4, 4), dict(normalize="yes"), TypeError, "normalize"),
 ])
 def test_bad_input_errors(make_input, kwargs, error, words):
     with pytest.raises(error) as info:
         ef.ecloss(make_input(), **kwargs)
+    assert words in str(info.value)
+    with pytest.raises(error) as info:  # the Module checks on its call, as the function does
+        ef.ECLoss(**kwargs)(make_input())
     assert words in str(info.value)
 
 
@@ -125,6 +135,35 @@ def test_precision_none_follows_matmul_precision():
     assert abs(bf16.item() - reference.item()) <= 3e-2 * abs(reference.item())
 
 
+@pytest.mark.parametrize("setting", ["highest", "medium"])
+def test_precision_none_gives_half_maps_half_products(setting):
+    """docs/design.md section 4: bfloat16 maps take bfloat16 products and float16 maps
+    float16 products (templates rounded to the maps' type), whatever the float32 setting."""
+    torch.set_float32_matmul_precision(setting)
+    x = peaked_maps(2, 3, 6, 6, seed=4)
+    upstream = torch.linspace(0.5, 2.0, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        maps = x.to(dtype)
+        # The same products by hand: templates rounded to the maps' type, multiplied exactly.
+        rounded = ef.make_templates(6).to(dtype)
+        runs = []
+        for kwargs in ({}, dict(templates=rounded, precision="ieee")):
+            leaf = maps.clone().requires_grad_()
+            loss = ef.ecloss(leaf, backend="torch", reduction="none", estimator="marginal",
+                             **kwargs)
+            (grad,) = torch.autograd.grad(loss, leaf, upstream)
+            runs.append((loss, grad))
+        torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+        # The bfloat16 gradient product also rounds its weights (as the matrix units do).
+        if dtype == torch.float16:
+            torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+        full = ef.ecloss(maps, backend="torch", estimator="marginal", precision="ieee")
+        assert runs[0][0].mean() != full  # not the float32 path
+    from ecloss_fast._dispatch import resolve_precision
+    assert resolve_precision("", torch.float64) == "ieee"
+    assert resolve_precision("tf32", torch.bfloat16) == "tf32"  # an explicit choice wins
+
+
 def test_autocast_bfloat16_input():
     layer = torch.nn.Conv2d(3, 4, 3, padding=1)
     images = torch.rand(2, 3, 6, 6)
@@ -141,14 +180,16 @@ def test_autocast_bfloat16_input():
 
 def test_custom_ops_pass_opcheck():
     x = peaked_maps(2, 3, 4, 3, seed=9).requires_grad_()
-    for marginal in (False, True):
+    for marginal, diversity, diagnostics in ((False, 0.0, False), (True, 0.0, True),
+                                             (False, 0.5, True), (True, 0.5, False)):
         torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default,
-                              (x, None, 4.0, 0, 1e-3, marginal, "ieee", "torch", ""))
+                              (x, None, 4.0, 0, 1e-3, marginal, diversity, diagnostics, "ieee",
+                               "torch", ""))
     row_max, log_sum, neg_entropy = torch.zeros(2, 3), torch.full((2, 3), math.log(7)), torch.zeros(2, 3)
-    for log_q in (None, torch.full((3, 7), -math.log(7))):
+    for prior in (None, torch.full((3, 7), -math.log(7))):
         torch.library.opcheck(torch.ops.ecloss_fast.input_grad.default,
                               (x.detach(), None, 4.0, 7, 1e-3, row_max, log_sum, neg_entropy,
-                               log_q, torch.ones(2, 3), "ieee", "torch"))
+                               prior, torch.ones(2, 3), "ieee", "torch"))
 
 
 def test_torch_compile_fullgraph_equals_eager():

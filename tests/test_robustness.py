@@ -179,6 +179,44 @@ def test_issue_examples_huge_scores_give_zero_information(backend):
             assert loss.abs().max().item() <= rounding, (x.shape, loss)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(MAP_KINDS), exponent=st.floats(-6.0, 8.0),
+       batch=st.integers(1, 6), channels=st.integers(1, 4), height=st.integers(1, 4),
+       width=st.integers(2, 4), estimator=st.sampled_from(["uniform", "marginal"]),
+       diversity=st.floats(0.1, 4.0), seed=st.integers(0, 2**16))
+@example(kind="constant", exponent=8.0, batch=1, channels=3, height=3, width=3,
+         estimator="uniform", diversity=2.0, seed=0)
+@example(kind="template", exponent=8.0, batch=6, channels=4, height=3, width=3,
+         estimator="marginal", diversity=1.0, seed=1)
+def test_diversity_in_range_finite_and_exact_at_every_magnitude(backend, kind, exponent, batch,
+                                                                channels, height, width,
+                                                                estimator, diversity, seed):
+    """``-lambda Div[c]`` lies in ``[-lambda log C, 0]`` (``pbb >= pbar[c] / C``), on top of
+    the estimator's range; float32 against the float64 reference, whose diversity term
+    tests/test_extensions.py checks against its definition."""
+    x = make_maps(kind, batch, channels, height, width, 10.0 ** exponent, seed).float()
+    num_templates = ef.num_templates(height, width)
+    leaf = x.clone().requires_grad_()
+    with runnable(backend):
+        loss = ef.ecloss(leaf, tau=TAU, estimator=estimator, reduction="none",
+                         backend=backend, precision="ieee", diversity=diversity)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    want = ef.ecloss(x.double(), tau=TAU, estimator=estimator, reduction="none",
+                     backend="reference", diversity=diversity)
+    loss = loss.detach().double()
+    assert torch.isfinite(loss).all(), loss
+    assert torch.isfinite(grad).all()
+    rounding = (1 + diversity) * rounding_allowance(torch.float32, num_templates * channels)
+    information = math.log(num_templates if estimator == "uniform" else min(num_templates, batch))
+    lowest = -information - diversity * math.log(channels)
+    assert loss.max().item() <= rounding, (loss, rounding)
+    assert loss.min().item() >= lowest - rounding, (loss, lowest, rounding)
+    allowed = rounding + 4 * (1 + diversity) * (math.log(num_templates) + 1) * score_error(x)
+    error = (loss - want).abs().max().item()
+    assert error <= allowed, (error, allowed)
+
+
 DX_SHAPES = [(4, 3, 7, 7), (3, 2, 5, 5), (6, 2, 4, 6), (2, 2, 14, 14)]
 
 

@@ -1,5 +1,6 @@
 """The trainer: config, schedules, sampler, training, resume, signals, DDP on gloo, bad data."""
 import copy
+import csv
 import math
 import os
 import signal
@@ -218,11 +219,13 @@ def test_nonfinite_step_is_skipped_and_reported(tmp_path):
     trainer = Trainer(config, distributed.setup("cpu"))
     criterion = trainer.criterion
 
+    forward = criterion.forward
+
     def poisoned(maps):  # a NaN ECLoss at step 2 only
-        loss = criterion(maps)
+        loss = forward(maps)
         return loss * math.nan if trainer.step == 2 else loss
 
-    trainer.criterion = poisoned
+    criterion.forward = poisoned
     snapshots = {}
     step = trainer._train_step
 
@@ -237,8 +240,8 @@ def test_nonfinite_step_is_skipped_and_reported(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4]))
     # Steps are numbered as in log.csv: the third one.
     assert "step 3: non-finite gradient" in (trainer.run_dir / "train.log").read_text()
-    rows = (trainer.run_dir / "log.csv").read_text().splitlines()
-    assert rows[-1].split(",")[-2] == "1"  # skipped_steps
+    with open(trainer.run_dir / "log.csv", newline="") as handle:
+        assert list(csv.DictReader(handle))[-1]["skipped_steps"] == "1"
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -248,8 +251,9 @@ def test_mixed_precision_on_cpu(tmp_path, amp):
     assert state["step"] == 2
     if amp == "fp16":
         assert state["scaler"]["scale"] > 0  # the GradScaler state is checkpointed
-    rows = (trainer.run_dir / "log.csv").read_text().splitlines()[1:]
-    assert all(math.isfinite(float(r.split(",")[4])) for r in rows)
+    with open(trainer.run_dir / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(math.isfinite(float(row["ce"])) for row in rows)
 
 
 def test_head_kinds_and_full_template_set(tmp_path):
@@ -307,25 +311,53 @@ def test_tau_auto_calibrates_once_and_a_resumed_run_keeps_it(tmp_path, monkeypat
     assert load_checkpoint(fixed.run_dir)["calibrated_tau"] is None
 
 
-def test_loss_options_reach_ecloss_only_when_set(tmp_path, monkeypatch):
+def test_loss_options_reach_ecloss(tmp_path, monkeypatch):
     import ecloss_fast
     from train import distributed
 
     built = []
 
-    class Recorder(ecloss_fast.ECLoss):  # the options are the loss's to accept
+    class Recorder(ecloss_fast.ECLoss):
         def __init__(self, **kwargs):
             built.append(kwargs)
-            super().__init__(**{k: v for k, v in kwargs.items() if k not in ("diversity", "normalize")})
+            super().__init__(**kwargs)
 
     monkeypatch.setattr(ecloss_fast, "ECLoss", Recorder)
-    for ecloss, options in (({}, {}), ({"diversity": 0.5}, {"diversity": 0.5}),
-                            ({"normalize": True}, {"normalize": True})):
+    for ecloss, options in (({}, {"diversity": 0.0, "normalize": False}),
+                            ({"diversity": 0.5}, {"diversity": 0.5, "normalize": False}),
+                            ({"normalize": True}, {"diversity": 0.0, "normalize": True})):
         trainer = Trainer(config_from_dict(tiny(tmp_path, f"options{len(built)}", ecloss=ecloss)),
                           distributed.setup("cpu"))
         trainer.close()
         assert {k: v for k, v in built[-1].items() if k in ("diversity", "normalize")} == options
         assert built[-1]["process_group"] is None  # one process
+
+
+def test_diversity_and_normalize_train_and_log_the_diagnostics(tmp_path):
+    """A tiny run with both options: log.csv and TensorBoard hold the ECLoss diagnostics of
+    every logged step, each the value of that step's call."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    names = ("mi_over_log_n", "max_p", "score_std")
+    trainer = fit(tiny(tmp_path, "diag", ecloss={"diversity": 0.5, "normalize": True, "tau": 5.0},
+                       train={"epochs": 1, "stop_at_step": 3, "tensorboard": True}))
+    with open(trainer.run_dir / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]
+    for row in rows:
+        mi, max_p, spread = (float(row[name]) for name in names)
+        assert 0 <= mi <= 1 and 1 / 137 <= max_p <= 1 and spread > 0, row
+    # The last row is the last call's diagnostics, as the criterion kept them.
+    for name in names:
+        assert float(rows[-1][name]) == pytest.approx(
+            trainer.criterion.last_diagnostics[name].item(), rel=1e-6)
+    events = EventAccumulator(str(trainer.run_dir / "tensorboard"))
+    events.Reload()
+    for name in names:
+        logged = events.Scalars(f"train/{name}")
+        assert [event.step for event in logged] == [1, 2, 3]
+        assert logged[-1].value == pytest.approx(float(rows[-1][name]), rel=1e-6)
+    assert load_checkpoint(trainer.run_dir)["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize("override, message", [

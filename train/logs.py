@@ -9,7 +9,8 @@ from pathlib import Path
 __all__ = ["RunLog", "CSV_FIELDS", "console_logger", "release_console_logger"]
 
 CSV_FIELDS = ("step", "epoch", "lr", "loss", "ce", "ecloss", "beta", "grad_ratio", "accuracy",
-              "images_per_s", "grad_norm", "amp_scale", "skipped_steps", "skipped_images")
+              "images_per_s", "grad_norm", "amp_scale", "skipped_steps", "skipped_images",
+              "mi_over_log_n", "max_p", "score_std")
 
 
 def console_logger(run_dir: Path | None, enabled: bool) -> logging.Logger:

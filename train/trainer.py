@@ -215,18 +215,12 @@ class Trainer:
         tau = self.calibrated_tau if e.tau == "auto" else e.tau
         if not e.enabled or tau is None:
             return None
-        # Only when asked for: at their defaults they are the paper's loss, and the loss
-        # accepts them from the version that implements them.
-        options = {}
-        if e.diversity != 0.0:
-            options["diversity"] = e.diversity
-        if e.normalize:
-            options["normalize"] = True
         # The batch marginal pbar (marginal estimator, diversity) is over the global batch.
         group = self.ctx.group if e.estimator == "marginal" or e.diversity > 0 else None
         return ecloss_fast.ECLoss(tau=tau, radius=e.radius, templates=e.templates,
                                   estimator=e.estimator, reduction="mean", backend=e.backend,
-                                  precision=e.precision, process_group=group, **options)
+                                  precision=e.precision, process_group=group,
+                                  diversity=e.diversity, normalize=e.normalize)
 
     def _calibrate_tau(self, maps: torch.Tensor) -> None:
         """``ecloss.tau=auto``: calibrate on these maps (the first batch, every rank's)."""
@@ -440,7 +434,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}",
                                         ecl=f"{row['ecloss']:.3g}",
                                         acc=f"{row['accuracy']:.3f}",
-                                        img_s=f"{row['images_per_s']:.0f}")
+                                        img_s=f"{row['images_per_s']:.0f}",
+                                        **self._diagnostics_postfix(row))
                         totals = self._empty_totals()
                     if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                         self.save(periodic=True)
@@ -492,13 +487,21 @@ class Trainer:
                 totals[key] += result[key].double()
 
     def _log_row(self, totals: dict) -> dict:
-        """Means over the interval, over every rank; written by rank 0."""
+        """Means over the interval, over every rank; written by rank 0.
+
+        The ECLoss diagnostics (``mi_over_log_n``, ``max_p``, ``score_std``) are those of
+        the logged step's call, read here, in the all-reduce the row takes anyway: no host
+        synchronisation of their own. Each rank holds its maps' share, weighted as its
+        loss is, so their mean over the ranks is the global batch's value.
+        """
+        diagnostics = self.criterion.last_diagnostics if self.criterion is not None else {}
         local = torch.stack([totals["loss"], totals["ce"], totals["ecloss"], totals["correct"],
-                             totals["grad_norm"]]).to(torch.float64)
+                             totals["grad_norm"], *diagnostics.values()]).to(torch.float64)
         counts = torch.tensor([totals["images"], totals["finite_steps"]], dtype=torch.float64,
                               device=self.device)
         summed = self.ctx.all_reduce_sum(torch.cat([local, counts])).tolist()
-        loss, ce, ecl, correct, grad_norm, images, finite_steps = summed
+        loss, ce, ecl, correct, grad_norm = summed[:5]
+        shares, (images, finite_steps) = summed[5:-2], summed[-2:]
         steps = max(finite_steps, 1)  # over all ranks; each rank adds its own batch means
         elapsed = time.perf_counter() - totals["start"]
         row = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
@@ -508,8 +511,16 @@ class Trainer:
                "images_per_s": images / max(elapsed, 1e-9), "grad_norm": grad_norm / steps,
                "amp_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
+        row.update({name: share / self.ctx.world_size
+                    for name, share in zip(diagnostics, shares)})
         self.runlog.log(row)
         return row
+
+    @staticmethod
+    def _diagnostics_postfix(row: dict) -> dict:
+        """The progress bar's short names for the ECLoss diagnostics the row holds."""
+        names = {"mi_over_log_n": "mi", "max_p": "max_p", "score_std": "s_std"}
+        return {short: f"{row[name]:.3g}" for name, short in names.items() if name in row}
 
 
 def fit(config: Config | dict) -> Trainer:

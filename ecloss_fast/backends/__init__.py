@@ -31,24 +31,27 @@ custom ops (``ecloss_fast._ops``) call it, and the autograd glue composes them. 
 ``column_sums(x, templates, tau, row_max, log_sum, precision) -> (C, N)``
     ``sum_b p[b,c,t]`` with ``p = exp((s - row_max) - log_sum)`` from bitwise the scores of
     ``row_stats``; accumulation dtype, in a fixed reduction order (deterministic).
-``input_grad(x, templates, tau, row_max, log_sum, neg_entropy, log_q, row_weight, precision) -> dx``
-    ``log_q`` is ``(C, N)`` (the marginal estimator's ``log max(pbar, tiny)``) or ``None``
-    (uniform: the prior cancels); ``row_weight`` is ``(B, C)`` in the accumulation dtype.
-    With the same ``p`` as above, returns ``dx`` of ``x``'s shape and dtype::
+``input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision) -> dx``
+    ``prior`` is ``(C, N)`` in the accumulation dtype or ``None``; ``row_weight`` ``w`` is
+    ``(B, C)`` in the accumulation dtype, the same for every ``b`` of a channel
+    (``w[b,c] = -g[c] * map_weight`` for the upstream gradient ``g``). With
+    ``log p = (s - row_max) - log_sum`` and ``p = exp(log p)`` from bitwise the forward's
+    scores, returns ``dx`` of ``x``'s shape and dtype::
 
-        E[b,c]    = neg_entropy[b,c] + log_sum[b,c]            (= sum_t p (s - row_max))
-        r[b,c]    = sum_t p[b,c,t] * log_q[c,t]                       (0 when uniform)
-        dx[b,c,:] = tau * row_weight[b,c] * sum_k p[b,c,k]
-                      * ((s[b,c,k] - row_max[b,c]) - E[b,c] - log_q[c,k] + r[b,c])
-                      * templates[k,:]
+        prior None: ds[b,c,k] = w p_k ((s_k - row_max) - E),   E = neg_entropy + log_sum
+        prior:      ds[b,c,k] = p_k (w log p_k - prior[c,k] - D[b,c]),
+                    D[b,c]    = sum_t p_t (w log p_t - prior[c,t]) / sum_t p_t
+        dx[b,c,:] = tau * sum_k ds[b,c,k] * templates[k,:]
 
-    The grouping is free: ``torch`` and ``triton`` weight a template by
-    ``p ((log p - log_q) - D)`` with ``D = E - log_sum - r = sum_t p (log p - log_q)``
-    computed over the recomputed mass ``sum_t p``, where only terms within ``log B`` of
-    each other cancel; ``E`` and ``r`` apart are of the size of the entropies, and their
-    float32 difference put 7e-6 of relative error into ``dx`` on peaked maps (torch
-    backend), against 8e-7 grouped so, as float32 autograd.
+    ``D`` is taken over the recomputed mass ``sum_t p`` (1 in exact arithmetic), so that a
+    row's weights sum to 0 to rounding; with a prior it takes a sweep of its own before
+    the ``dx`` sweep. The prior ``ecloss_fast._ops`` passes, for ``mw = map_weight``:
+    ``w_c log max(pbar, tiny)`` (marginal estimator) plus ``diversity * mw * F`` (the
+    channel-diversity term, docs/design.md section 8.1), or ``None`` (uniform, no
+    diversity); the marginal case is the earlier ``w p ((log p - log q) - KL(p || q))``.
 
-``precision`` is already resolved to ``"ieee"``, ``"tf32"`` or ``"bf16"`` (SPEC section 4).
+``precision`` is already resolved to ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"`` (the
+resolution of ``precision=None`` for float16 maps: products of float16 operands; a backend
+without them says in its docstring what it runs instead), docs/design.md section 4.
 No function may allocate anything of size ``B x C x N``.
 """

@@ -3,7 +3,8 @@
 Each function is one call of ``torch.ops.ecloss_fast_C.*`` (schema in csrc/ops.cpp), which
 the extension ``ecloss_fast._C`` registers when imported; see ``ecloss_fast.backends`` for
 the contract. The CPU computes in full precision whatever ``precision`` says; float16 and
-bfloat16 inputs run in float32.
+bfloat16 inputs run in float32 (``"fp16"``, the resolution of ``precision=None`` for
+float16 maps, which the extension does not name, is passed as ``"ieee"``).
 """
 from __future__ import annotations
 
@@ -35,14 +36,23 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def extension_precision(precision: str, float16_products: str) -> str:
+    """The extension's name for ``precision``: it knows ``"ieee"``, ``"tf32"`` and ``"bf16"``,
+    and ``"fp16"`` takes ``float16_products``."""
+    return float16_products if precision == "fp16" else precision
+
+
 def row_stats(x, templates, tau, precision):
-    return torch.ops.ecloss_fast_C.row_stats(x, templates, tau, precision)
+    return torch.ops.ecloss_fast_C.row_stats(x, templates, tau,
+                                             extension_precision(precision, "ieee"))
 
 
 def column_sums(x, templates, tau, row_max, log_sum, precision):
-    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum, precision)
+    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum,
+                                               extension_precision(precision, "ieee"))
 
 
-def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, log_q, row_weight, precision):
+def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision):
     return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, row_max, log_sum, neg_entropy,
-                                              log_q, row_weight, precision)
+                                              prior, row_weight,
+                                              extension_precision(precision, "ieee"))

@@ -2,15 +2,19 @@
 
 float32, float16 and bfloat16 inputs; ``precision`` picks the matrix unit: ``"tf32"`` and
 ``"bf16"`` run WMMA (mma.sync) on the tensor cores (operands rounded, float32
-accumulation), ``"ieee"`` plain float32 FMAs. Not run on a GPU yet: see bench/NOTES.md.
-The functions are the CPU backend's (one call of ``torch.ops.ecloss_fast_C.*`` each): the
-dispatcher sends CUDA tensors to the CUDA kernels.
+accumulation), ``"ieee"`` plain float32 FMAs. The kernels have no float16 products:
+``"fp16"`` (``precision=None`` for float16 maps) runs TF32 products instead: a TF32
+operand holds every float16 value exactly (the same 10-bit mantissa, a wider exponent) and
+the templates are rounded to that mantissa, so float16 maps lose nothing against float16
+matrix units; the cost is the TF32 rate, half the float16 one. Not run on
+a GPU yet: see bench/NOTES.md. Each function is one call of ``torch.ops.ecloss_fast_C.*``,
+as in the CPU backend: the dispatcher sends CUDA tensors to the CUDA kernels.
 """
 from __future__ import annotations
 
 import torch
 
-from ecloss_fast.backends.cpp_cpu import column_sums, extension_error, input_grad, row_stats
+from ecloss_fast.backends.cpp_cpu import extension_error, extension_precision
 
 __all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
            "input_grad"]
@@ -43,3 +47,19 @@ def supports(device: torch.device) -> bool:
 def supports_dtype(dtype: torch.dtype) -> bool:
     """float64 has no tensor-core path here; the ``torch`` backend takes it."""
     return dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def row_stats(x, templates, tau, precision):
+    return torch.ops.ecloss_fast_C.row_stats(x, templates, tau,
+                                             extension_precision(precision, "tf32"))
+
+
+def column_sums(x, templates, tau, row_max, log_sum, precision):
+    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum,
+                                               extension_precision(precision, "tf32"))
+
+
+def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision):
+    return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, row_max, log_sum, neg_entropy,
+                                              prior, row_weight,
+                                              extension_precision(precision, "tf32"))

@@ -34,8 +34,10 @@ def _chunks(num_rows: int, num_templates: int):
         yield slice(start, min(start + width, num_templates))
 
 
-# bf16 is emulated exactly (operands rounded, float32 GEMM), so it needs full float32 GEMMs.
-_GEMM_SETTING = {"ieee": "highest", "tf32": "high", "bf16": "highest"}
+# Half-precision products are emulated exactly (operands rounded, float32 GEMM: a product of
+# two bfloat16 or two float16 values is exact in float32), so they need full float32 GEMMs.
+_GEMM_SETTING = {"ieee": "highest", "tf32": "high", "bf16": "highest", "fp16": "highest"}
+_HALF_OPERANDS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -54,10 +56,11 @@ def _matmul_precision(precision: str):
 
 
 def _operands(x: torch.Tensor, templates: torch.Tensor, precision: str):
-    """Rows ``(B*C, K)`` and templates in the accumulation dtype, rounded for ``bf16``."""
+    """Rows ``(B*C, K)`` and templates in the accumulation dtype, rounded for ``bf16``/``fp16``."""
     rows = x.reshape(-1, x.shape[-1]).to(templates.dtype)
-    if precision == "bf16" and templates.dtype == torch.float32:
-        return rows.bfloat16().float(), templates.bfloat16().float()
+    half = _HALF_OPERANDS.get(precision)
+    if half is not None and templates.dtype == torch.float32:
+        return rows.to(half).float(), templates.to(half).float()
     return rows, templates
 
 
@@ -123,44 +126,48 @@ def column_sums(x, templates, tau, row_max, log_sum, precision):
     return sums
 
 
-def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, log_q, row_weight, precision):
+def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision):
     batch, channels, pixels = x.shape
     rows, templates = _operands(x, templates, precision)
     row_max, log_sum = row_max.reshape(-1, 1), log_sum.reshape(-1, 1)
+    weight = row_weight.reshape(-1, 1).to(rows.dtype)
     with _matmul_precision(precision):
-        if log_q is not None:
-            # ds = w p ((log p - log q) - D), D = sum p (log p - log q): the contract's
-            # (s - m) - E - log q + r regrouped. log p - log q stays within log B of D
-            # wherever p matters, while E and r have the size of the entropies; formed
-            # apart, their float32 difference put 7e-6 of error into dx on peaked maps
-            # (tests/test_robustness.py), 8e-7 this way, as float32 autograd.
+        if prior is not None:
+            # ds = p (w log p - prior - D), D = sum p (w log p - prior) / sum p: the
+            # contract's row-prior sweep. Over the recomputed mass (1 in exact arithmetic),
+            # so that the weights of a row sum to 0 to rounding.
             divergence = torch.zeros(batch, channels, dtype=rows.dtype, device=x.device)
             mass = torch.zeros_like(divergence)
             for chunk in _chunks(rows.shape[0], templates.shape[0]):
-                log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
-                p = log_p.exp().view(batch, channels, -1)
-                log_ratio = log_p.view_as(p).sub_(log_q[None, :, chunk])
-                divergence += log_ratio.mul_(p).sum(-1)
+                p, factor = _prior_terms(rows, templates, chunk, tau, row_max, log_sum, weight,
+                                         prior, batch, channels)
+                divergence += factor.mul_(p).sum(-1)
                 mass += p.sum(-1)
-            # Over the recomputed mass (1 in exact arithmetic): the weights then sum to 0.
-            offset = (divergence / mass).reshape(-1, 1)
+            offset = (divergence / mass)[..., None]
         else:
             # ds = w p ((s - m) - E), E = sum p (s - m) = neg_entropy + log_sum.
             offset = (neg_entropy + log_sum.view_as(neg_entropy)).reshape(-1, 1)
         grad = torch.zeros_like(rows)
-        weight = row_weight.reshape(-1, 1)
         for chunk in _chunks(rows.shape[0], templates.shape[0]):
-            if log_q is None:
+            if prior is None:
                 shifted = _shifted_scores(rows, templates, chunk, tau, row_max)
                 p = (shifted - log_sum).exp_()
-                factor = shifted.sub_(offset)
+                grad_scores = p.mul_(shifted.sub_(offset)).mul_(weight)
             else:
-                log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
-                p = log_p.exp()
-                factor = log_p.view(batch, channels, -1).sub_(log_q[None, :, chunk])
-                factor = factor.view_as(p).sub_(offset)
-            grad_scores = p.mul_(factor).mul_(weight)
+                p, factor = _prior_terms(rows, templates, chunk, tau, row_max, log_sum, weight,
+                                         prior, batch, channels)
+                grad_scores = p.mul_(factor.sub_(offset)).view(rows.shape[0], -1)
             if precision == "bf16" and grad_scores.dtype == torch.float32:
+                # As the bfloat16 matrix units take them. Not for fp16: a float16 weight
+                # underflows (p * 1e-3 near a uniform softmax), so float32 weights stay.
                 grad_scores = grad_scores.bfloat16().float()
             grad.addmm_(grad_scores, templates[chunk])
     return grad.mul_(tau).view(batch, channels, pixels).to(x.dtype)
+
+
+def _prior_terms(rows, templates, chunk, tau, row_max, log_sum, weight, prior, batch, channels):
+    """``p`` and ``w log p - prior`` of one chunk, each ``(B, C, chunk)``."""
+    log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
+    p = log_p.exp().view(batch, channels, -1)
+    factor = log_p.mul_(weight).view_as(p).sub_(prior[None, :, chunk])
+    return p, factor

@@ -11,9 +11,9 @@ Sweeps over the ``M x N`` scores (``M = B*C`` feature maps, ``N`` templates), SP
 * ``row_stats``: 1 (online softmax; one ``2MNK`` product);
 * ``column_sums``: 1 (one product; each program owns all maps of its channels, or
   per-batch-block partials are summed in a fixed order afterwards);
-* ``input_grad``: 1 for the uniform prior (two products: recompute, then ``dx += w T``),
-  2 with a prior (``row_prior`` first computes ``D = KL(p || q)`` per map, which every
-  template's weight needs).
+* ``input_grad``: 1 without a prior (two products: recompute, then ``dx += w T``), 2 with
+  one (``row_prior`` first computes the per-map offset ``D``, which every template's
+  weight needs).
 
 Nothing of size ``B x C x N`` is allocated: the outputs are ``(B, C)``, ``(C, N)`` (times
 the number of batch blocks when ``B`` exceeds one tile) and ``dx``.
@@ -66,7 +66,7 @@ def supports_dtype(dtype: torch.dtype) -> bool:
     """Input dtypes the kernels take: float16, bfloat16, float32 and float64.
 
     Float64 runs float64 matrix instructions (``mma`` f64 on Ampere and Hopper, about
-    1/15 of the bfloat16 rate) with float64 accumulation, as SPEC section 4 asks.
+    1/15 of the bfloat16 rate) with float64 accumulation (docs/design.md section 4).
     """
     return dtype in _INPUT_DTYPES
 
@@ -78,21 +78,27 @@ def _interpreted(x: torch.Tensor) -> bool:
 def _operands(x: torch.Tensor, precision: str, interpreted: bool) -> str:
     """The kernels' ``OPERANDS`` value: what the matrix unit multiplies (see ``_tiles``).
 
-    The one place that routes bfloat16 products to float32 products of bfloat16-rounded
-    operands under the interpreter, whose bfloat16 ``tl.dot`` is wrong (triton 3.8).
+    ``precision`` is ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"`` (the resolution of
+    ``precision=None`` for float16 maps). The one place that routes half-precision products
+    to float32 products of half-rounded operands under the interpreter, whose bfloat16
+    ``tl.dot`` is wrong (triton 3.8).
     """
     if x.dtype == torch.float64:
         return "fp64"
-    if precision not in ("ieee", "tf32", "bf16"):
-        raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
-    if precision == "bf16" and interpreted:
-        return "bf16_emulated"
+    if precision not in ("ieee", "tf32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'ieee', 'tf32', 'bf16' or 'fp16', got {precision!r}")
+    if precision in ("bf16", "fp16") and interpreted:
+        return f"{precision}_emulated"
     return precision
 
 
+_OPERAND_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _operand_templates(templates: torch.Tensor, operands: str) -> torch.Tensor:
-    """Templates as the kernels read them: bfloat16 copies halve the traffic for ``"bf16"``."""
-    return templates.to(torch.bfloat16) if operands == "bf16" else templates
+    """Templates as the kernels read them: half copies halve the traffic for half products."""
+    half = _OPERAND_DTYPE.get(operands)
+    return templates if half is None else templates.to(half)
 
 
 def _chunks(k: int) -> tuple[int, int, int]:
@@ -230,20 +236,18 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: t
 
 
 def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: torch.Tensor,
-               log_sum: torch.Tensor, neg_entropy: torch.Tensor, log_q: torch.Tensor | None,
+               log_sum: torch.Tensor, neg_entropy: torch.Tensor, prior: torch.Tensor | None,
                row_weight: torch.Tensor, precision: str) -> torch.Tensor:
     """``dx`` of ECLoss, scores recomputed, shape and dtype of ``x`` (contract)::
 
-        E[b,c]    = neg_entropy[b,c] + log_sum[b,c]
-        r[b,c]    = sum_t p[b,c,t] * log_q[c,t]                       (0 when uniform)
-        dx[b,c,:] = tau * row_weight[b,c] * sum_k p[b,c,k]
-                      * ((s[b,c,k] - row_max[b,c]) - E[b,c] - log_q[c,k] + r[b,c])
-                      * templates[k,:]
+        log p     = (s - row_max) - log_sum,      E = neg_entropy + log_sum
+        no prior: dx[b,c,:] = tau * w * sum_k p_k ((s_k - row_max) - E) T[k,:]
+        prior:    dx[b,c,:] = tau * sum_k p_k (w log p_k - prior[c,k] - D) T[k,:],
+                  D = sum_t p_t (w log p_t - prior[c,t]) / sum_t p_t
 
-    ``log_q`` is ``(C, N)`` or ``None`` (uniform); the row statistics and ``row_weight``
-    are ``(B, C)`` in the accumulation dtype. With a prior, the per-row divergence
-    ``D = E - log_sum - r`` takes a sweep of its own (``row_prior_kernel``) before the
-    gradient sweep, which weights each template by ``p ((log p - log_q) - D)``.
+    with ``w = row_weight[b,c]``. ``prior`` is ``(C, N)`` or ``None``; the row statistics
+    and ``row_weight`` are ``(B, C)`` in the accumulation dtype. With a prior, ``D`` takes
+    a sweep of its own (``row_prior_kernel``) before the gradient sweep.
     """
     from ecloss_fast.triton_kernels.input_grad import input_grad_kernel
     from ecloss_fast.triton_kernels.row_prior import row_prior_kernel
@@ -251,20 +255,21 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
     interpreted, operands, constants = _common_constants(x, tau, precision)
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
+    accumulation = accumulation_dtype(x.dtype)
     x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
     row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
     neg_entropy = neg_entropy.contiguous()
-    row_weight = row_weight.to(accumulation_dtype(x.dtype)).contiguous()
-    has_prior = log_q is not None
-    prior = row_max  # an unread placeholder pointer when there is no prior
+    row_weight = row_weight.to(accumulation).contiguous()
+    has_prior = prior is not None
+    offset = row_max  # an unread placeholder pointer when there is no prior
     if has_prior:
-        log_q = log_q.contiguous()
-        prior = torch.empty_like(row_max)
+        prior = prior.to(accumulation).contiguous()
+        offset = torch.empty_like(row_max)
 
         def launch_prior(config):
             _launch(row_prior_kernel, (math.ceil(rows / config.block_m),), interpreted,
-                x, templates, row_max, log_sum, log_q, prior, batch, channels, count,
-                **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                x, templates, row_max, log_sum, prior, row_weight, offset, batch, channels,
+                count, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
         _run("row_prior", x, operands, interpreted, rows, count, launch_prior)
@@ -272,7 +277,7 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
 
     def launch(config):
         _launch(input_grad_kernel, (math.ceil(rows / config.block_m),), interpreted,
-            x, templates, row_max, log_sum, neg_entropy, log_q if has_prior else row_max, prior,
+            x, templates, row_max, log_sum, neg_entropy, prior if has_prior else row_max, offset,
             row_weight, dx, batch, channels, count, **constants, HAS_PRIOR=has_prior,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)

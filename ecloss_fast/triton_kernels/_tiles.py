@@ -25,7 +25,15 @@ chunk in its place, which the callers never read (the compiler drops it).
   interpreter uses it: its ``tl.dot`` on bfloat16 operands returns garbage (triton 3.8),
   while rounding to bfloat16 and multiplying in float32 is the same arithmetic (a product
   of two bfloat16 values is exact in float32);
+* ``"fp16"``: operands rounded to float16, float32 accumulation (float16 maps). The
+  ``dx`` product keeps its weights in float32 and runs in TF32 (exact for the float16
+  templates): a float16 weight ``p * (s - E)`` underflows near a uniform softmax (``p`` near
+  ``1/N``, ``s - E`` near 1e-3 at ``tau = 1e-3``: about 5e-8, float16's smallest subnormal);
+* ``"fp16_emulated"``: the float16 rounding, then float32 products, in the interpreter;
 * ``"fp64"``: float64 operands and accumulation (float64 inputs).
+
+Every ``tl.dot`` names its ``out_dtype``, the accumulator's: triton 3.6 defaults it to
+float32 and rejects a float64 accumulator otherwise.
 """
 import triton
 import triton.language as tl
@@ -56,6 +64,10 @@ def to_operand(values, OPERANDS: tl.constexpr):
         return values.to(tl.bfloat16)
     elif OPERANDS == "bf16_emulated":
         return values.to(tl.bfloat16).to(tl.float32)
+    elif OPERANDS == "fp16":
+        return values.to(tl.float16)
+    elif OPERANDS == "fp16_emulated":
+        return values.to(tl.float16).to(tl.float32)
     elif OPERANDS == "fp64":
         return values.to(tl.float64)
     else:
@@ -92,11 +104,11 @@ def load_chunks(ptr, row_offsets, row_mask, K: tl.constexpr, K0: tl.constexpr,
 @triton.jit
 def _dot(a, b, acc, OPERANDS: tl.constexpr):
     if OPERANDS == "tf32":
-        return tl.dot(a, b, acc, input_precision="tf32")
-    elif OPERANDS == "bf16":
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
+    elif OPERANDS == "bf16" or OPERANDS == "fp16":
+        return tl.dot(a, b, acc, out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -132,8 +144,27 @@ def scores(x0, x1, x2, t0, t1, t2, TAU: tl.constexpr, K1: tl.constexpr, K2: tl.c
 @triton.jit
 def accumulate_weighted(acc0, acc1, acc2, weights, t0, t1, t2, K1: tl.constexpr,
                         K2: tl.constexpr, OPERANDS: tl.constexpr):
-    """``acc += weights @ templates`` per chunk: ``weights [R, Nt]``, ``t [Nt, Kc]``, ``acc [R, Kc]``."""
-    w = to_operand(weights, OPERANDS)
+    """``acc += weights @ templates`` per chunk: ``weights [R, Nt]``, ``t [Nt, Kc]``, ``acc [R, Kc]``.
+
+    Float16 operands multiply their float32 weights in TF32 (``"ieee"`` when emulated),
+    see the module docstring.
+    """
+    if OPERANDS == "fp16":
+        acc0, acc1, acc2 = _accumulate(acc0, acc1, acc2, weights.to(tl.float32),
+                                       t0.to(tl.float32), t1.to(tl.float32), t2.to(tl.float32),
+                                       K1, K2, "tf32")
+    elif OPERANDS == "fp16_emulated":
+        acc0, acc1, acc2 = _accumulate(acc0, acc1, acc2, weights.to(tl.float32), t0, t1, t2,
+                                       K1, K2, "ieee")
+    else:
+        acc0, acc1, acc2 = _accumulate(acc0, acc1, acc2, to_operand(weights, OPERANDS), t0, t1,
+                                       t2, K1, K2, OPERANDS)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _accumulate(acc0, acc1, acc2, w, t0, t1, t2, K1: tl.constexpr, K2: tl.constexpr,
+                OPERANDS: tl.constexpr):
     acc0 = _dot(w, t0, acc0, OPERANDS)
     if K1 > 0:
         acc1 = _dot(w, t1, acc1, OPERANDS)

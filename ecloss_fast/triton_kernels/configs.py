@@ -79,8 +79,12 @@ AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1))
 
 
 def operand_kind(operands: str) -> str:
-    """Configuration family of a kernel ``OPERANDS`` value (the interpreter's emulation is bf16)."""
-    return "bf16" if operands == "bf16_emulated" else operands
+    """Configuration family of a kernel ``OPERANDS`` value.
+
+    Float16 products take the bfloat16 tiles: the same operand size and the same matrix
+    instruction shapes; the interpreter's emulations are their own kind's.
+    """
+    return "bf16" if operands in ("bf16_emulated", "fp16", "fp16_emulated") else operands
 
 
 def candidates(kernel: str, operands: str, capability: tuple[int, int]) -> tuple[LaunchConfig, ...]:

@@ -9,7 +9,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entropy_ptr,
-                      log_q_ptr, prior_ptr, row_weight_ptr, dx_ptr, B, C, N,
+                      prior_ptr, offset_ptr, row_weight_ptr, dx_ptr, B, C, N,
                       TAU: tl.constexpr, K: tl.constexpr, K0: tl.constexpr,
                       K1: tl.constexpr, K2: tl.constexpr,
                       OPERANDS: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -22,10 +22,11 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
         templates_ptr: ``(N, K)`` templates, row stride ``K``.
         row_max_ptr, log_sum_ptr, neg_entropy_ptr: ``(B, C)`` row statistics from
             ``row_stats``, ``ACC``.
-        log_q_ptr: ``(C, N)`` log prior (``HAS_PRIOR``; else unused), ``ACC``, contiguous.
-        prior_ptr: ``(B, C)`` ``D = sum_t p (log p - log_q)`` from ``row_prior``
-            (``HAS_PRIOR``).
-        row_weight_ptr: ``(B, C)`` upstream weight of each row, ``ACC``.
+        prior_ptr: ``(C, N)`` prior of the backend contract (``HAS_PRIOR``; else unused),
+            ``ACC``, contiguous.
+        offset_ptr: ``(B, C)`` ``D = sum_t p (w log p - prior) / sum_t p`` from
+            ``row_prior`` (``HAS_PRIOR``; else unused).
+        row_weight_ptr: ``(B, C)`` upstream weight ``w`` of each row, ``ACC``.
         dx_ptr: ``(B, C, K)`` output, contiguous, ``x``'s dtype.
         TAU: the score scale ``tau``, a compile-time constant so that it is exact in
             float64 (a Python float argument would be passed as float32); a new
@@ -33,19 +34,17 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
 
     With ``s = tau x.T`` (bitwise the scores of ``row_stats``, ``_tiles.scores``),
     ``log p = (s - row_max) - log_sum``, ``E = neg_entropy + log_sum = sum_t p (s - row_max)``
-    and ``w = tau * row_weight[b,c]``::
+    and ``w = row_weight[b,c]``::
 
-        uniform:   dx[b,c,:] = w * sum_t p_t ((s_t - row_max) - E) T[t,:]
-        HAS_PRIOR: dx[b,c,:] = w * sum_t p_t ((log p_t - log_q[c,t]) - D[b,c]) T[t,:]
+        uniform:   dx[b,c,:] = tau * w * sum_t p_t ((s_t - row_max) - E) T[t,:]
+        HAS_PRIOR: dx[b,c,:] = tau * sum_t p_t ((w log p_t - prior[c,t]) - D[b,c]) T[t,:]
 
-    the contract's ``(s - row_max) - E - log_q + r`` grouped so that only terms of the
-    size of the result cancel (see ``row_prior_kernel``). Every term is formed from the
-    shift ``s - row_max`` (at most 0, natural units, scaled by ``log2(e)`` only for
-    ``exp2``), and the ``p`` are those of the forward sweep, which sum to 1: the weights
-    sum to 0 up to rounding at every score magnitude. The row's ``[BLOCK_M, K]`` gradient
-    stays in float32 (float64) registers for the whole sweep and is written once. Uniform
-    rows run batch-major (memory order); with a prior, channel-major (few prior rows per
-    tile).
+    Every term is formed from the shift ``s - row_max`` (at most 0, natural units, scaled
+    by ``log2(e)`` only for ``exp2``), and the ``p`` are those of the forward sweep, which
+    sum to 1: the weights sum to 0 up to rounding at every score magnitude. The row's
+    ``[BLOCK_M, K]`` gradient stays in float32 (float64) registers for the whole sweep and
+    is written once. Uniform rows run batch-major (memory order); with a prior,
+    channel-major (few prior rows per tile).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B * C
@@ -55,7 +54,8 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
     row_max = tl.load(row_max_ptr + flat, mask=row_mask, other=0.0).to(ACC)
     log_sum = tl.load(log_sum_ptr + flat, mask=row_mask, other=0.0).to(ACC)
     if HAS_PRIOR:
-        offset = tl.load(prior_ptr + flat, mask=row_mask, other=0.0).to(ACC)
+        weight = tl.load(row_weight_ptr + flat, mask=row_mask, other=0.0).to(ACC)
+        offset = tl.load(offset_ptr + flat, mask=row_mask, other=0.0).to(ACC)
     else:
         offset = tl.load(neg_entropy_ptr + flat, mask=row_mask, other=0.0).to(ACC) + log_sum
 
@@ -75,9 +75,9 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
                          INTERPRETED) - row_max[:, None]
         log_p = shifted - log_sum[:, None]
         if HAS_PRIOR:
-            log_q = tl.load(log_q_ptr + channels[:, None] * N + templates[None, :],
+            prior = tl.load(prior_ptr + channels[:, None] * N + templates[None, :],
                             mask=row_mask[:, None] & template_mask[None, :], other=0.0)
-            coefficient = (log_p - log_q) - offset[:, None]
+            coefficient = (weight[:, None] * log_p - prior) - offset[:, None]
         else:
             coefficient = shifted - offset[:, None]
         # Templates past N load as zero rows; masking their weight keeps a non-finite
@@ -85,6 +85,9 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
         weights = tl.where(template_mask[None, :], tl.exp2(log_p * LOG2E) * coefficient, 0.0)
         dx0, dx1, dx2 = accumulate_weighted(dx0, dx1, dx2, weights, t0, t1, t2, K1, K2, OPERANDS)
 
-    row_scale = TAU * tl.load(row_weight_ptr + flat, mask=row_mask, other=0.0).to(ACC)
+    if HAS_PRIOR:
+        row_scale = tl.full((BLOCK_M,), TAU, ACC)
+    else:
+        row_scale = TAU * tl.load(row_weight_ptr + flat, mask=row_mask, other=0.0).to(ACC)
     store_chunks(dx_ptr, flat * K, row_mask, dx0 * row_scale[:, None], dx1 * row_scale[:, None],
                  dx2 * row_scale[:, None], K, K0, K1, K2)
