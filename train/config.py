@@ -21,9 +21,13 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from ecloss_fast import num_templates
+from ecloss_fast._dispatch import BACKENDS, PRECISIONS
+from models.vgg import TARGET_STRIDE
+
 __all__ = ["Config", "ModelConfig", "HeadConfig", "ECLossConfig", "BetaConfig", "DataConfig",
            "OptimConfig", "RunConfig", "load_config", "parse_overrides", "config_from_dict",
-           "config_to_dict"]
+           "config_to_dict", "config_help", "check_paths"]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ModelConfig:
     dropout: float = 0.0
     # Without the pool before conv5: 14x14 target maps (19,307 templates) at 112x112 input.
     drop_last_pool: bool = False
+    sync_bn: bool = False  # BatchNorm statistics over all processes (CUDA only)
 
 
 @dataclass
@@ -48,6 +53,8 @@ class HeadConfig:
     s: float = 64.0
     m: Optional[float] = None  # None: 0.4 for CosFace, 0.5 for ArcFace
     alpha: float = 1.0
+    partial_fc: bool = False  # class centres sharded over the processes (train/partial_fc.py)
+    sample_rate: float = 1.0  # partial_fc: share of each shard's classes scored per step
 
 
 @dataclass
@@ -63,13 +70,13 @@ class ECLossConfig:
     """
 
     enabled: bool = True
-    templates: Union[int, str] = "full"  # "full" or k, the paper's evenly spaced subset (400)
+    templates: Union[Literal["full"], int] = "full"  # "full" or k, the paper's evenly spaced subset (400)
     estimator: Literal["uniform", "marginal"] = "uniform"
-    backend: str = "auto"
+    backend: str = "auto"  # "auto" or one of ecloss_fast's backends
     tau: Union[float, Literal["auto"]] = 1e-3
     score_spread: float = 1.0  # tau=auto: the target mean std of the scores over templates
     radius: float = 4.0
-    precision: Optional[Literal["ieee", "tf32", "bf16"]] = None
+    precision: Optional[str] = None  # one of ecloss_fast's precisions; null: the library's choice
     diversity: float = 0.0  # lambda of the channel diversity term; 0: off
     normalize: bool = False  # score each map divided by its L2 norm
 
@@ -159,6 +166,8 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True
     max_nonfinite_steps: int = 50  # consecutive skipped steps before the run stops
+    verify: tuple[str, ...] = ()  # InsightFace .bin pair sets scored during training
+    verify_every: int = 2000  # steps between those scores, at the next logged step
 
 
 @dataclass
@@ -173,6 +182,17 @@ class Config:
 
     def __post_init__(self):
         _validate(self)
+
+
+# String options whose values are the library's own lists.
+LIBRARY_CHOICES = {"ecloss.backend": ("auto", *BACKENDS), "ecloss.precision": (*PRECISIONS, None)}
+
+
+def _show(value) -> str:
+    """``value`` in YAML, as a ``key=value`` override reads it back (``1.0e-05``, ``null``)."""
+    text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                          default_flow_style=True)
+    return text.strip().removesuffix("...").strip()
 
 
 def _unknown(key: str, known) -> ValueError:
@@ -192,7 +212,7 @@ def _coerce(value, hint, key: str):
                 return _coerce(value, option, key)
             except ValueError:
                 continue
-        raise ValueError(f"{key}: {value!r} matches none of {hint}")
+        raise ValueError(f"{key} must be {_type_name(hint, key)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
@@ -305,6 +325,49 @@ def load_config(path: str | Path | None = None, overrides=(), base: dict | None 
     return config_from_dict(_merge(values, parse_overrides(overrides)))
 
 
+def _type_name(hint, key: str) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if key in LIBRARY_CHOICES:
+        return "|".join(map(_show, LIBRARY_CHOICES[key]))
+    if origin is Union:
+        return "|".join(_type_name(a, key) if a is not type(None) else "null" for a in args)
+    if origin is Literal:
+        return "|".join(map(_show, args))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0], key)}"
+        return f"[{', '.join(_type_name(a, key) for a in args)}]"
+    return "true|false" if hint is bool else hint.__name__
+
+
+def config_help() -> str:
+    """Every config key with its type and default, from the dataclasses above."""
+    rows = []
+    for section, cls in typing.get_type_hints(Config).items():
+        hints, defaults = typing.get_type_hints(cls), cls()
+        for item in dataclasses.fields(defaults):
+            key = f"{section}.{item.name}"
+            rows.append((key, _type_name(hints[item.name], key), _show(getattr(defaults, item.name))))
+    width = max(len(key) for key, _, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {default}  ({kind})" for key, kind, default in rows)
+
+
+def check_paths(config: Config) -> None:
+    """``FileNotFoundError`` for data files the run would miss, before it creates anything."""
+    data = config.data
+    path = Path(data.path) if data.path else None
+    if data.source == "folder" and not path.is_dir():
+        raise FileNotFoundError(f"data.path={data.path}: no such folder (data.source=folder "
+                                "reads one sub-folder per identity)")
+    if data.source == "recordio":
+        if path.is_dir():
+            raise FileNotFoundError(f"data.path={data.path} is a folder; data.source=recordio "
+                                    f"reads the .rec file itself, e.g. {path / 'train.rec'}")
+        for needed, what in ((path, "the .rec file"), (path.with_suffix(".idx"), "its index")):
+            if not needed.is_file():
+                raise FileNotFoundError(f"data.path={data.path}: {what} {needed} not found")
+
+
 def _validate(config: Config) -> None:
     """Checks across fields and of ranges that the types alone do not express."""
     positive = {"model.width": config.model.width, "model.input_size": config.model.input_size,
@@ -313,20 +376,51 @@ def _validate(config: Config) -> None:
                 "train.log_every": config.train.log_every, "optim.lr": config.optim.lr,
                 "ecloss.radius": config.ecloss.radius,
                 "ecloss.score_spread": config.ecloss.score_spread,
-                "beta.update_every": config.beta.update_every}
-    if config.ecloss.tau != "auto":
-        positive["ecloss.tau"] = config.ecloss.tau
+                "beta.update_every": config.beta.update_every, "head.s": config.head.s,
+                "data.num_identities": config.data.num_identities,
+                "data.images_per_identity": config.data.images_per_identity,
+                "optim.gamma": config.optim.gamma, "beta.max_value": config.beta.max_value,
+                "train.max_nonfinite_steps": config.train.max_nonfinite_steps}
+    optional = {"ecloss.tau": None if config.ecloss.tau == "auto" else config.ecloss.tau,
+                "train.stop_at_step": config.train.stop_at_step,
+                "data.num_classes": config.data.num_classes, "optim.grad_clip": config.optim.grad_clip}
+    positive.update({key: value for key, value in optional.items() if value is not None})
     for key, value in positive.items():
-        if not value > 0:
+        if not 0 < value < math.inf:
             raise ValueError(f"{key} must be positive, got {value}")
+    non_negative = {"head.alpha": config.head.alpha, "data.num_workers": config.data.num_workers,
+                    "optim.weight_decay": config.optim.weight_decay,
+                    "optim.warmup_epochs": config.optim.warmup_epochs,
+                    "optim.min_lr": config.optim.min_lr, "beta.warmup_steps": config.beta.warmup_steps}
+    for key, value in non_negative.items():
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+    for key, value in (("model.dropout", config.model.dropout), ("optim.momentum", config.optim.momentum)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{key} must be in [0, 1), got {value}")
+    for key, value in (("ecloss.backend", config.ecloss.backend),
+                       ("ecloss.precision", config.ecloss.precision)):
+        if value not in LIBRARY_CHOICES[key]:
+            raise ValueError(f"{key} must be one of {', '.join(map(_show, LIBRARY_CHOICES[key]))}; "
+                             f"got {value!r}")
     if not 0 <= config.ecloss.diversity < math.inf:
         raise ValueError(f"ecloss.diversity must be a finite number >= 0, got {config.ecloss.diversity}")
     if config.data.jitter and config.data.source != "synthetic":
         raise ValueError("data.jitter draws the synthetic faces in other poses; "
                          f"data.source={config.data.source!r} has its own")
+    # The models' rule (models/vgg.py), checked here so that a run fails before it starts.
+    stride = TARGET_STRIDE // 2 if config.model.drop_last_pool else TARGET_STRIDE
+    if config.model.input_size % stride:
+        raise ValueError(f"model.input_size must be a multiple of {stride} (the stride of the "
+                         f"target maps{' without the last pool' if stride != TARGET_STRIDE else ''}),"
+                         f" got {config.model.input_size}")
     templates = config.ecloss.templates
-    if isinstance(templates, str) and templates != "full":
-        raise ValueError(f"ecloss.templates must be 'full' or an int, got {templates!r}")
+    if isinstance(templates, int):
+        side = config.model.input_size // stride
+        if not 1 <= templates <= num_templates(side):
+            raise ValueError(f"ecloss.templates must be 'full' or an int from 1 to "
+                             f"{num_templates(side)} (the templates of {side}x{side} maps), "
+                             f"got {templates}")
     if not config.beta.max_growth > 1:
         raise ValueError(f"beta.max_growth must be above 1, got {config.beta.max_growth}")
     if not 0 <= config.beta.ema < 1:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "setup", "teardown"]
+__all__ = ["Context", "setup", "teardown", "sync_batchnorm", "check_sync_batchnorm"]
 
 
 @dataclass
@@ -88,6 +88,25 @@ def setup(device: str = "auto", backend: str = "auto") -> Context:
             raise ValueError("train.dist_backend='nccl' needs CUDA devices; use 'gloo' on CPUs")
         dist.init_process_group(backend, device_id=chosen if backend == "nccl" else None)
     return Context(rank, world_size, local_rank, chosen, owns_group)
+
+
+def sync_batchnorm(module: torch.nn.Module, context: Context) -> torch.nn.Module:
+    """``module`` with its BatchNorms computing their statistics over all processes.
+
+    Unchanged in one process. PyTorch's SyncBatchNorm trains on CUDA (and XPU/HPU) only: on
+    CPU processes its forward raises, so this refuses them before the run starts.
+    """
+    check_sync_batchnorm(context)
+    if not context.distributed:
+        return module
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def check_sync_batchnorm(context: Context) -> None:
+    """The error :func:`sync_batchnorm` raises for CPU processes, before a run starts."""
+    if context.distributed and context.device.type != "cuda":
+        raise ValueError("model.sync_bn needs CUDA devices: PyTorch's SyncBatchNorm does not "
+                         f"train on {context.device.type} processes; set model.sync_bn=false")
 
 
 def teardown(context: Context) -> None:

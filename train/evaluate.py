@@ -24,6 +24,9 @@ from the first ``--data`` set with images, the figures ``DIR/*.png``: Figure 6 (
 activation of the most consistent channels over faces of distinct identities), Figure 5
 (one face's maps with their peaks), each channel's dominant part and where its peaks land,
 the histogram of peaks per map and the part assignment matrix ``A[c, k]``.
+
+The checkpoint, every ``--data`` path and the settings are checked before anything is
+computed or written; a user error is one ``error: ...`` line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ecloss_fast import metrics  # noqa: E402
+from train.cli import USER_ERRORS, read_checkpoint, report_user_error  # noqa: E402
 from train.data.image import denormalize  # noqa: E402
 
 __all__ = ["EvalSettings", "evaluate_checkpoint", "evaluate_model", "main"]
@@ -108,8 +112,34 @@ def _open_data(name: str, path: str, config, settings: EvalSettings) -> dict:
         from train.data.folder import ImageFolderFaces
 
         return dict(images=ImageFolderFaces(file, size))
-    raise ValueError(f"--data {name}={path}: not 'synthetic', 'synthetic_jitter', a .bin, "
-                     "pairs.txt@ROOT, a .rec, a landmark folder or an image folder")
+    raise ValueError(f"--data {name}={path}: not {DATA_KINDS}")
+
+
+DATA_KINDS = ("'synthetic', 'synthetic_jitter', a .bin, pairs.txt@ROOT, a .rec, a landmark "
+              "folder or an image folder")
+
+
+def _check_data_path(name: str, path: str) -> None:
+    """The files :func:`_open_data` will read exist: checked for every ``--data`` set before
+    the first is evaluated, so that a typo stops the run before it writes anything."""
+    where = f"--data {name}={path}"
+    if path in SYNTHETIC:
+        return
+    if "@" in path:
+        pairs_file, root = map(Path, path.split("@", 1))
+        if not pairs_file.is_file():
+            raise FileNotFoundError(f"{where}: the pair list {pairs_file} not found")
+        if not root.is_dir():
+            raise FileNotFoundError(f"{where}: the image root {root} is not a folder")
+        return
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{where}: no such file or folder")
+    rec = file if file.suffix == ".rec" else file / "train.rec"
+    if rec.is_file() and not rec.with_suffix(".idx").is_file():
+        raise FileNotFoundError(f"{where}: {rec.with_suffix('.idx')}, the index of {rec}, not found")
+    if file.is_file() and file.suffix not in (".bin", ".rec"):
+        raise ValueError(f"{where}: not {DATA_KINDS}")
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -458,7 +488,40 @@ def _data_argument(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _check_arguments(args, settings: EvalSettings) -> dict[str, str]:
+    """The ``--data`` sets by name; ``ValueError`` or ``FileNotFoundError`` for a user error
+    found without reading any data."""
+    for name, value in vars(settings).items():
+        low = 2 if name == "folds" else 1
+        if isinstance(value, int) and name != "seed" and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if not 0 < settings.fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1], got {settings.fraction}")
+    if not settings.min_prominence >= 0:
+        raise ValueError(f"--min-prominence must be >= 0, got {settings.min_prominence}")
+    pairs = args.data or list(DEFAULT_DATA.items())
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--data: the name {', '.join(repeated)} is given more than once")
+    data = dict(pairs)
+    for name, path in data.items():
+        _check_data_path(name, path)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise ValueError(f"--device {args.device}: {error}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA device here")
+    return data
+
+
 def main(argv=None) -> dict:
+    """The command line; a user error exits with status 2 after one ``error: ...`` line."""
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a run directory")
@@ -472,8 +535,12 @@ def main(argv=None) -> dict:
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     settings = EvalSettings(**{f: getattr(args, f) for f in vars(defaults)})
-    results = evaluate_checkpoint(args.checkpoint, args.out, dict(args.data or DEFAULT_DATA),
-                                  settings, args.device)
+    try:
+        data = _check_arguments(args, settings)
+        read_checkpoint(args.checkpoint)  # an unreadable one fails here, before any output
+        results = evaluate_checkpoint(args.checkpoint, args.out, data, settings, args.device)
+    except USER_ERRORS as error:
+        raise SystemExit(report_user_error(error)) from None
     print(json.dumps(results["datasets"], indent=2))
     return results
 

@@ -46,13 +46,17 @@ def release_console_logger() -> None:
 class RunLog:
     """Appends rows to ``log.csv`` and scalars to TensorBoard under ``<run dir>/tensorboard``.
 
-    On resume from step ``k``, rows after ``k`` (written by the interrupted run after its
-    last checkpoint) are dropped and TensorBoard purges its events after ``k``.
+    The columns are :data:`CSV_FIELDS` and then ``extra_fields`` (the run's verification
+    sets, ``verify_<name>``: blank in the rows that did not score them). On resume from
+    step ``k``, rows after ``k`` (written by the interrupted run after its last checkpoint)
+    are dropped and TensorBoard purges its events after ``k``.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None):
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None,
+                 extra_fields: tuple[str, ...] = ()):
         self.enabled = enabled
         self.writer = None
+        self.fields = CSV_FIELDS + tuple(extra_fields)
         if not enabled:
             return
         self.path = run_dir / "log.csv"
@@ -61,7 +65,8 @@ class RunLog:
             with open(self.path, newline="") as handle:
                 rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
         with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, CSV_FIELDS)
+            # A resumed run may score other sets: their old columns go.
+            writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         if tensorboard:
@@ -78,11 +83,13 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            csv.DictWriter(handle, self.fields).writerow({k: row.get(k, "") for k in self.fields})
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+                    tag = (key.replace("verify_", "verify/", 1) if key.startswith("verify_")
+                           else f"train/{key}")
+                    self.writer.add_scalar(tag, value, row["step"])
             self.writer.flush()
 
     def close(self) -> None:

@@ -4,7 +4,9 @@
 the command line around it, with or without ``torchrun``. The run directory holds::
 
     config.yaml            the full resolved config
-    log.csv                one row per ``train.log_every`` steps (see train/logs.py)
+    log.csv                one row per ``train.log_every`` steps (see train/logs.py); with
+                           ``train.verify``, each set's pair accuracy every
+                           ``train.verify_every`` steps (at the next logged step)
     train.log              the console messages
     tensorboard/           TensorBoard events
     checkpoints/last.pt    rewritten every checkpoint; step_<n>.pt kept periodically
@@ -16,12 +18,20 @@ ECLoss on the maps outside autocast (the core picks its own precision; with
 ``ecloss.tau=auto`` the first step calibrates tau on these maps first), every
 ``beta.update_every`` steps the two gradient norms at the maps (train/beta.py), backward
 through the (fp16-only) GradScaler, unscale, clip, and skip the update if the gradient is
-not finite. SIGINT and SIGTERM finish the current step, save ``last.pt`` and return.
+not finite. SIGINT and SIGTERM finish the current step (in several processes: the next
+logged step, where they agree), save ``last.pt`` and return.
+
+Host synchronisation: one per logged step (the row's all-reduce, read with ``tolist``),
+which also reads the steps' non-finite flags: the skip itself is decided on the device
+(:meth:`Trainer._step_if`), so consecutive non-finite steps are counted, reported and
+limited (``train.max_nonfinite_steps``) at the next logged step or checkpoint. Beyond it:
+the automatic beta's measurement every ``beta.update_every`` steps, and PyTorch's fp16
+GradScaler, which reads its found-inf flag every step.
 """
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
 import random
 import signal
@@ -49,6 +59,8 @@ from train.data import BadDataError, build_dataset, collate_faces
 from train.data.sampler import GlobalBatchSampler
 from train.logs import RunLog, console_logger, release_console_logger
 from train.optim import build_optimizer, build_scheduler
+from train.partial_fc import PartialFC
+from train.verification import VerificationPairs, pair_accuracy, read_bin
 
 __all__ = ["Recognizer", "Trainer", "fit", "train"]
 
@@ -100,6 +112,12 @@ class Trainer:
 
     def __init__(self, config: Config, ctx: distributed.Context):
         self.config, self.ctx, self.device = config, ctx, ctx.device
+        if config.model.sync_bn:
+            distributed.check_sync_batchnorm(ctx)
+        if config.head.sample_rate != 1 and not config.head.partial_fc:
+            raise ValueError("head.sample_rate samples the classes of a partial FC head; "
+                             "set head.partial_fc=true or head.sample_rate=1")
+        self.verification = self._verification_sets()
         self.stopped_by: int | None = None
         self._stop_signal: int | None = None
         run = config.train
@@ -114,6 +132,16 @@ class Trainer:
         # In every intra-op thread: set_flush_denormal alone reaches the calling thread only.
         self._cpu_switches = contextlib.ExitStack()
         self._cpu_switches.enter_context(ecloss_fast.flush_subnormals(self.device.type == "cpu"))
+        try:
+            self._build()
+        except BaseException:
+            # Left set, the OpenMP threads' flush switch hung the process at exit.
+            self._restore_switches()
+            raise
+
+    def _build(self) -> None:
+        """Data, model, optimiser and logs of the run, from the checkpoint when resuming."""
+        config, ctx, run = self.config, self.ctx, self.config.train
         _seed_everything(_mix(run.seed, self.ctx.rank))
 
         state = load_checkpoint(run.resume) if run.resume else None
@@ -128,15 +156,25 @@ class Trainer:
         backbone = build_model(m.arch, batch_norm=m.batch_norm, width=m.width,
                                input_size=m.input_size, embedding_dim=m.embedding_dim,
                                dropout=m.dropout, drop_last_pool=m.drop_last_pool)
-        head = build_head(h.kind, m.embedding_dim, self.num_classes, s=h.s, m=h.m)
+        if h.partial_fc:
+            head = PartialFC(h.kind, m.embedding_dim, self.num_classes, s=h.s, m=h.m,
+                             sample_rate=h.sample_rate, max_batch=run.batch_size,
+                             rank=ctx.rank, world_size=ctx.world_size, group=ctx.group)
+        else:
+            head = build_head(h.kind, m.embedding_dim, self.num_classes, s=h.s, m=h.m)
+        if m.sync_bn:
+            backbone = distributed.sync_batchnorm(backbone, ctx)
         self.module = Recognizer(backbone, head).to(self.device)
         if state is not None:
             self.module.backbone.load_state_dict(state["model"])
-            self.module.head.load_state_dict(state["head"])
+            self.module.head.load_state_dict(self._head_rows(state["head"], "load"))
         self.network = self.module  # what the forward pass calls: DDP-wrapped when distributed
         if self.ctx.distributed:
-            self.network = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+            ddp = functools.partial(nn.parallel.DistributedDataParallel,
+                                    device_ids=[self.device] if self.device.type == "cuda" else None)
+            # A sharded head differs between the ranks: DDP must not average it.
+            self.network = (Recognizer(ddp(self.module.backbone), head) if h.partial_fc
+                            else ddp(self.module))
 
         self.sampler = GlobalBatchSampler(len(self.dataset), run.batch_size,
                                           world_size=self.ctx.world_size, rank=self.ctx.rank,
@@ -154,12 +192,61 @@ class Trainer:
         self.beta = BetaSchedule(config.beta, h.alpha)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.skipped_steps = self.skipped_images = 0
+        # Steps not logged yet: (finite, loss, ce, ecloss) on the device (_settle_steps).
+        self._pending: list[tuple] = []
+        self._streak = 0  # consecutive non-finite steps, as of the last settled step
+        self._stop_agreed = False  # a signal seen by some rank, agreed at a logged step
         if state is not None:
             self._restore(state)
         self.runlog = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=run.tensorboard,
-                             resume_step=self.step if state is not None else None)
+                             resume_step=self.step if state is not None else None,
+                             extra_fields=tuple(f"verify_{Path(p).stem}" for p in run.verify))
+        self._verified_at = self.step  # the step of the last verification (or the start)
 
     # -- setup -------------------------------------------------------------------------
+
+    def _verification_sets(self) -> list[VerificationPairs]:
+        """The ``train.verify`` sets, checked on every rank and read on rank 0, the one that
+        scores them (:meth:`_verify`), before the run starts."""
+        run = self.config.train
+        if not run.verify:
+            return []
+        if run.verify_every < 1:
+            raise ValueError(f"train.verify_every must be positive, got {run.verify_every}")
+        missing = [path for path in run.verify if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"train.verify: no file at {', '.join(missing)}")
+        names = [Path(path).stem for path in run.verify]
+        if len(set(names)) < len(names):
+            raise ValueError(f"train.verify: the sets' file names must differ (they name the "
+                             f"log.csv columns), got {list(run.verify)}")
+        if not self.ctx.is_main:
+            return []
+        sets = [read_bin(path, self.config.model.input_size) for path in run.verify]
+        for path, pairs in zip(run.verify, sets):
+            if len(pairs) < 10:
+                raise ValueError(f"train.verify: {path} holds {len(pairs)} pairs; the 10-fold "
+                                 "protocol needs at least 10")
+        return sets
+
+    def _verify(self) -> dict:
+        """``{"verify_<name>": accuracy}`` of the backbone on each ``train.verify`` set,
+        scored on rank 0 (the backbone is the same on every rank; the others go on to the
+        next collective and wait there)."""
+        self._verified_at = self.step
+        if not self.verification:
+            return {}
+        backbone = self.module.backbone
+        try:
+            scores = {f"verify_{pairs.name}":
+                      pair_accuracy(backbone, pairs, batch_size=self.config.train.batch_size,
+                                    device=self.device)["accuracy"]
+                      for pairs in self.verification}
+        finally:
+            backbone.train()
+        self.log.info("step %d: verification accuracy %s", self.step,
+                      ", ".join(f"{name[7:]} {value:.4f}" for name, value in scores.items()))
+        return scores
 
     def _run_dir(self, state: dict | None) -> Path:
         run = self.config.train
@@ -186,7 +273,8 @@ class Trainer:
 
     # Keys of the model, head and data sections that a resumed run may change; the others
     # define the parameters and the samples and must match the checkpoint.
-    RESUMABLE_CHANGES = frozenset({"head.alpha", "data.num_workers", "data.on_bad_data"})
+    RESUMABLE_CHANGES = frozenset({"head.alpha", "head.sample_rate", "data.num_workers",
+                                   "data.on_bad_data"})
 
     def _check_compatible(self, state: dict) -> None:
         # Through Config, so that keys added after the checkpoint take their defaults.
@@ -233,8 +321,38 @@ class Trainer:
                       self.step + 1, e.score_spread)
         self.criterion = self._criterion()
 
+    def _head_rows(self, head_state: dict, direction: str, optimizer_state: dict | None = None):
+        """A partial FC head's state (and its optimizer state) gathered from its shards for
+        a checkpoint (``direction="save"``, a collective) or this rank's rows of a
+        checkpoint's (``"load"``); the unchanged state for a replicated head.
+
+        Checkpoints hold the full classifier, so a run resumes on any number of processes
+        and ``load_for_eval`` needs nothing else.
+        """
+        head = self.module.head
+        if not isinstance(head, PartialFC):
+            return head_state if optimizer_state is None else (head_state, optimizer_state)
+        rows, convert = ((head.num_local, head.gather_rows) if direction == "save"
+                         else (head.num_classes, lambda full: head.shard_rows(full).clone()))
+
+        def by_rows(value):
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                return convert(value)
+            return value
+
+        head_state = {key: by_rows(value) for key, value in head_state.items()}
+        if optimizer_state is None:
+            return head_state
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        sharded = {id(p) for p in head.parameters()}
+        states = dict(optimizer_state["state"])
+        for index in sorted(i for i, p in enumerate(params) if id(p) in sharded and i in states):
+            states[index] = {key: by_rows(value) for key, value in states[index].items()}
+        return head_state, {**optimizer_state, "state": states}
+
     def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        _, optimizer = self._head_rows({}, "load", state["optimizer"])
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.beta.load_state_dict(state["beta"])
@@ -263,15 +381,17 @@ class Trainer:
 
     def save(self, periodic: bool = False) -> Path:
         """Write ``checkpoints/last.pt`` (and ``step_<n>.pt`` when ``periodic``); all ranks call it."""
+        self._settle_pending()  # skipped_steps as of this step
         rng = self.ctx.all_gather_object(_rng_state(self.device))
+        head, optimizer = self._head_rows(self.module.head.state_dict(), "save",
+                                          self.optimizer.state_dict())
         path = self.run_dir / "checkpoints" / "last.pt"
         if self.ctx.is_main:
             state = {"version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch,
                      "batch_in_epoch": self.batch_in_epoch, "world_size": self.ctx.world_size,
                      "config": config_to_dict(self.config),
                      "model": self.module.backbone.state_dict(),
-                     "head": self.module.head.state_dict(),
-                     "optimizer": self.optimizer.state_dict(),
+                     "head": head, "optimizer": optimizer,
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "beta": self.beta.state_dict(), "calibrated_tau": self.calibrated_tau,
                      "rng": rng,
@@ -291,8 +411,9 @@ class Trainer:
         if self._stop_signal is not None:  # a second signal: stop now, without saving
             raise KeyboardInterrupt
         self._stop_signal = signum
-        self.log.warning("%s received: saving a checkpoint after this step (again to abort)",
-                         signal.Signals(signum).name)
+        self.log.warning("%s received: saving a checkpoint after %s (again to abort)",
+                         signal.Signals(signum).name,
+                         "the next logged step" if self.ctx.distributed else "this step")
 
     @contextlib.contextmanager
     def _signals(self):
@@ -309,9 +430,11 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         stop_at = self.config.train.stop_at_step
-        local = self._stop_signal is not None or (stop_at is not None and self.step >= stop_at)
-        flag = torch.tensor([float(local)], device=self.device)
-        return bool(self.ctx.all_reduce_max(flag).item())
+        if stop_at is not None and self.step >= stop_at:
+            return True  # the same step on every rank
+        # A signal reaches the ranks at different steps: they agree on it in the all-reduce
+        # of the next logged step (_log_row), not with a host synchronisation of each step.
+        return self._stop_agreed if self.ctx.distributed else self._stop_signal is not None
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -339,7 +462,11 @@ class Trainer:
         labels = batch["label"].to(self.device, non_blocking=True)
         with self._autocast():
             logits, out = self.network(images, labels)
-            ce = F.cross_entropy(logits.float(), labels)
+            if self.config.head.partial_fc:
+                ce, correct = logits  # over the global batch; correct: this rank's rows
+            else:
+                ce = F.cross_entropy(logits.float(), labels)
+                correct = (logits.detach().argmax(1) == labels).sum()
         if self.criterion is None and self.config.ecloss.enabled:
             self._calibrate_tau(out.maps)
         ecl = (self.criterion(out.maps) if self.criterion is not None
@@ -350,13 +477,15 @@ class Trainer:
         loss = self.config.head.alpha * ce + beta * ecl
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        clip = self.config.optim.grad_clip
-        grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(),
-                                             clip if clip is not None else math.inf)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself
+        grad_norm = self._clip_gradients()
+        finite = torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            # The fp16 scaler skips non-finite steps itself; it reads its found-inf flag on
+            # the host (PyTorch's GradScaler.step): fp16 runs synchronise once per step.
+            self.scaler.step(self.optimizer)
             self.scaler.update()
+        else:
+            self._step_if(finite)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # The schedule follows the data position, skipped updates included; PyTorch warns
@@ -364,8 +493,50 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         return {"loss": loss.detach(), "ce": ce.detach(), "ecloss": ecl.detach(), "beta": beta,
-                "correct": (logits.detach().argmax(1) == labels).sum(), "images": labels.numel(),
+                "correct": correct, "images": labels.numel(),
                 "grad_norm": grad_norm.detach(), "finite": finite}
+
+    def _step_if(self, finite: torch.Tensor) -> None:
+        """``optimizer.step()`` where ``finite`` (a device bool) holds, else no change at all,
+        decided on the device: the step runs, then ``torch.where`` puts back the parameters
+        and optimizer state copied before it, and zeroes the state it created (the first
+        step's, which a later step then creates anew). State kept on another device than
+        its parameter (AdamW's CPU step count beside CUDA parameters) is left as stepped.
+        """
+        tracked = [(p, self.optimizer.state[p]) for group in self.optimizer.param_groups
+                   for p in group["params"] if p.grad is not None]
+
+        def same_device(value, p):
+            return isinstance(value, torch.Tensor) and value.device == p.device
+
+        before = [(p.detach().clone(), {key: value.clone() for key, value in state.items()
+                                        if same_device(value, p)}) for p, state in tracked]
+        self.optimizer.step()
+        with torch.no_grad():
+            for (p, _), (old, old_state) in zip(tracked, before):
+                p.copy_(torch.where(finite, p, old))
+                state = self.optimizer.state[p]
+                for key, value in state.items():
+                    if same_device(value, p):
+                        value.copy_(torch.where(finite, value, old_state.get(key, 0)))
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to ``optim.grad_clip`` by the global norm; returns the norm before clipping.
+
+        A partial FC shard's squared norm is summed over the ranks; the rest of the
+        gradient is the same on every rank after DDP's average.
+        """
+        parameters = [p for p in self.module.parameters() if p.grad is not None]
+        if isinstance(self.module.head, PartialFC) and self.ctx.distributed:
+            shard = [p.grad for p in self.module.head.parameters() if p.grad is not None]
+            replicated = [p.grad for p in self.module.backbone.parameters() if p.grad is not None]
+            squares = self.ctx.all_reduce_sum(nn.utils.get_total_norm(shard).square())
+            norm = (nn.utils.get_total_norm(replicated).square() + squares).sqrt()
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in parameters])
+        if self.config.optim.grad_clip is not None:
+            nn.utils.clip_grads_with_norm_(parameters, self.config.optim.grad_clip, norm)
+        return norm
 
     def _measure_gradients(self, ce, ecl, maps) -> None:
         """Give the beta schedule ``|dCE/dz|`` and ``|dECL/dz|`` over all ranks (train/beta.py).
@@ -388,18 +559,37 @@ class Trainer:
         ce_norm, ecl_norm = norms.tolist()
         self.beta.observe(self.step, ce_norm, ecl_norm)
 
-    def _report_nonfinite(self, result: dict, streak: int) -> None:
-        self.skipped_steps += 1
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.log.warning("step %d: non-finite gradient (loss %.4g, ce %.4g, ecloss %.4g); update "
-                         "skipped%s", self.step, result["loss"].item(), result["ce"].item(),
-                         result["ecloss"].item(),
-                         f", fp16 loss scale now {scale:g}" if scale is not None else "")
-        if streak >= self.config.train.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{streak} consecutive non-finite steps up to step {self.step}; stopping. The "
-                f"last good checkpoint is in {self.run_dir / 'checkpoints'}; lower optim.lr, "
-                "set optim.grad_clip or use train.amp=bf16")
+    def _settle_steps(self, finite: list, values: list) -> None:
+        """Count, report and limit the non-finite steps since the last call, read on the host
+        at a logged step or a checkpoint; ``values`` holds each step's (loss, ce, ecloss).
+
+        The flags are equal on every rank (the gradient norm is over the averaged
+        gradient), so every rank skips the same steps and stops at the same one.
+        """
+        first = self.step - len(finite) + 1
+        for step, (ok, (loss, ce, ecl)) in enumerate(zip(finite, values), first):
+            if ok:
+                self._streak = 0
+                continue
+            self._streak += 1
+            self.skipped_steps += 1
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.log.warning("step %d: non-finite gradient (loss %.4g, ce %.4g, ecloss %.4g); "
+                             "update skipped%s", step, loss, ce, ecl,
+                             f", fp16 loss scale now {scale:g}" if scale is not None else "")
+            if self._streak >= self.config.train.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self._streak} consecutive non-finite steps up to step {step}; stopping. "
+                    f"The last good checkpoint is in {self.run_dir / 'checkpoints'}; lower "
+                    "optim.lr, set optim.grad_clip or use train.amp=bf16")
+        del self._pending[:]
+
+    def _settle_pending(self) -> None:
+        """:meth:`_settle_steps` for the steps not yet logged, read from this rank."""
+        if self._pending:
+            flags = torch.stack([torch.stack([f, *values]).double()
+                                 for f, *values in self._pending]).tolist()
+            self._settle_steps([row[0] > 0 for row in flags], [row[1:] for row in flags])
 
     def run(self) -> Path:
         run = self.config.train
@@ -407,7 +597,6 @@ class Trainer:
                       self.run_dir, len(self.dataset), self.num_classes, self.steps_per_epoch,
                       self.ctx.world_size)
         totals = self._empty_totals()
-        streak = 0
         with self._signals():
             while self.epoch < run.epochs:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -425,12 +614,11 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     bar.update()
-                    streak = 0 if result["finite"] else streak + 1
-                    if not result["finite"]:
-                        self._report_nonfinite(result, streak)
                     self._accumulate(totals, result)
                     if self.step % run.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
-                        row = self._log_row(totals)
+                        every = run.verify_every
+                        due = run.verify and self.step // every > self._verified_at // every
+                        row = self._log_row(totals, self._verify() if due else {})
                         bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}",
                                         ecl=f"{row['ecloss']:.3g}",
                                         acc=f"{row['accuracy']:.3f}",
@@ -455,6 +643,9 @@ class Trainer:
         ``run()`` does it at its end, :func:`fit` also on errors."""
         self.runlog.close()
         release_console_logger()
+        self._restore_switches()
+
+    def _restore_switches(self) -> None:
         deterministic, benchmark = self._global_switches
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
@@ -474,20 +665,22 @@ class Trainer:
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         return {"loss": zero.clone(), "ce": zero.clone(), "ecloss": zero.clone(),
                 "correct": zero.clone(), "grad_norm": zero.clone(), "images": 0, "steps": 0,
-                "finite_steps": 0, "start": time.perf_counter()}
+                "finite_steps": zero.clone(), "start": time.perf_counter()}
 
-    @staticmethod
-    def _accumulate(totals: dict, result: dict) -> None:
+    def _accumulate(self, totals: dict, result: dict) -> None:
+        """Add a step to the interval's sums, on the device (see :meth:`_log_row`)."""
+        finite = result["finite"]
         totals["steps"] += 1
         totals["images"] += result["images"]
         totals["correct"] += result["correct"]
-        if result["finite"]:
-            totals["finite_steps"] += 1
-            for key in ("loss", "ce", "ecloss", "grad_norm"):
-                totals[key] += result[key].double()
+        totals["finite_steps"] += finite
+        for key in ("loss", "ce", "ecloss", "grad_norm"):
+            totals[key] += torch.where(finite, result[key].double(), 0.0)
+        self._pending.append((finite, result["loss"], result["ce"], result["ecloss"]))
 
-    def _log_row(self, totals: dict) -> dict:
-        """Means over the interval, over every rank; written by rank 0.
+    def _log_row(self, totals: dict, scores: dict) -> dict:
+        """Means over the interval, over every rank, and ``scores`` (:meth:`_verify`);
+        written by rank 0.
 
         The ECLoss diagnostics (``mi_over_log_n``, ``max_p``, ``score_std``) are those of
         the logged step's call, read here, in the all-reduce the row takes anyway: no host
@@ -496,12 +689,23 @@ class Trainer:
         """
         diagnostics = self.criterion.last_diagnostics if self.criterion is not None else {}
         local = torch.stack([totals["loss"], totals["ce"], totals["ecloss"], totals["correct"],
-                             totals["grad_norm"], *diagnostics.values()]).to(torch.float64)
-        counts = torch.tensor([totals["images"], totals["finite_steps"]], dtype=torch.float64,
-                              device=self.device)
-        summed = self.ctx.all_reduce_sum(torch.cat([local, counts])).tolist()
-        loss, ce, ecl, correct, grad_norm = summed[:5]
-        shares, (images, finite_steps) = summed[5:-2], summed[-2:]
+                             totals["grad_norm"], totals["finite_steps"],
+                             *diagnostics.values()]).to(torch.float64)
+        host = torch.tensor([totals["images"], float(self._stop_signal is not None)],
+                            dtype=torch.float64, device=self.device)
+        # Each unlogged step's finite flag, loss, ce and ecloss, for _settle_steps.
+        steps = [torch.stack([f, *values]).double() for f, *values in self._pending]
+        steps = torch.cat(steps) if steps else host.new_zeros(0)
+        # The one host synchronisation of the interval.
+        summed = self.ctx.all_reduce_sum(torch.cat([local, host, steps])).tolist()
+        loss, ce, ecl, correct, grad_norm, finite_steps = summed[:6]
+        count = len(diagnostics)
+        shares, (images, stops) = summed[6:6 + count], summed[6 + count:8 + count]
+        per_step = [summed[i:i + 4] for i in range(8 + count, len(summed), 4)]
+        self._stop_agreed = stops > 0
+        world = self.ctx.world_size
+        self._settle_steps([row[0] > 0 for row in per_step],
+                           [[value / world for value in row[1:]] for row in per_step])
         steps = max(finite_steps, 1)  # over all ranks; each rank adds its own batch means
         elapsed = time.perf_counter() - totals["start"]
         row = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
@@ -513,14 +717,18 @@ class Trainer:
                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
         row.update({name: share / self.ctx.world_size
                     for name, share in zip(diagnostics, shares)})
+        row.update(scores)
         self.runlog.log(row)
         return row
 
     @staticmethod
     def _diagnostics_postfix(row: dict) -> dict:
-        """The progress bar's short names for the ECLoss diagnostics the row holds."""
+        """The progress bar's short names for the ECLoss diagnostics and the verification
+        scores the row holds."""
         names = {"mi_over_log_n": "mi", "max_p": "max_p", "score_std": "s_std"}
-        return {short: f"{row[name]:.3g}" for name, short in names.items() if name in row}
+        verification = {name[7:]: f"{value:.3f}" for name, value in row.items()
+                        if name.startswith("verify_")}
+        return {short: f"{row[name]:.3g}" for name, short in names.items() if name in row} | verification
 
 
 def fit(config: Config | dict) -> Trainer:
