@@ -5,9 +5,10 @@ import functools
 import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["num_templates", "count_for_pixels", "make_templates", "template_matrix",
-           "subset_indices"]
+           "subset_indices", "prepared_templates"]
 
 
 def _check_size(height, width):
@@ -86,3 +87,52 @@ def make_templates(height: int, width: int | None = None, *, radius: float = 4.0
     device = torch.device(device) if device is not None else torch.device("cpu")
     matrix = template_matrix(height, width, float(radius), subset, device, dtype)
     return matrix.view(-1, height, width).clone()
+
+
+# Source matrix -> (its version, {(dtype, padded K, row multiple): prepared copy}); an entry
+# goes with its source (weak keys, by identity).
+_PREPARED = WeakIdKeyDictionary()
+
+
+def prepared_templates(templates: torch.Tensor, dtype: torch.dtype, padded_k: int,
+                       row_multiple: int) -> torch.Tensor:
+    """The ``(N, K)`` template matrix as a kernel streams it: cast, zero-padded, cached.
+
+    Returns a contiguous ``(N', padded_k)`` tensor on ``templates``' device, in ``dtype``
+    (the operand type of the matrix unit: bfloat16 or float16 for half products, else the
+    accumulation dtype), where ``N' = ceil(N / row_multiple) * row_multiple``:
+
+    * columns ``K .. padded_k`` are 0, so a row is a whole number of 16-byte vectors when
+      ``padded_k * itemsize`` is a multiple of 16 (the Triton backend pads to its ``K``
+      chunks' total, 196 -> 208), and a kernel loads whole chunks without a column mask
+      (the products over padded columns are ``x * 0``; ``x`` itself is loaded masked at
+      ``K`` or padded likewise);
+    * rows ``N .. N'`` are 0, so every tile of ``row_multiple`` templates lies inside the
+      buffer and loads without a row mask. Those rows are not templates: a kernel must
+      still exclude them from every sum over templates (their score is 0, not -inf), e.g.
+      by a score of -inf or a weight of 0 for ``t >= N``.
+
+    Cached per source tensor (object and ``_version``; an in-place change makes a new copy),
+    ``dtype``, ``padded_k`` and ``row_multiple``, for as long as the source lives: the
+    matrices of ``template_matrix`` (one per map size, radius, subset, device and dtype)
+    are themselves cached, so each is converted once. Never modify the result in place.
+    """
+    if templates.dim() != 2:
+        raise ValueError(f"templates must be (N, K), got shape {tuple(templates.shape)}")
+    count, k = templates.shape
+    if padded_k < k or row_multiple < 1:
+        raise ValueError(f"padded_k must be at least K = {k} and row_multiple at least 1, "
+                         f"got {padded_k} and {row_multiple}")
+    # Inference tensors keep no version counter (and cannot change outside inference mode).
+    version = 0 if templates.is_inference() else templates._version
+    entry = _PREPARED.get(templates)
+    if entry is None or entry[0] != version:
+        entry = _PREPARED[templates] = (version, {})  # new, or the source changed in place
+    copies = entry[1]
+    key = (dtype, padded_k, row_multiple)
+    if key not in copies:
+        rows = -(-count // row_multiple) * row_multiple
+        prepared = torch.zeros(rows, padded_k, device=templates.device, dtype=dtype)
+        prepared[:count, :k] = templates
+        copies[key] = prepared
+    return copies[key]

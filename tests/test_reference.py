@@ -1,4 +1,5 @@
-"""The reference backend against an independent float64 NumPy evaluation of SPEC.md."""
+"""The reference backend against an independent float64 NumPy evaluation of docs/design.md
+sections 2 (The loss) and 3 (The gradient)."""
 import numpy as np
 import pytest
 import torch

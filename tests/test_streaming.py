@@ -36,8 +36,9 @@ def assert_matches_reference(x, upstream=None, **kwargs):
     tol = LOSS_TOL[x.dtype]
     # Nearly uniform softmaxes make the loss a small difference of numbers of size log N.
     torch.testing.assert_close(fast.double(), ref, rtol=tol, atol=tol * math.log(count + 1))
-    # SPEC section 4: on nearly uniform softmaxes the error is bounded relative to the size
-    # of the terms (log N per score), not to the result: tau * log N * |g| / B per template.
+    # docs/design.md section 4.4 (Error bounds): on nearly uniform softmaxes the error is
+    # bounded relative to the size of the terms (log N per score), not to the result:
+    # tau * log N * |g| / B per template.
     term = max(math.log(count + 1), max_abs_score(x, **kwargs))
     size = tau_of(kwargs) * term * upstream.abs().max() / x.shape[0] * math.sqrt(x.numel())
     error = (grad_fast.double() - grad_ref).norm()

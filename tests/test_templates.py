@@ -82,3 +82,52 @@ def test_dtype_device_and_fresh_copy():
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error):
         ef.make_templates(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_prepared_templates_cast_pad_and_cache(dtype):
+    from ecloss_fast._templates import prepared_templates
+
+    source = torch.randn(121, 15, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    prepared = prepared_templates(source, dtype, 16, 32)
+    assert prepared.shape == (128, 16) and prepared.dtype == dtype and prepared.is_contiguous()
+    # Every value is the source's, rounded once to dtype; the padding is exactly 0.
+    assert torch.equal(prepared[:121, :15], source.to(dtype))
+    assert not prepared[121:].any() and not prepared[:, 15:].any()
+    assert prepared_templates(source, dtype, 16, 32) is prepared
+    assert prepared_templates(source, dtype, 16, 16).shape == (128, 16)
+    assert prepared_templates(source, dtype, 32, 64).shape == (128, 32)
+    source.mul_(2)  # an in-place change makes a new copy
+    again = prepared_templates(source, dtype, 16, 32)
+    assert again is not prepared and torch.equal(again[:121, :15], source.to(dtype))
+    with torch.inference_mode():
+        frozen = source.clone()
+    assert torch.equal(prepared_templates(frozen, dtype, 16, 32), again)
+
+
+def test_prepared_templates_go_with_their_source():
+    import gc
+    import weakref
+
+    from ecloss_fast._templates import prepared_templates
+
+    source = torch.randn(7, 5)
+    copy = weakref.ref(prepared_templates(source, torch.bfloat16, 8, 4))
+    assert copy() is not None
+    del source
+    gc.collect()
+    assert copy() is None
+
+
+def test_prepared_templates_of_template_matrix_and_bad_arguments():
+    from ecloss_fast._templates import prepared_templates, template_matrix
+
+    matrix = template_matrix(14, 14, 4.0, None, torch.device("cpu"), torch.float32)
+    prepared = prepared_templates(matrix, torch.bfloat16, 208, 32)
+    assert prepared.shape == (19_328, 208)  # 19,307 rows to whole 32-row tiles; 196 -> 208
+    assert prepared.shape[1] * prepared.element_size() % 16 == 0
+    assert torch.equal(prepared[:19_307, :196], matrix.bfloat16())
+    with pytest.raises(ValueError, match="padded_k"):
+        prepared_templates(matrix, torch.bfloat16, 195, 32)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        prepared_templates(matrix[0], torch.bfloat16, 208, 32)

@@ -187,9 +187,58 @@ def test_matrix_unit_configs_share_one_instruction_shape():
 
     for table in (configs.HOPPER, configs.AMPERE):
         for kind in ("bf16", "tf32"):
-            tiles = [config for kernel in configs.KERNELS for config in table[(kernel, kind)]]
-            assert len({config.block_n for config in tiles}) == 1, (kind, tiles)
-            assert all(config.block_m == 16 * config.num_warps for config in tiles), (kind, tiles)
+            for k in configs.K_CLASSES:
+                tiles = [config for kernel in configs.KERNELS
+                         for config in table[(kernel, kind, k)]]
+                assert len({config.block_n for config in tiles}) == 1, (kind, k, tiles)
+                assert all(config.block_m == 16 * config.num_warps for config in tiles), tiles
+
+
+def test_default_configs_are_keyed_by_k_and_rows():
+    """128-row forward tiles at the paper's B*C = 32,768 rows on 132 SMs, the small tile
+    when the rows would leave SMs idle, a table for every kernel at K = 784, a clear error
+    past K = 1024."""
+    from ecloss_fast.triton_kernels import configs
+
+    for kind in ("bf16", "tf32"):
+        for kernel in ("row_stats", "column_sums", "row_prior", "input_grad"):
+            assert configs.default(kernel, kind, (9, 0), 32_768, 132, 196).block_m == 128
+        assert configs.default("row_stats", kind, (9, 0), 4_096, 132, 196).block_m == 64
+    for kernel in configs.KERNELS:
+        for kind in configs.OPERAND_KINDS:
+            for capability in ((8, 0), (9, 0)):
+                assert configs.candidates(kernel, kind, capability, 784)
+    with pytest.raises(ValueError, match="at most 1024 pixels"):
+        configs.candidates("row_stats", "bf16", (9, 0), 1025)
+
+
+def test_interpreter_tiles_exercise_padding_and_dx_slices():
+    """The shapes above run a ragged last template tile (prepared rows past N) and, above
+    K = 32, a sliced dx with a ragged last slice; 3x5 keeps dx whole."""
+    from ecloss_fast.triton_kernels import configs
+
+    for h, w, b, c in SMALL_SHAPES:
+        count = ef.num_templates(h, w)
+        config = configs.interpreter("input_grad", b * c, count, h * w)
+        assert count % config.block_n, (h, w, config)
+        assert (config.dx_columns == 0) == (h * w <= 32), (h, w, config)
+        if config.dx_columns:
+            assert h * w % config.dx_columns, (h, w, config)
+
+
+def test_interpreted_launch_leaves_triton_language_as_it_was():
+    """Triton's interpreter patches triton.language and does not undo it; run_interpreted
+    does (a later triton.compile in the process would otherwise build with its patches)."""
+    from ecloss_fast import triton_kernels
+
+    before = [(namespace, dict(vars(namespace)))
+              for namespace in triton_kernels._patched_namespaces()]
+    x = random_maps(1, 2, 3, 5, seed=4).reshape(1, 2, 15)
+    triton_fused.row_stats(x, contract_templates(3, 5), TAU, "ieee")
+    for namespace, names in before:
+        current = vars(namespace)
+        changed = [name for name, value in names.items() if current.get(name) is not value]
+        assert not changed, (namespace, changed)
 
 
 def test_column_sums_keep_their_mass_at_huge_scores():

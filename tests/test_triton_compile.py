@@ -1,181 +1,109 @@
-"""Every launch configuration of every Triton kernel fits an H100: compiled for sm_90 on the CPU.
+"""Every configuration the backend picks by default fits an H100: compiled for sm_90 on the CPU.
 
-For each kernel, operand kind and configuration of ``ecloss_fast.triton_kernels.configs``
-(Hopper table) at the paper's ``K = 196``, ``triton.compile`` builds the kernel for
-``GPUTarget("cuda", 90, 32)`` (no GPU needed; Triton's bundled ``ptxas`` assembles it), and
-the test checks:
+``python -m bench.kernels`` compiles each launch exactly as Triton's runtime JIT would
+(its binder's specialisation: ``tt.divisibility = 16`` on aligned pointers and on integer
+arguments that are multiples of 16; see that module) for ``GPUTarget("cuda", 90, 32)``, and
+reads the cubin with ``cuobjdump`` and the PTX with ``ptxas -v``. For every kernel, operand
+kind and ``K`` in 196 and 784, the configuration ``configs.default`` picks at the paper's
+``B*C = 32,768`` rows must have:
 
-* shared memory at most 227 KB (the H100's per-block limit);
-* no local memory: ``cuobjdump --dump-resource-usage`` on the cubin reports ``LOCAL:0``
-  (the kernels have no local arrays). Register spills are not counted there but in the
-  stack frame (``STACK``), and are not asserted: several of these configurations spill
-  (``ptxas -v``, triton 3.8: ``row_prior`` and most ``input_grad`` ones, up to 5.6 KB of
-  spill stores);
-* the matrix instructions: ``wgmma`` or ``mma`` in the PTX, except for ``"ieee"``, which
+* no register spills: ``STACK`` 0 in ``cuobjdump --dump-resource-usage`` (spills live in
+  the stack frame, not in ``LOCAL``) and no spill stores in ``ptxas -v``;
+* shared memory at most 227 KB (the H100's per-block limit) and at least one block per SM;
+* the matrix instructions, ``wgmma`` or ``mma`` in the PTX, except for ``"ieee"``, which
   Triton runs on the FMA units by design.
 
-The compilations run in one fresh Python process (this file run as a script), without
-``TRITON_INTERPRET``: a process that ran interpreted kernels has Triton's language modules
-patched by the interpreter (see tests/conftest.py), and a kernel module imported under
-``TRITON_INTERPRET=1`` holds interpreted functions, which do not compile. The
-``ASTSource(fn, signature, constexprs)`` form with string signatures and a ``constexprs``
-dict keyed by argument name is the triton >= 3.3 API (3.6..3.9 here); older versions are
-skipped with that reason.
+The check is shown to bite: one configuration known to spill (a 128-row ``input_grad``
+with a prior, bf16) is compiled too and must be reported as spilling.
+
+The compilations run in one fresh Python process without ``TRITON_INTERPRET``: a kernel
+module imported under ``TRITON_INTERPRET=1`` holds interpreted functions, which do not
+compile.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
-from ecloss_fast.backends.triton_fused import _chunks  # noqa: E402
-from ecloss_fast.triton_kernels import configs  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 H100_SHARED_BYTES = 227 * 1024
-K = 196  # 14x14 maps, the paper's setting: chunks 128 + 64 + 16
+KNOWN_SPILLER = "input_grad_prior:196:float32:bf16:128x64w8s2"
 
 
-def _kernel_and_signature(kernel: str, operands: str, config: configs.LaunchConfig,
-                          has_prior: bool):
-    """The kernel, its signature and constexprs, read off its own parameters: the maps
-    (``x_ptr``, ``dx_ptr``) in the input dtype, ``templates_ptr`` in the operand dtype, every
-    other pointer in the accumulation dtype, every other runtime argument ``i32``."""
-    import triton.language as tl
-
-    from ecloss_fast.triton_kernels import column_sums, input_grad, row_prior, row_stats
-
-    element = {"bf16": "*fp32", "tf32": "*fp32", "ieee": "*fp32", "fp64": "*fp64"}[operands]
-    pointers = {"x_ptr": element, "dx_ptr": element,
-                "templates_ptr": "*bf16" if operands == "bf16" else element}
-    acc = "*fp64" if operands == "fp64" else "*fp32"
-    k0, k1, k2 = _chunks(K)
-    # The paper's batch: B = 64 maps of a channel per column_sums tile.
-    block_b = min(64, config.block_m)
-    constants = dict(TAU=1e-3, K=K, K0=k0, K1=k1, K2=k2, OPERANDS=operands,
-                     ACC=tl.float64 if operands == "fp64" else tl.float32, INTERPRETED=False,
-                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_PRIOR=has_prior,
-                     CHANNELS=config.block_m // block_b, BLOCK_B=block_b)
-    fn = {"row_stats": row_stats.row_stats_kernel, "row_prior": row_prior.row_prior_kernel,
-          "column_sums": column_sums.column_sums_kernel,
-          "input_grad": input_grad.input_grad_kernel}[kernel]
-    signature, constexprs = {}, {}
-    for parameter in fn.params:
-        name = parameter.name
-        if parameter.is_constexpr:
-            if name not in constants:
-                raise KeyError(f"{kernel}_kernel has a constexpr {name} this test does not set")
-            signature[name], constexprs[name] = "constexpr", constants[name]
-        else:
-            signature[name] = pointers.get(name, acc) if name.endswith("_ptr") else "i32"
-    return fn, signature, constexprs
-
-
-def _cases():
-    """All candidates of the two kernels that set the pace (``row_stats``, uniform
-    ``input_grad``); the default bf16 and tf32 configuration of the others, whose code is
-    the same plus one load (``row_prior``, ``column_sums``, ``input_grad`` with a prior).
-    That keeps this test near 20 compilations (about 4 s each on one core)."""
-    for kernel in configs.KERNELS:
-        for has_prior in ((False, True) if kernel == "input_grad" else (False,)):
-            every = kernel == "row_stats" or (kernel == "input_grad" and not has_prior)
-            for operands in configs.OPERAND_KINDS if every else ("bf16", "tf32"):
-                table = configs.HOPPER[(kernel, operands)]
-                for config in table if every else table[:1]:
-                    key = (kernel, operands, config, has_prior)
-                    yield pytest.param(*key, id=f"{kernel}-{operands}-{config.block_m}x"
-                                           f"{config.block_n}w{config.num_warps}s"
-                                           f"{config.num_stages}{'-prior' if has_prior else ''}")
-
-
-def _local_memory_bytes(cubin: bytes) -> int:
-    from triton import knobs
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as handle:
-            handle.write(cubin)
-        report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
-                                check=True, capture_output=True, text=True).stdout
-    return sum(int(value) for value in re.findall(r"LOCAL:(\d+)", report))
-
-
-def _compile(kernel: str, operands: str, config: configs.LaunchConfig, has_prior: bool) -> dict:
-    """What the test checks of one compiled kernel (run in the compiling process)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn, signature, constexprs = _kernel_and_signature(kernel, operands, config, has_prior)
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=config.num_warps,
-                                           num_stages=config.num_stages))
-    return dict(shared=compiled.metadata.shared,
-                local=_local_memory_bytes(compiled.asm["cubin"]),
-                matrix_instruction=bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"])))
-
-
-def _compile_cases(cases: dict) -> dict:
-    """``{case id: _compile's result, or {"error": traceback}}`` for ``{case id: params}``."""
-    results = {}
-    for case_id, params in cases.items():
-        try:
-            results[case_id] = _compile(params["kernel"], params["operands"],
-                                        configs.LaunchConfig(**params["config"]),
-                                        params["has_prior"])
-        except Exception:  # noqa: BLE001: reported per case, as that case's failure
-            results[case_id] = {"error": traceback.format_exc()}
-    return results
-
-
-def _compile_in_fresh_process(cases: dict) -> dict:
-    """``_compile_cases`` in a new Python process, which has never run an interpreted kernel."""
-    environment = {name: value for name, value in os.environ.items()
-                   if name != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, __file__], input=json.dumps(cases), cwd=ROOT,
-                          env=environment, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        pytest.fail(f"the compiling process exited with {done.returncode}:\n"
-                    f"{done.stderr[-4000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+def fit_problems(record: dict) -> list[str]:
+    """Why the compiled configuration of ``record`` does not fit an H100 (empty: it fits)."""
+    if "error" in record:
+        return [f"did not compile: {record['error']}"]
+    problems = []
+    if record["spill_bytes"] or record["spill_stores"]:
+        problems.append(f"spills: {record['spill_bytes']} B of stack, "
+                        f"{record['spill_stores']} B of spill stores")
+    if record["local_bytes"]:
+        problems.append(f"uses {record['local_bytes']} B of local memory")
+    if record["shared_bytes"] > H100_SHARED_BYTES:
+        problems.append(f"{record['shared_bytes']} B of shared memory > 227 KB")
+    if record["blocks_per_sm"] < 1:
+        problems.append("no block fits on an SM")
+    if record["operands"] != "ieee" and not record["matrix_instruction"]:
+        problems.append("no matrix instruction")
+    return problems
 
 
 @pytest.fixture(scope="module")
-def compiled(request):
-    """The selected cases of this module, all compiled in one fresh process."""
+def report(tmp_path_factory):
+    """``python -m bench.kernels --defaults-only`` plus the known spiller, in a fresh process."""
     from triton.compiler import ASTSource
 
     if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
         pytest.skip("this triton's ASTSource has no `constexprs` argument (triton < 3.3)")
-    cases = {item.callspec.id: {**item.callspec.params,
-                                "config": dataclasses.asdict(item.callspec.params["config"])}
-             for item in request.session.items
-             if item.module is request.module and item.originalname == "test_config_fits_h100"}
-    return _compile_in_fresh_process(cases)
+    path = tmp_path_factory.mktemp("kernels") / "kernels.json"
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "bench.kernels", "--defaults-only",
+                           "--config", KNOWN_SPILLER, "--json", str(path)],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800)
+    if not path.exists():
+        pytest.fail(f"bench.kernels exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    records = json.loads(path.read_text())
+    return [r for r in records if r["default"]], [r for r in records if not r["default"]]
 
 
-@pytest.mark.parametrize("kernel, operands, config, has_prior", list(_cases()))
-def test_config_fits_h100(compiled, request, kernel, operands, config, has_prior):
-    result = compiled[request.node.callspec.id]
-    assert "error" not in result, result.get("error")
-    assert result["shared"] <= H100_SHARED_BYTES, result["shared"]
-    assert result["local"] == 0, "the kernel uses local memory"
-    if operands != "ieee":
-        assert result["matrix_instruction"], "no matrix instruction"
+def test_every_kernel_operand_kind_and_k_has_a_default(report):
+    defaults, _ = report
+    picked = {(r["kernel"], r["prior"], r["K"], r["input"], r["operands"]) for r in defaults}
+    assert len(picked) == len(defaults), "two defaults for one launch"
+    # 5 kernels (input_grad with and without a prior) x 5 routes x 2 K.
+    assert len(picked) == 50, sorted(picked)
 
 
-if __name__ == "__main__":
-    print(json.dumps(_compile_cases(json.load(sys.stdin))))
+def test_default_configs_fit_h100(report):
+    defaults, _ = report
+    failures = {f"{r['kernel']} K={r['K']} {r['input']} {r['operands']} {r['config']}":
+                fit_problems(r) for r in defaults}
+    failures = {case: problems for case, problems in failures.items() if problems}
+    assert not failures, json.dumps(failures, indent=1)
+
+
+def test_default_row_tiles_are_128_at_the_paper_setting(report):
+    """The forward sweeps take 128-row tiles at ``B*C = 32,768``, ``K = 196``, bf16/tf32."""
+    defaults, _ = report
+    for r in defaults:
+        if r["kernel"] in ("row_stats", "column_sums") and r["K"] == 196 \
+                and r["operands"] in ("bf16", "tf32"):
+            assert r["config"]["block_m"] == 128, r
+
+
+def test_spill_check_catches_a_spilling_config(report):
+    _, probes = report
+    assert len(probes) == 1 and "error" not in probes[0], probes
+    assert any("spills" in problem for problem in fit_problems(probes[0])), probes[0]

@@ -6,14 +6,20 @@ per file, are in ``ecloss_fast.triton_kernels``; this module picks the compiled 
 interpreted copy, the operand precision, the ``K`` chunking and the launch configuration,
 and launches them.
 
-Sweeps over the ``M x N`` scores (``M = B*C`` feature maps, ``N`` templates), SPEC section 6:
+Sweeps over the ``M x N`` scores (``M = B*C`` feature maps, ``N`` templates), as counted in
+docs/design.md section 6 (Cost model):
 
 * ``row_stats``: 1 (online softmax; one ``2MNK`` product);
 * ``column_sums``: 1 (one product; each program owns all maps of its channels, or
   per-batch-block partials are summed in a fixed order afterwards);
 * ``input_grad``: 1 without a prior (two products: recompute, then ``dx += w T``), 2 with
   one (``row_prior`` first computes the per-map offset ``D``, which every template's
-  weight needs).
+  weight needs). Where a configuration keeps ``dx`` in column slices (``dx_columns``,
+  see ``triton_kernels.configs``) each slice repeats the score product.
+
+The kernels read the templates prepared once (``_templates.prepared_templates``: operand
+type, ``K`` padded to the chunks, rows to whole tiles) and, for half products, the maps
+rounded once to the half type.
 
 Nothing of size ``B x C x N`` is allocated: the outputs are ``(B, C)``, ``(C, N)`` (times
 the number of batch blocks when ``B`` exceeds one tile) and ``dx``.
@@ -93,12 +99,26 @@ def _operands(x: torch.Tensor, precision: str, interpreted: bool) -> str:
 
 
 _OPERAND_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_HALF_ROUNDING = {**_OPERAND_DTYPE, "bf16_emulated": torch.bfloat16,
+                  "fp16_emulated": torch.float16}
 
 
-def _operand_templates(templates: torch.Tensor, operands: str) -> torch.Tensor:
-    """Templates as the kernels read them: half copies halve the traffic for half products."""
-    half = _OPERAND_DTYPE.get(operands)
-    return templates if half is None else templates.to(half)
+def _operand_maps(x: torch.Tensor, operands: str) -> torch.Tensor:
+    """``x`` as the kernels read it: for half products rounded once to the half type, as the
+    kernels' ``to_operand`` would round it (to nearest even). That halves its traffic and
+    the registers a thread needs to stage a float32 row tile (which spills at K = 784)."""
+    half = _HALF_ROUNDING.get(operands)
+    return (x if half is None else x.to(half)).contiguous()
+
+
+def _operand_templates(templates: torch.Tensor, operands: str, block_n: int) -> torch.Tensor:
+    """Templates as the kernels read them (``_templates.prepared_templates``, cached): in the
+    operand type (half copies halve the traffic of half products), ``K`` zero-padded to the
+    chunks' total and rows to whole ``block_n`` tiles, so template loads need no mask."""
+    from ecloss_fast._templates import prepared_templates
+
+    dtype = _OPERAND_DTYPE.get(operands, templates.dtype)
+    return prepared_templates(templates, dtype, sum(_chunks(templates.shape[-1])), block_n)
 
 
 def _chunks(k: int) -> tuple[int, int, int]:
@@ -128,6 +148,10 @@ def _common_constants(x: torch.Tensor, tau: float, precision: str):
         INTERPRETED=interpreted)
 
 
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch(kernel, grid, interpreted: bool, *args, **kwargs) -> None:
     if interpreted:
         from ecloss_fast.triton_kernels import run_interpreted
@@ -142,24 +166,25 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
     """Launch ``launch(config)`` with the default, interpreter or tuned configuration."""
     from ecloss_fast.triton_kernels import configs
 
+    k = x.shape[-1]
     if interpreted:
-        launch(configs.interpreter(kernel_name, rows, templates))
+        launch(configs.interpreter(kernel_name, rows, templates, k))
         return
     with torch.cuda.device(x.device):
         capability = torch.cuda.get_device_capability(x.device)
         if os.environ.get("ECLOSS_TRITON_AUTOTUNE", "0") != "1":
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            launch(configs.default(kernel_name, operands, capability, rows, sms))
+            launch(configs.default(kernel_name, operands, capability, rows,
+                                   _multiprocessors(x.device), k))
             return
         import triton.testing
 
         # Rows bucketed by powers of two: the best tile depends on how many programs fill
         # the chip, not on the exact batch.
         key = (kernel_name, operands, capability, 1 << max(rows - 1, 0).bit_length(),
-               templates, x.shape[-1], x.dtype)
+               templates, k, x.dtype)
         if key not in _TUNED:
             timings = {config: triton.testing.do_bench(lambda config=config: launch(config))
-                       for config in configs.candidates(kernel_name, operands, capability)}
+                       for config in configs.candidates(kernel_name, operands, capability, k)}
             _TUNED[key] = min(timings, key=timings.get)
         launch(_TUNED[key])
 
@@ -178,13 +203,14 @@ def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
     interpreted, operands, constants = _common_constants(x, tau, precision)
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
-    x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
+    x = _operand_maps(x, operands)
     row_max = torch.empty(batch, channels, device=x.device, dtype=accumulation_dtype(x.dtype))
     log_sum, neg_entropy = torch.empty_like(row_max), torch.empty_like(row_max)
 
     def launch(config):
         _launch(row_stats_kernel, (math.ceil(rows / config.block_m),), interpreted,
-            x, templates, row_max, log_sum, neg_entropy, rows, count, **constants,
+            x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
+            neg_entropy, rows, count, **constants,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -205,7 +231,7 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: t
     interpreted, operands, constants = _common_constants(x, tau, precision)
     batch, channels, _ = x.shape
     count = templates.shape[0]
-    x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
+    x = _operand_maps(x, operands)
     row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
     result = {}
 
@@ -218,14 +244,15 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: t
         splits = 1
         if not interpreted:
             # Split the templates so that the grid has two programs per multiprocessor.
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = min(tiles, math.ceil(2 * sms / (grid_channels * batch_blocks)))
+            splits = min(tiles, math.ceil(2 * _multiprocessors(x.device)
+                                          / (grid_channels * batch_blocks)))
         tiles_per_program = math.ceil(tiles / splits)
         splits = math.ceil(tiles / tiles_per_program)
         partial = torch.empty(batch_blocks, channels, count, device=x.device,
                               dtype=accumulation_dtype(x.dtype))
         _launch(column_sums_kernel, (grid_channels, batch_blocks, splits), interpreted,
-            x, templates, row_max, log_sum, partial, batch, channels, count, tiles_per_program,
+            x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
+            partial, batch, channels, count, tiles_per_program,
             **constants, CHANNELS=per_program, BLOCK_B=block_b, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)
         result["partial"] = partial
@@ -256,7 +283,8 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
     accumulation = accumulation_dtype(x.dtype)
-    x, templates = x.contiguous(), _operand_templates(templates.contiguous(), operands)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x = _operand_maps(x, operands)
     row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
     neg_entropy = neg_entropy.contiguous()
     row_weight = row_weight.to(accumulation).contiguous()
@@ -268,19 +296,22 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
 
         def launch_prior(config):
             _launch(row_prior_kernel, (math.ceil(rows / config.block_m),), interpreted,
-                x, templates, row_max, log_sum, prior, row_weight, offset, batch, channels,
+                x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
+                prior, row_weight, offset, batch, channels,
                 count, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
         _run("row_prior", x, operands, interpreted, rows, count, launch_prior)
-    dx = torch.empty_like(x)
 
     def launch(config):
-        _launch(input_grad_kernel, (math.ceil(rows / config.block_m),), interpreted,
-            x, templates, row_max, log_sum, neg_entropy, prior if has_prior else row_max, offset,
+        slices = math.ceil(x.shape[-1] / config.dx_columns) if config.dx_columns else 1
+        _launch(input_grad_kernel, (math.ceil(rows / config.block_m), slices), interpreted,
+            x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
+            neg_entropy, prior if has_prior else row_max, offset,
             row_weight, dx, batch, channels, count, **constants, HAS_PRIOR=has_prior,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, DX_COLUMNS=config.dx_columns,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
-    _run("input_grad", x, operands, interpreted, rows, count, launch)
+    _run("input_grad_prior" if has_prior else "input_grad", x, operands, interpreted, rows,
+         count, launch)
     return dx

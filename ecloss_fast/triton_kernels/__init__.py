@@ -17,6 +17,13 @@ changes nothing, and which module a test run imports first is not ours to decide
 built. A kernel that is interpreted already (its module was imported under
 ``TRITON_INTERPRET=1``) is launched as it is, under the same patch, since Triton's library
 may have been imported before the variable was set.
+
+Triton's interpreter (3.8) also patches ``triton.language`` for every launch and every
+device-function call (``tl.sum``, ``tl.max``: ``InterpretedFunction.__call__`` opens a patch
+scope and never closes it), and leaves the patches in place: a later ``triton.compile`` in
+the same process then builds with the interpreter's ``cast`` and fails with "'ir.value'
+object has no attribute 'dtype'". ``run_interpreted`` puts back, after each launch, every
+name the interpreter replaced in the namespaces it patches.
 """
 from __future__ import annotations
 
@@ -59,6 +66,33 @@ def _jit_calls_interpreted():
         JITFunction.__call__ = original
 
 
+def _patched_namespaces():
+    """What Triton's interpreter patches: ``triton.language``, its core module, ``math``, and
+    the core classes ``tensor``, ``dtype`` and ``tensor_descriptor_base``."""
+    import triton.language as tl
+
+    core = tl.core
+    return [tl, core, tl.math, core.tensor, core.dtype, core.tensor_descriptor_base]
+
+
+@contextlib.contextmanager
+def _triton_language_restored():
+    """On exit, every name of ``_patched_namespaces`` is again what it was on entry.
+
+    Names the interpreter added stay: the interpreter's rewritten functions, cached per
+    function, look them up (and ``tl.semantic`` is a submodule the import system sets).
+    """
+    saved = [(namespace, dict(vars(namespace))) for namespace in _patched_namespaces()]
+    try:
+        yield
+    finally:
+        for namespace, names in saved:
+            current = vars(namespace)
+            for name, value in names.items():
+                if current.get(name) is not value:
+                    setattr(namespace, name, value)
+
+
 def run_interpreted(kernel, grid, *args, **kwargs) -> None:
     """Launch ``kernel[grid](*args, **kwargs)`` in Triton's interpreter.
 
@@ -70,5 +104,5 @@ def run_interpreted(kernel, grid, *args, **kwargs) -> None:
     # A kernel module imported under TRITON_INTERPRET=1 is interpreted already, but Triton's
     # library may still be compiled (imported before the variable was set): patch anyway.
     interpreted = _interpreted_twin(kernel) if isinstance(kernel, JITFunction) else kernel
-    with _jit_calls_interpreted():
+    with _triton_language_restored(), _jit_calls_interpreted():
         interpreted[grid](*args, **kwargs)

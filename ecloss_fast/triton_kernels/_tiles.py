@@ -12,9 +12,14 @@ The reduction length ``K = H*W`` is rarely a power of two (196 for 14x14) and ``
 needs one, so a row of ``x`` or of the templates is held as up to three power-of-two
 chunks of widths ``K0 >= K1 >= K2`` (multiples of 16, the matrix unit's step) that cover
 ``K`` rounded up to 16: 196 -> 128 + 64 + 16 = 208, so only 6% of the products are padding
-(a single 256-wide tile would waste 30%). Loads are masked at ``K`` (zero fill), so nothing
-is padded in memory. An absent chunk has width 0; the helpers then return the first
-chunk in its place, which the callers never read (the compiler drops it).
+(a single 256-wide tile would waste 30%). Rows of ``x`` are loaded masked at ``K`` (zero
+fill). The templates are prepared once (``ecloss_fast._templates.prepared_templates``):
+zero-padded to ``K0 + K1 + K2`` columns (a row of 208 bfloat16 is 416 bytes, 16-byte
+aligned, where 196 would be 392) and to whole template tiles, so ``load_template_chunks``
+reads them with neither a column nor a row mask; the kernels exclude the padding rows
+from their sums (score -inf or weight 0 for ``t >= N``). An absent chunk has width 0; the
+helpers then return the first chunk in its place, which the callers never read (the
+compiler drops it).
 
 ``OPERANDS`` (a constexpr string chosen by the launcher) fixes what the matrix unit sees:
 
@@ -98,6 +103,27 @@ def load_chunks(ptr, row_offsets, row_mask, K: tl.constexpr, K0: tl.constexpr,
         chunk1 = _load_chunk(ptr, row_offsets, row_mask, K0, K1, K, OPERANDS)
     if K2 > 0:
         chunk2 = _load_chunk(ptr, row_offsets, row_mask, K0 + K1, K2, K, OPERANDS)
+    return chunk0, chunk1, chunk2
+
+
+@triton.jit
+def load_template_chunks(ptr, templates, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                         OPERANDS: tl.constexpr):
+    """Rows ``templates`` (int64 ``[Nt]``) of the prepared templates as three operand chunks.
+
+    ``ptr`` is the ``(N', K0 + K1 + K2)`` matrix of ``prepared_templates``, already in the
+    operand type: every tile of rows and every chunk lies inside it, so nothing is masked.
+    """
+    offsets = templates * (K0 + K1 + K2)
+    chunk0 = to_operand(tl.load(ptr + offsets[:, None] + tl.arange(0, K0)[None, :]), OPERANDS)
+    chunk1 = chunk0
+    chunk2 = chunk0
+    if K1 > 0:
+        chunk1 = to_operand(tl.load(ptr + offsets[:, None] + (K0 + tl.arange(0, K1))[None, :]),
+                            OPERANDS)
+    if K2 > 0:
+        chunk2 = to_operand(
+            tl.load(ptr + offsets[:, None] + (K0 + K1 + tl.arange(0, K2))[None, :]), OPERANDS)
     return chunk0, chunk1, chunk2
 
 

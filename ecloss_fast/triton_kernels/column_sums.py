@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._tiles import load_chunks, scores
+from ._tiles import load_chunks, load_template_chunks, scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -26,7 +26,8 @@ def column_sums_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, partial_p
 
     Arguments:
         x_ptr: ``(B, C, K)`` feature maps, contiguous (strides ``C*K, K, 1``).
-        templates_ptr: ``(N, K)`` templates, row stride ``K``.
+        templates_ptr: ``(N', K0 + K1 + K2)`` templates of ``prepared_templates`` in the
+            operand type, rows padded to whole ``BLOCK_N`` tiles.
         row_max_ptr, log_sum_ptr: ``(B, C)`` from ``row_stats``, ``ACC``, contiguous.
         partial_ptr: ``(cdiv(B, BLOCK_B), C, N)`` output in ``ACC``, contiguous. The caller
             sums it over its first axis (a fixed order); with one block it is the result.
@@ -60,8 +61,7 @@ def column_sums_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, partial_p
     for start in range(first, last, BLOCK_N):
         templates = start + tl.arange(0, BLOCK_N).to(tl.int64)
         template_mask = templates < N
-        t0, t1, t2 = load_chunks(templates_ptr, templates * K, template_mask, K, K0, K1, K2,
-                                 OPERANDS)
+        t0, t1, t2 = load_template_chunks(templates_ptr, templates, K0, K1, K2, OPERANDS)
         s = scores(x0, x1, x2, t0, t1, t2, TAU, K1, K2, OPERANDS, ACC, INTERPRETED)
         log_p = (s - row_max[:, None]) - log_sum[:, None]
         probabilities = tl.exp2(log_p * LOG2E)

@@ -1,38 +1,47 @@
 """Launch configurations of the ECLoss kernels for Hopper and Ampere, and the choice among them.
 
-None of these numbers was measured: this project has not had a GPU yet. They are reasoned
-from the kernels' structure and checked on the CPU only for fitting an H100 (every one is
-compiled for ``sm_90`` in ``tests/test_triton_compile.py``: shared memory at most 227 KB,
-no register spills, matrix instructions present). Measure and replace them
-(``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on first use of a shape).
+None of these numbers was timed: this project has not had a GPU yet. What was checked is
+that each one fits an H100, from the compiled kernel: ``python -m bench.kernels`` compiles
+every configuration below for ``sm_90`` with the runtime JIT's own specialisation and reads
+registers, spills (``cuobjdump`` ``STACK``, ``ptxas -v`` spill stores) and shared memory;
+tests/test_triton_compile.py asserts, for every default, no spills and at most 227 KB of
+shared memory. bench/NOTES.md ("Triton kernel resources") has the table. Measure speed
+and replace (``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on first use of a shape).
 
-The reasoning, per kernel, for ``K = 196`` (chunks 128 + 64 + 16 = 208):
+Tables are keyed by kernel (``input_grad_prior`` is ``input_grad`` with a prior: the same
+kernel with more registers live), operand kind and the reduction length ``K``
+(``k_class``: ``K <= 256``, the paper's 14x14 = 196, chunks 128 + 64 + 16; ``K <= 1024``,
+28x28 = 784, chunks 512 + 256 + 16); ``default`` then picks by rows. What bounds each, as
+compiled with triton 3.8:
 
-* ``row_stats`` / ``row_prior`` are FlashAttention's forward without the ``P V`` product:
-  a ``[BLOCK_M, 208]`` tile of ``x`` stays resident and ``[BLOCK_N, 208]`` template tiles
-  stream through. Template traffic per row is ``N * 208 * bytes / BLOCK_M``, so
-  ``BLOCK_M = 128`` (one warpgroup pair on Hopper) keeps it below the matrix unit's rate.
-  With bfloat16 operands a 64-template tile is 27 KB; three stages plus ``x`` (53 KB) fit
-  comfortably. With float32 operands (tf32) everything doubles, so ``BLOCK_N = 32``.
-* ``input_grad`` also keeps the ``[BLOCK_M, 208]`` float32 gradient in registers
-  (``BLOCK_M * 208 / (32 * num_warps)`` registers per thread: 104 at 128 rows and 8 warps),
-  so ``BLOCK_M = 64`` with 4 warps, as in FlashAttention's backward.
-* ``column_sums`` tiles ``CHANNELS x BLOCK_B`` maps (all maps of a channel when ``B`` is
-  at most 128), otherwise as ``row_stats``.
-* ``"ieee"`` float32 products run on the FMA units (Triton lowers them without the matrix
-  unit), so smaller tiles; ``"fp64"`` uses the float64 matrix instructions (``mma`` f64).
+* Every row tile holds ``16`` rows per warp (the matrix instruction's row count), so the
+  registers a thread needs for a row-resident value do not depend on the tile:
+  ``K`` float32 values of ``dx`` per row are ``16 K / 32 = K/2`` registers per thread (98
+  at K = 196, 392 at K = 784). ``input_grad`` therefore keeps ``dx`` in slices of
+  ``dx_columns`` columns, one per program, where all ``K`` do not fit; each slice
+  recomputes the scores (see ``input_grad.input_grad_kernel``).
+* The template tile ``BLOCK_N`` sets the score registers (``16 BLOCK_N / 32`` per thread)
+  and the shared memory of each pipeline stage (``BLOCK_N * K`` operands). At K = 196
+  (maps rounded to bfloat16 by the launcher, template loads without masks) 64-template
+  bfloat16 tiles fit in every kernel, ``input_grad`` with a prior only with ``dx`` in two
+  128-column slices (whole, it spills 200 bytes); TF32 ``input_grad`` spills at 32
+  templates (32 bytes) and fits at 16. At K = 784 the ``x`` tile alone, staged in shared
+  memory for the matrix unit, is ``BLOCK_M * 784 * bytes``: 100 KB at 64 bfloat16 rows,
+  so TF32 takes 32 rows (2 warps, ``mma.sync``).
+* The forward sweeps (``row_stats``, ``row_prior``, ``column_sums``) take 128-row tiles
+  where they fit: templates are re-read from L2 once per row tile.
 
 Ampere (A100: 164 KB of shared memory per block, no ``wgmma``) takes the same tiles with
-one stage fewer.
+one stage fewer; those are not compiled by ``bench.kernels`` (Hopper only).
 
 One rule binds every table: the sweeps of one loss must recompute bitwise the scores of
 ``row_stats`` (see ``_tiles``), so for the matrix-unit kinds (``bf16``, ``tf32``) every
-kernel and every candidate has the same ``block_n`` and 16 rows per warp. Each
-warpgroup then owns 64 rows and the whole template tile, and Hopper runs one
-``wgmma`` shape (m64 x ``block_n``) in all of them; Ampere's ``mma.sync`` shape does not
-depend on the tile. Without that, two kernels could accumulate a score's products in a
-different hardware order. The FMA kinds (``ieee``, ``fp64``) accumulate ``k`` in order in
-any tile.
+kernel and every candidate of one ``K`` class has the same ``block_n`` and 16 rows per
+warp. Each warpgroup then owns 64 rows and the whole template tile, and Hopper runs one
+``wgmma`` shape (m64 x ``block_n``) in all of them (TF32 at ``K <= 1024``: 2 warps, so
+``mma.sync`` in all of them); Ampere's ``mma.sync`` shape does not depend on the tile.
+Without that, two kernels could accumulate a score's products in a different hardware
+order. The FMA kinds (``ieee``, ``fp64``) accumulate ``k`` in order in any tile.
 """
 from __future__ import annotations
 
@@ -40,8 +49,9 @@ import dataclasses
 
 import triton
 
-KERNELS = ("row_stats", "column_sums", "row_prior", "input_grad")
+KERNELS = ("row_stats", "column_sums", "row_prior", "input_grad", "input_grad_prior")
 OPERAND_KINDS = ("bf16", "tf32", "ieee", "fp64")
+K_CLASSES = (256, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,28 +60,58 @@ class LaunchConfig:
 
     ``block_m`` is the number of feature maps (rows) per program; for ``column_sums`` it
     is ``channels * block_b`` with ``block_b`` chosen from the batch size at launch.
+    ``dx_columns`` (``input_grad`` only) is the width of the slice of ``dx`` one program
+    keeps, 0 for all ``K`` columns.
     """
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    dx_columns: int = 0
 
 
-# Candidates per (kernel, operand kind) for Hopper; the first is the default.
-# Not measured (no GPU so far): reasoned as in the module docstring.
-HOPPER: dict[tuple[str, str], tuple[LaunchConfig, ...]] = {
-    ("row_stats", "bf16"): (LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 4, 3)),
-    ("row_stats", "tf32"): (LaunchConfig(128, 32, 8, 3), LaunchConfig(64, 32, 4, 3)),
-    ("row_stats", "ieee"): (LaunchConfig(64, 32, 4, 2),),
-    ("row_stats", "fp64"): (LaunchConfig(64, 32, 4, 2),),
-    ("input_grad", "bf16"): (LaunchConfig(64, 64, 4, 2), LaunchConfig(128, 64, 8, 2)),
-    ("input_grad", "tf32"): (LaunchConfig(64, 32, 4, 2), LaunchConfig(128, 32, 8, 2)),
-    ("input_grad", "ieee"): (LaunchConfig(32, 32, 4, 2),),
-    ("input_grad", "fp64"): (LaunchConfig(32, 32, 4, 2),),
+def k_class(k: int) -> int:
+    """The table of a reduction length: 256 for ``K <= 256``, 1024 for ``K <= 1024``."""
+    for bound in K_CLASSES:
+        if k <= bound:
+            return bound
+    raise ValueError(f"the triton kernels take maps of at most {K_CLASSES[-1]} pixels "
+                     f"(32x32), got K = {k}; use backend='torch' for larger maps")
+
+
+_C = LaunchConfig
+# Candidates per (kernel, operand kind, K class) for Hopper; the first is the default.
+# Each one compiles without spills and within 227 KB of shared memory (bench.kernels,
+# triton 3.8) unless bench/NOTES.md says otherwise; none was timed.
+HOPPER: dict[tuple[str, str, int], tuple[LaunchConfig, ...]] = {
+    ("row_stats", "bf16", 256): (_C(128, 64, 8, 3), _C(64, 64, 4, 3)),
+    ("row_stats", "tf32", 256): (_C(128, 16, 8, 3), _C(64, 16, 4, 3)),
+    ("row_stats", "ieee", 256): (_C(64, 16, 4, 2),),
+    ("row_stats", "fp64", 256): (_C(64, 32, 4, 2),),
+    ("input_grad", "bf16", 256): (_C(128, 64, 8, 2), _C(64, 64, 4, 2)),
+    ("input_grad", "tf32", 256): (_C(128, 16, 8, 2),),
+    ("input_grad", "ieee", 256): (_C(32, 16, 4, 2),),
+    ("input_grad", "fp64", 256): (_C(32, 16, 4, 2, 128),),
+    ("input_grad_prior", "bf16", 256): (_C(128, 64, 8, 2, 128), _C(64, 64, 4, 2, 128)),
+    ("input_grad_prior", "tf32", 256): (_C(128, 16, 8, 2, 128),),
+    ("input_grad_prior", "ieee", 256): (_C(32, 16, 4, 2),),
+    ("input_grad_prior", "fp64", 256): (_C(32, 16, 4, 2, 64),),
+    ("row_stats", "bf16", 1024): (_C(64, 32, 4, 2),),
+    ("row_stats", "tf32", 1024): (_C(32, 16, 2, 2),),
+    ("row_stats", "ieee", 1024): (_C(32, 16, 4, 2),),
+    ("row_stats", "fp64", 1024): (_C(16, 16, 4, 2),),
+    ("input_grad", "bf16", 1024): (_C(64, 32, 4, 2, 128),),
+    ("input_grad", "tf32", 1024): (_C(32, 16, 2, 2, 128),),
+    ("input_grad", "ieee", 1024): (_C(32, 16, 4, 2, 128),),
+    ("input_grad", "fp64", 1024): (_C(16, 16, 4, 2, 64),),
 }
-# row_prior has row_stats' shape of work (one product per tile, a row reduction).
-HOPPER.update({("row_prior", kind): HOPPER[("row_stats", kind)] for kind in OPERAND_KINDS})
-HOPPER.update({("column_sums", kind): HOPPER[("row_stats", kind)] for kind in OPERAND_KINDS})
+for _kind in OPERAND_KINDS:
+    HOPPER[("input_grad_prior", _kind, 1024)] = HOPPER[("input_grad", _kind, 1024)]
+    for _k in K_CLASSES:
+        # row_prior and column_sums have row_stats' shape of work (one product per tile, a
+        # row reduction).
+        for _kernel in ("row_prior", "column_sums"):
+            HOPPER[(_kernel, _kind, _k)] = HOPPER[("row_stats", _kind, _k)]
 
 # Ampere: same tiles, one pipeline stage fewer (164 KB of shared memory on A100).
 AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in value)
@@ -87,33 +127,38 @@ def operand_kind(operands: str) -> str:
     return "bf16" if operands in ("bf16_emulated", "fp16", "fp16_emulated") else operands
 
 
-def candidates(kernel: str, operands: str, capability: tuple[int, int]) -> tuple[LaunchConfig, ...]:
+def candidates(kernel: str, operands: str, capability: tuple[int, int],
+               k: int) -> tuple[LaunchConfig, ...]:
     """All configurations to try for a kernel on a GPU of that compute capability."""
     table = HOPPER if capability[0] >= 9 else AMPERE
-    return table[(kernel, operand_kind(operands))]
+    return table[(kernel, operand_kind(operands), k_class(k))]
 
 
 def default(kernel: str, operands: str, capability: tuple[int, int], rows: int,
-            multiprocessors: int) -> LaunchConfig:
-    """The configuration used without tuning, keyed on the row count.
+            multiprocessors: int, k: int) -> LaunchConfig:
+    """The configuration used without tuning, keyed on ``K`` and the row count.
 
-    Rows are bucketed by the number of programs they make: when the default tile would
-    leave most multiprocessors idle (fewer than two programs per multiprocessor), the
-    candidate with the smallest ``block_m`` is taken instead.
+    The first candidate (the largest row tile) when it makes at least one program per
+    multiprocessor: at the paper's 32,768 rows, 256 programs of 128 rows on 132 SMs.
+    Below that the candidate with the smallest ``block_m``, which spreads the rows
+    over more multiprocessors.
     """
-    options = candidates(kernel, operands, capability)
+    options = candidates(kernel, operands, capability, k)
     first = options[0]
-    if triton.cdiv(rows, first.block_m) >= 2 * multiprocessors:
+    if triton.cdiv(rows, first.block_m) >= multiprocessors:
         return first
     return min(options, key=lambda config: config.block_m)
 
 
-def interpreter(kernel: str, rows: int, templates: int) -> LaunchConfig:
+def interpreter(kernel: str, rows: int, templates: int, k: int) -> LaunchConfig:
     """Tiles for Triton's CPU interpreter, which runs each program in Python.
 
     Few, large template tiles keep the Python loop short, but at least two and up to
     about four per row so the online rescaling and the masked last tile are exercised.
+    ``dx`` is kept whole up to ``K = 32`` and in two slices above (a ragged last one at
+    7x7 and 14x14), so both ``input_grad`` paths run.
     """
     block_n = min(1024, max(16, triton.next_power_of_2(triton.cdiv(templates, 4))))
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    return LaunchConfig(block_m, block_n, 1, 1)
+    dx_columns = 0 if k <= 32 else max(32, triton.next_power_of_2(triton.cdiv(k, 2)))
+    return LaunchConfig(block_m, block_n, 1, 1, dx_columns)

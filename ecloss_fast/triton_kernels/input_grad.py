@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from ._tiles import accumulate_weighted, load_chunks, row_coordinates, scores, store_chunks
+from ._tiles import (accumulate_weighted, load_chunks, load_template_chunks, row_coordinates,
+                     scores, store_chunks, to_operand)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -14,12 +15,21 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
                       K1: tl.constexpr, K2: tl.constexpr,
                       OPERANDS: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
                       HAS_PRIOR: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DX_COLUMNS: tl.constexpr):
     """``dx`` for ``BLOCK_M`` rows: one sweep, two products per template tile.
 
+    Grid ``(cdiv(B*C, BLOCK_M), slices)``. With ``DX_COLUMNS = 0`` (one slice) a program
+    keeps all ``K`` columns of its rows' ``dx`` and reuses the template tile of the score
+    product for the ``dx`` product. Otherwise program ``(i, j)`` keeps columns
+    ``j*DX_COLUMNS ..`` only (``cdiv(K, DX_COLUMNS)`` slices): it still forms the full
+    scores, so each slice repeats the score product, which is what lets ``K = 784`` fit
+    (all of ``dx`` would be 392 float32 registers per thread).
+
     Arguments:
-        x_ptr: ``(B, C, K)`` feature maps, contiguous; also the dtype of ``dx``.
-        templates_ptr: ``(N, K)`` templates, row stride ``K``.
+        x_ptr: ``(B, C, K)`` feature maps, contiguous (for half products already rounded to
+            the half type by the launcher).
+        templates_ptr: ``(N', K0 + K1 + K2)`` templates of ``prepared_templates`` in the
+            operand type, rows padded to whole ``BLOCK_N`` tiles.
         row_max_ptr, log_sum_ptr, neg_entropy_ptr: ``(B, C)`` row statistics from
             ``row_stats``, ``ACC``.
         prior_ptr: ``(C, N)`` prior of the backend contract (``HAS_PRIOR``; else unused),
@@ -27,7 +37,8 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
         offset_ptr: ``(B, C)`` ``D = sum_t p (w log p - prior) / sum_t p`` from
             ``row_prior`` (``HAS_PRIOR``; else unused).
         row_weight_ptr: ``(B, C)`` upstream weight ``w`` of each row, ``ACC``.
-        dx_ptr: ``(B, C, K)`` output, contiguous, ``x``'s dtype.
+        dx_ptr: ``(B, C, K)`` output, contiguous, in the maps' input dtype.
+        DX_COLUMNS: width of the ``dx`` slice of a program (a power of two), 0 for all.
         TAU: the score scale ``tau``, a compile-time constant so that it is exact in
             float64 (a Python float argument would be passed as float32); a new
             value compiles the kernel once more.
@@ -59,18 +70,22 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
     else:
         offset = tl.load(neg_entropy_ptr + flat, mask=row_mask, other=0.0).to(ACC) + log_sum
 
-    dx0 = tl.zeros((BLOCK_M, K0), dtype=ACC)
-    dx1 = dx0
-    dx2 = dx0
-    if K1 > 0:
-        dx1 = tl.zeros((BLOCK_M, K1), dtype=ACC)
-    if K2 > 0:
-        dx2 = tl.zeros((BLOCK_M, K2), dtype=ACC)
+    if DX_COLUMNS == 0:
+        dx0 = tl.zeros((BLOCK_M, K0), dtype=ACC)
+        dx1 = dx0
+        dx2 = dx0
+        if K1 > 0:
+            dx1 = tl.zeros((BLOCK_M, K1), dtype=ACC)
+        if K2 > 0:
+            dx2 = tl.zeros((BLOCK_M, K2), dtype=ACC)
+    else:
+        columns = tl.program_id(1) * DX_COLUMNS + tl.arange(0, DX_COLUMNS)
+        column_mask = columns < K
+        dx0 = tl.zeros((BLOCK_M, DX_COLUMNS), dtype=ACC)
     for start in range(0, N, BLOCK_N):
         templates = start + tl.arange(0, BLOCK_N).to(tl.int64)
         template_mask = templates < N
-        t0, t1, t2 = load_chunks(templates_ptr, templates * K, template_mask, K, K0, K1, K2,
-                                 OPERANDS)
+        t0, t1, t2 = load_template_chunks(templates_ptr, templates, K0, K1, K2, OPERANDS)
         shifted = scores(x0, x1, x2, t0, t1, t2, TAU, K1, K2, OPERANDS, ACC,
                          INTERPRETED) - row_max[:, None]
         log_p = shifted - log_sum[:, None]
@@ -83,11 +98,26 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
         # Templates past N load as zero rows; masking their weight keeps a non-finite
         # one (0 * inf in the product) out of dx.
         weights = tl.where(template_mask[None, :], tl.exp2(log_p * LOG2E) * coefficient, 0.0)
-        dx0, dx1, dx2 = accumulate_weighted(dx0, dx1, dx2, weights, t0, t1, t2, K1, K2, OPERANDS)
+        if DX_COLUMNS == 0:
+            dx0, dx1, dx2 = accumulate_weighted(dx0, dx1, dx2, weights, t0, t1, t2, K1, K2,
+                                                OPERANDS)
+        else:
+            # Prepared rows: every template row of the tile exists; columns may pass K0+K1+K2.
+            t_slice = to_operand(
+                tl.load(templates_ptr + templates[:, None] * (K0 + K1 + K2) + columns[None, :],
+                        mask=column_mask[None, :], other=0.0),
+                OPERANDS)
+            dx0, _, _ = accumulate_weighted(dx0, dx0, dx0, weights, t_slice, t_slice, t_slice,
+                                            0, 0, OPERANDS)
 
     if HAS_PRIOR:
         row_scale = tl.full((BLOCK_M,), TAU, ACC)
     else:
         row_scale = TAU * tl.load(row_weight_ptr + flat, mask=row_mask, other=0.0).to(ACC)
-    store_chunks(dx_ptr, flat * K, row_mask, dx0 * row_scale[:, None], dx1 * row_scale[:, None],
-                 dx2 * row_scale[:, None], K, K0, K1, K2)
+    if DX_COLUMNS == 0:
+        store_chunks(dx_ptr, flat * K, row_mask, dx0 * row_scale[:, None],
+                     dx1 * row_scale[:, None], dx2 * row_scale[:, None], K, K0, K1, K2)
+    else:
+        tl.store(dx_ptr + (flat * K)[:, None] + columns[None, :],
+                 (dx0 * row_scale[:, None]).to(dx_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & column_mask[None, :])

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._tiles import load_chunks, row_coordinates, scores
+from ._tiles import load_chunks, load_template_chunks, row_coordinates, scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -18,7 +18,8 @@ def row_prior_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, prior_ptr, 
 
     Arguments:
         x_ptr: ``(B, C, K)`` feature maps, contiguous.
-        templates_ptr: ``(N, K)`` templates, row stride ``K``.
+        templates_ptr: ``(N', K0 + K1 + K2)`` templates of ``prepared_templates`` in the
+            operand type, rows padded to whole ``BLOCK_N`` tiles.
         row_max_ptr, log_sum_ptr: ``(B, C)`` from ``row_stats``, ``ACC``, contiguous.
         prior_ptr: ``(C, N)`` prior of the backend contract (``w log_q`` for the marginal
             estimator, plus the diversity term), ``ACC``, contiguous.
@@ -51,8 +52,7 @@ def row_prior_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, prior_ptr, 
     for start in range(0, N, BLOCK_N):
         templates = start + tl.arange(0, BLOCK_N).to(tl.int64)
         template_mask = templates < N
-        t0, t1, t2 = load_chunks(templates_ptr, templates * K, template_mask, K, K0, K1, K2,
-                                 OPERANDS)
+        t0, t1, t2 = load_template_chunks(templates_ptr, templates, K0, K1, K2, OPERANDS)
         s = scores(x0, x1, x2, t0, t1, t2, TAU, K1, K2, OPERANDS, ACC, INTERPRETED)
         log_p = (s - row_max[:, None]) - log_sum[:, None]
         mask = row_mask[:, None] & template_mask[None, :]

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._tiles import load_chunks, scores
+from ._tiles import load_chunks, load_template_chunks, scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -18,8 +18,8 @@ def row_stats_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entropy
     Arguments:
         x_ptr: ``(M, K)`` feature maps, row stride ``K``, unit column stride; float16,
             bfloat16, float32 or float64.
-        templates_ptr: ``(N, K)`` unit-scaled templates, row stride ``K``; float32 (or
-            bfloat16 when ``OPERANDS`` is ``"bf16"``, float64 for ``"fp64"``).
+        templates_ptr: ``(N', K0 + K1 + K2)`` templates of ``prepared_templates`` in the
+            operand type, rows padded to whole ``BLOCK_N`` tiles.
         row_max_ptr, log_sum_ptr, neg_entropy_ptr: ``(M,)`` outputs in ``ACC``, unit stride.
         TAU: the score scale ``tau``, a compile-time constant so that it is exact in
             float64 (a Python float argument would be passed as float32); a new
@@ -53,8 +53,7 @@ def row_stats_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entropy
     for start in range(0, N, BLOCK_N):
         templates = start + tl.arange(0, BLOCK_N).to(tl.int64)
         template_mask = templates < N
-        t0, t1, t2 = load_chunks(templates_ptr, templates * K, template_mask, K, K0, K1, K2,
-                                 OPERANDS)
+        t0, t1, t2 = load_template_chunks(templates_ptr, templates, K0, K1, K2, OPERANDS)
         s = scores(x0, x1, x2, t0, t1, t2, TAU, K1, K2, OPERANDS, ACC, INTERPRETED)
         s = tl.where(template_mask[None, :], s, float("-inf"))
 

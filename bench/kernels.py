@@ -1,0 +1,289 @@
+"""Registers, spills, shared memory and occupancy of every Triton kernel configuration on an H100.
+
+    python -m bench.kernels [--json FILE] [--k 196 784] [--defaults-only]
+
+No GPU is needed: every kernel is compiled for ``sm_90`` on the CPU (Triton's bundled
+``ptxas``) exactly as the runtime JIT would compile the launch the backend makes.
+
+How a launch is reproduced. The launchers of ``ecloss_fast.backends.triton_fused`` run on
+``meta`` tensors of the real shapes (no memory) with three of that module's functions
+replaced: ``_run`` launches the configuration under study (the others take the default),
+``_launch`` records ``(kernel, grid, args, kwargs)`` instead of launching, and
+``_multiprocessors`` says 132 (an H100 SXM). The recorded call then goes through Triton's
+own binder (``triton.runtime.jit.create_function_from_signature`` for a ``GPUTarget("cuda",
+90, 32)`` backend, what ``JITFunction.run`` builds per device) and ``JITFunction._pack_args``,
+which give the signature, constexprs and the specialisation attributes the runtime applies:
+``tt.divisibility = 16`` on a pointer whose address is a multiple of 16 (``meta`` tensors
+report address 0; PyTorch's CUDA allocator aligns to 512 bytes) and on an integer argument
+that is a multiple of 16 (``rows = 32,768`` is; ``N = 19,307`` is not). ``triton.compile``
+of that ``ASTSource`` is the kernel a GPU run would load.
+
+What is read off the cubin. ``cuobjdump --dump-resource-usage`` gives ``REG`` (registers
+per thread) and ``STACK`` (bytes of stack frame per thread: the kernels make no calls and
+hold no local arrays, so a stack is register spills); ``LOCAL`` is not where spills show.
+``ptxas -v`` run on the same PTX with the JIT's flags gives the spill stores and loads.
+Shared memory is Triton's ``metadata.shared`` (dynamic shared memory per block).
+
+Occupancy (``blocks_per_sm``), for an H100 SM: 65,536 registers allocated per warp in units
+of 256, 228 KB of shared memory of which 227 KB per block and 1 KB reserved per block,
+2,048 threads, 32 blocks.
+
+Records (``--json``): one per kernel, ``K``, input dtype, operand kind and configuration,
+with ``default`` true when ``configs.default`` picks that configuration at the paper's
+``B*C = 32,768`` rows on 132 SMs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import torch
+
+H100 = dict(registers=65536, shared_per_sm=228 * 1024, reserved_shared_per_block=1024,
+            threads=2048, blocks=32, multiprocessors=132)
+PAPER_ROWS = 64 * 512  # B * C of VGG16's last block
+SIDES = {196: 14, 784: 28}  # K -> map side
+TAU = 1e-3
+# (input dtype, precision): every operand kind the backend makes of them.
+ROUTES = (("float32", "ieee"), ("float32", "tf32"), ("float32", "bf16"),
+          ("bfloat16", "bf16"), ("float64", "ieee"))
+# (configs kernel name, with a prior).
+KERNELS = (("row_stats", False), ("column_sums", False), ("row_prior", True),
+           ("input_grad", False), ("input_grad_prior", True))
+
+
+def _ptx_spills(ptx: str, arch: str) -> tuple[int, int]:
+    """Spill store and load bytes that ``ptxas -v`` reports, with the JIT's flags."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        log = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={arch}", source, "-o", source + ".o"],
+                             check=True, capture_output=True, text=True).stderr
+    stores = sum(int(value) for value in re.findall(r"(\d+) bytes spill stores", log))
+    loads = sum(int(value) for value in re.findall(r"(\d+) bytes spill loads", log))
+    return stores, loads
+
+
+def _cubin_resources(cubin: bytes) -> dict:
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
+                                check=True, capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report))
+    if "REG" not in fields or "STACK" not in fields:
+        raise RuntimeError(f"cuobjdump printed no REG/STACK fields:\n{report}")
+    return {name: int(value) for name, value in fields.items()}
+
+
+def blocks_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Resident blocks per H100 SM, limited by threads, registers and shared memory."""
+    threads = 32 * num_warps
+    registers_per_warp = math.ceil(registers * 32 / 256) * 256
+    by_registers = (H100["registers"] // registers_per_warp) // num_warps
+    by_shared = H100["shared_per_sm"] // (shared + H100["reserved_shared_per_block"])
+    return min(H100["threads"] // threads, by_registers, by_shared, H100["blocks"])
+
+
+def compile_like_runtime(kernel, args: tuple, kwargs: dict, target):
+    """``triton.compile`` of the launch ``kernel[grid](*args, **kwargs)`` as ``JITFunction.run``
+    would compile it for ``target``: its binder's specialisation, its ``_pack_args``."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug)
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
+                                                              specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def _meta_inputs(k: int, dtype: torch.dtype):
+    from ecloss_fast import _templates
+
+    side = SIDES[k]
+    count = _templates.num_templates(side, side)
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.empty(64, 512, k, device="meta", dtype=dtype)
+    templates = torch.empty(count, k, device="meta", dtype=accumulation)
+    stats = torch.empty(64, 512, device="meta", dtype=accumulation)
+    prior = torch.empty(512, count, device="meta", dtype=accumulation)
+    return x, templates, stats, prior
+
+
+def record_launch(kernel_name: str, with_prior: bool, k: int, dtype: torch.dtype,
+                  precision: str, config):
+    """The ``(kernel, grid, args, kwargs)`` the backend launches for ``kernel_name`` with
+    ``config`` at the paper's rows (the other kernels of that call take the default)."""
+    from ecloss_fast.backends import triton_fused
+    from ecloss_fast.triton_kernels import configs
+
+    launches = []
+
+    def run(name, x, operands, interpreted, rows, templates, launch):
+        launch(config if name == kernel_name else
+               configs.default(name, operands, (9, 0), rows, H100["multiprocessors"], k))
+
+    def capture(kernel, grid, interpreted, *args, **kwargs):
+        launches.append((kernel, grid, args, kwargs))
+
+    x, templates, stats, prior = _meta_inputs(k, dtype)
+    sms = H100["multiprocessors"]
+    with mock.patch.object(triton_fused, "_run", run), \
+            mock.patch.object(triton_fused, "_launch", capture), \
+            mock.patch.object(triton_fused, "_multiprocessors", lambda device: sms):
+        if kernel_name == "row_stats":
+            triton_fused.row_stats(x, templates, TAU, precision)
+        elif kernel_name == "column_sums":
+            triton_fused.column_sums(x, templates, TAU, stats, stats, precision)
+        else:
+            triton_fused.input_grad(x, templates, TAU, stats, stats, stats,
+                                    prior if with_prior else None, stats, precision)
+    wanted = "input_grad_kernel" if kernel_name == "input_grad_prior" else f"{kernel_name}_kernel"
+    found = [launch for launch in launches if launch[0].__name__ == wanted]
+    if len(found) != 1:
+        names = [launch[0].__name__ for launch in launches]
+        raise RuntimeError(f"expected one launch of {wanted}, got {names}")
+    return found[0]
+
+
+def cases(ks=(196, 784), defaults_only=False):
+    """``(kernel, prior, K, input dtype, precision, operands, config, default)`` to compile."""
+    from ecloss_fast.backends import triton_fused
+    from ecloss_fast.triton_kernels import configs
+
+    for k in ks:
+        for dtype_name, precision in ROUTES:
+            dtype = getattr(torch, dtype_name)
+            operands = triton_fused._operands(torch.empty(0, dtype=dtype), precision, False)
+            for kernel, with_prior in KERNELS:
+                chosen = configs.default(kernel, operands, (9, 0), PAPER_ROWS,
+                                         H100["multiprocessors"], k)
+                for config in configs.candidates(kernel, operands, (9, 0), k):
+                    if defaults_only and config != chosen:
+                        continue
+                    yield kernel, with_prior, k, dtype_name, precision, operands, config, \
+                        config == chosen
+
+
+def parse_case(text: str) -> tuple:
+    """A case of ``cases`` from ``KERNEL:K:INPUT:PRECISION:MxNwWsS[dD]`` (``default`` false):
+    ``M x N`` tile, ``W`` warps, ``S`` stages, ``D`` the ``dx`` slice width."""
+    from ecloss_fast.backends import triton_fused
+    from ecloss_fast.triton_kernels import configs
+
+    match = re.fullmatch(r"(\w+):(\d+):(\w+):(\w+):(\d+)x(\d+)w(\d+)s(\d+)(?:d(\d+))?",
+                         text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected KERNEL:K:INPUT:PRECISION:MxNwWsS[dD], "
+                                         f"got {text!r}")
+    kernel, k, dtype_name, precision, *tiles = match.groups()
+    if kernel not in configs.KERNELS or int(k) not in SIDES:
+        raise argparse.ArgumentTypeError(f"unknown kernel or K in {text!r}")
+    tiles = [int(tile or 0) for tile in tiles]
+    operands = triton_fused._operands(torch.empty(0, dtype=getattr(torch, dtype_name)),
+                                      precision, False)
+    return (kernel, kernel in ("row_prior", "input_grad_prior"), int(k), dtype_name, precision,
+            operands, configs.LaunchConfig(*tiles), False)
+
+
+def measure(kernel_name, with_prior, k, dtype_name, precision, operands, config, default) -> dict:
+    """One record: what the compiled kernel of that launch needs of an H100 SM."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    kernel, grid, args, kwargs = record_launch(kernel_name, with_prior, k,
+                                               getattr(torch, dtype_name), precision, config)
+    compiled = compile_like_runtime(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
+    resources = _cubin_resources(compiled.asm["cubin"])
+    stores, loads = _ptx_spills(compiled.asm["ptx"], sm_arch_from_capability(90))
+    shared = compiled.metadata.shared
+    return dict(kernel=kernel_name, prior=with_prior, K=k, input=dtype_name, operands=operands,
+                config=dataclasses.asdict(config), default=default,
+                registers=resources["REG"], spill_bytes=resources["STACK"],
+                local_bytes=resources.get("LOCAL", 0), spill_stores=stores, spill_loads=loads,
+                shared_bytes=shared,
+                blocks_per_sm=blocks_per_sm(resources["REG"], shared, config.num_warps),
+                grid=list(grid) if isinstance(grid, tuple) else grid,
+                matrix_instruction=bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"])),
+                triton=triton.__version__)
+
+
+def markdown(records) -> str:
+    lines = ["| kernel | K | input | operands | tile (m x n, warps, stages, dx slice) | default "
+             "| regs | spill B (stack / ptxas stores) | shared KB | blocks/SM |",
+             "|---|---:|---|---|---|:-:|---:|---:|---:|---:|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['K']} | {r['input']} | {r['operands']} | "
+                         f"{r['config']} | | error: {r['error'].splitlines()[-1][:60]} | | | |")
+            continue
+        c = r["config"]
+        slice_ = f", dx {c['dx_columns']}" if c.get("dx_columns") else ""
+        lines.append(
+            f"| {r['kernel']} | {r['K']} | {r['input']} | {r['operands']} | "
+            f"{c['block_m']}x{c['block_n']}, {c['num_warps']}, {c['num_stages']}{slice_} | "
+            f"{'yes' if r['default'] else ''} | {r['registers']} | "
+            f"{r['spill_bytes']} / {r['spill_stores']} | {r['shared_bytes'] / 1024:.1f} | "
+            f"{r['blocks_per_sm']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--k", type=int, nargs="+", default=sorted(SIDES), choices=sorted(SIDES))
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the configurations auto picks at the paper's rows")
+    parser.add_argument("--config", action="append", default=[], type=parse_case,
+                        metavar="KERNEL:K:INPUT:PRECISION:MxNwWsS[dD]",
+                        help="also compile this configuration, candidate or not, e.g. "
+                             "input_grad_prior:196:float32:bf16:128x64w8s2 (repeatable)")
+    options = parser.parse_args(argv)
+    from triton import knobs
+
+    if knobs.runtime.interpret:
+        parser.error("TRITON_INTERPRET is set: interpreted kernels do not compile; unset it")
+    records = []
+    for case in [*cases(tuple(options.k), options.defaults_only), *options.config]:
+        try:
+            records.append(measure(*case))
+        except Exception as error:  # noqa: BLE001: reported per case
+            kernel, with_prior, k, dtype_name, precision, operands, config, default = case
+            records.append(dict(kernel=kernel, prior=with_prior, K=k, input=dtype_name,
+                                operands=operands, config=dataclasses.asdict(config),
+                                default=default, error=f"{type(error).__name__}: {error}"))
+        print(markdown(records[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(records, handle, indent=1)
+    print(markdown(records))
+    return 1 if any("error" in record for record in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
