@@ -491,7 +491,8 @@ at::Tensor in_accumulation_type(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x_input,
                                                              const at::Tensor& templates,
                                                              double tau,
-                                                             c10::string_view precision) {
+                                                             c10::string_view precision,
+                                                             const std::optional<at::Tensor>&) {
   check_arguments("row_stats", x_input, templates, {}, std::nullopt);
   parse_precision(precision);  // the CPU always computes in full precision
   const at::Tensor x = in_accumulation_type(x_input);
@@ -517,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x
 
 at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& templates, double tau,
                            const at::Tensor& row_max_input, const at::Tensor& log_sum_input,
-                           c10::string_view precision) {
+                           c10::string_view precision, const std::optional<at::Tensor>&) {
   check_arguments("column_sums", x_input, templates, {&row_max_input, &log_sum_input},
                   std::nullopt);
   parse_precision(precision);
@@ -545,7 +546,8 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
                           const at::Tensor& row_max_input, const at::Tensor& log_sum_input,
                           const at::Tensor& neg_entropy_input,
                           const std::optional<at::Tensor>& prior_input,
-                          const at::Tensor& row_weight_input, c10::string_view precision) {
+                          const at::Tensor& row_weight_input, c10::string_view precision,
+                          const std::optional<at::Tensor>&) {
   check_arguments("input_grad", x_input, templates,
                   {&row_max_input, &log_sum_input, &neg_entropy_input, &row_weight_input},
                   prior_input);

@@ -3,12 +3,15 @@
 //
 // One kernel template, three modes. A block of 4 warps owns kBlockRows = 64 rows (feature
 // maps); their pixels sit in shared memory for the whole sweep, padded from K to a multiple
-// of 16. The block walks the templates kBlockTemplates = 32 at a time: the tile is loaded
-// into shared memory once and shared by all 64 rows, each warp computes the 16 x 32 scores
-// of its own rows (tensor cores via WMMA: m16n16k8 tf32 or m16n16k16 bf16, float32
-// accumulation; plain float32 FMAs for "ieee"), and lane j of the warp folds column j into
-// per-lane online-softmax states (ecloss_math.h), merged across lanes by a fixed butterfly
-// at the end. Nothing of size B x C x N exists; the backward pass recomputes the scores.
+// of 16. The block walks the templates kBlockTemplates = 32 at a time: the tile is copied
+// into shared memory once (16-byte cp.async chunks from the operand templates that
+// ecloss_fast/backends/cpp_cuda.py prepares: already in the operand type, K padded to the
+// same multiple of 16, N to whole tiles with zero rows; bf16 row_stats and column_sums copy
+// the next tile while the current one is multiplied) and shared by all 64 rows; each warp
+// computes the 16 x 32 scores of its own rows (tensor cores via WMMA: m16n16k8 tf32 or
+// m16n16k16 bf16, float32 accumulation; plain float32 FMAs for "ieee"), and lane j of the
+// warp folds column j into per-lane online-softmax states (ecloss_math.h), merged across
+// lanes by a fixed butterfly at the end. Nothing of size B x C x N exists; the backward pass recomputes the scores.
 // Every mode computes a score with the same code (warp_scores, then one __fmul_rn by tau,
 // which nvcc never contracts into the FMA of the following shift s - row_max), so the
 // scores, and the p = exp((s - row_max) - log_sum) of all sweeps, are bitwise the same.
@@ -30,6 +33,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "ecloss_math.h"
 #include "ecloss_ops.h"
@@ -74,9 +79,9 @@ struct Operand<Precision::kBf16> {
 
 struct Arguments {
   const void* x;            // (B, C, K), input dtype
-  const float* templates;   // (N, K)
+  const void* templates;    // (N rounded up to 32, K rounded up to 16), the operand type
   int64_t batch, channels, pixels, num_templates;
-  int padded_pixels;        // K rounded up to 16
+  int padded_pixels;        // K rounded up to 16: the row length of templates
   float tau;
   const float* row_max;     // (B, C), column_sums and input_grad
   const float* log_sum;     // (B, C), column_sums and input_grad
@@ -90,24 +95,41 @@ struct Arguments {
   float* column_sums;       // (ceil(B / 64), C, N), column_sums
 };
 
+// Template tiles in shared memory: one buffer, or two (the next tile is copied while the
+// current one is multiplied). Two cost a tile of shared memory, and with it resident blocks:
+// at K = 196 (208 padded) on a Hopper SM (228 KB), bf16 row_stats holds 4 blocks with one
+// buffer (50.7 KB each) and 3 with two (64.5 KB), so the paper's 512 row blocks would need a
+// second wave; launch() picks two only when they keep every block the grid would place with
+// one (small grids, small maps). Only the bf16 row_stats and column_sums kernels have the
+// two-buffer variant: input_grad's float32 dx accumulator (54 KB at K = 196) already fills
+// the block (a second tile would take its bf16 kernel from 2 blocks per SM to 1, its float32
+// ones past an A100's 163 KB per block), and float32 tiles are twice the bytes.
+constexpr bool has_two_buffer_variant(Precision precision, Mode mode) {
+  return precision == Precision::kBf16 && mode != Mode::kInputGrad;
+}
+
 // Shared-memory layout, in elements of each region's type; regions start 128-byte aligned
-// (WMMA needs 32). Strides are padded: multiples of 4 floats / 8 bf16 for WMMA, odd for the
-// FMA path so that lanes reading one template each hit distinct banks.
+// (WMMA needs 32). Strides are padded to multiples of 16 bytes (the cp.async chunk): 8
+// floats / 8 bf16 for WMMA; 4 floats for the FMA path, whose lanes read one template each as
+// float4: a stride of 4 mod 16 floats (212 at K = 196) puts the 8 lanes of each quarter-warp
+// on distinct banks.
 template <Precision P>
 struct Layout {
   using operand_t = typename Operand<P>::type;
   int x_stride, template_stride, dx_stride;
-  size_t x_offset, template_offset, score_offset, grad_offset, dx_offset, bytes;
+  size_t x_offset, template_offset, template_buffer_bytes, score_offset, grad_offset, dx_offset,
+      bytes;
 
   __host__ __device__ static size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
-  __host__ __device__ Layout(int padded_pixels, bool with_dx) {
+  __host__ __device__ Layout(int padded_pixels, bool with_dx, int buffers) {
     x_stride = padded_pixels + 8;
-    template_stride = P == Precision::kIeee ? padded_pixels + 1 : padded_pixels + 8;
+    template_stride = P == Precision::kIeee ? padded_pixels + 4 : padded_pixels + 8;
     dx_stride = padded_pixels + 4;
     x_offset = 0;
     template_offset = align(x_offset + sizeof(operand_t) * kBlockRows * x_stride);
-    score_offset = align(template_offset + sizeof(operand_t) * kBlockTemplates * template_stride);
+    template_buffer_bytes = align(sizeof(operand_t) * kBlockTemplates * template_stride);
+    score_offset = template_offset + buffers * template_buffer_bytes;
     grad_offset = align(score_offset + sizeof(float) * kBlockRows * kScoreStride);
     dx_offset = align(grad_offset + (P == Precision::kBf16 && with_dx
                                          ? sizeof(__nv_bfloat16) * kBlockRows * kGradStride
@@ -128,10 +150,16 @@ __device__ __forceinline__ void warp_scores(const typename Operand<P>::type* xs,
   if constexpr (P == Precision::kIeee) {
     float accumulators[kWarpRows] = {};
     const float* column = ts + lane * layout.template_stride;
-    for (int k = 0; k < padded_pixels; ++k) {
-      const float value = column[k];
+    for (int k0 = 0; k0 < padded_pixels; k0 += 4) {
+      const float4 value = *reinterpret_cast<const float4*>(column + k0);
 #pragma unroll
-      for (int r = 0; r < kWarpRows; ++r) accumulators[r] += rows[r * layout.x_stride + k] * value;
+      for (int r = 0; r < kWarpRows; ++r) {  // per row, k in increasing order
+        const float4 pixel = *reinterpret_cast<const float4*>(rows + r * layout.x_stride + k0);
+        accumulators[r] += pixel.x * value.x;
+        accumulators[r] += pixel.y * value.y;
+        accumulators[r] += pixel.z * value.z;
+        accumulators[r] += pixel.w * value.w;
+      }
     }
 #pragma unroll
     for (int r = 0; r < kWarpRows; ++r) out[r * kScoreStride + lane] = accumulators[r];
@@ -212,13 +240,52 @@ __device__ __forceinline__ void warp_input_grad(const typename Operand<P>::type*
   }
 }
 
-template <typename input_t, Precision P, Mode M>
+// Starts copying template tile `tile` (rows 32 tile .. 32 tile + 31 of the operand templates,
+// which exist: N is padded to whole tiles) into the shared buffer `ts`. Warp w copies rows
+// w, w + 4, ..., lane c the row's 16-byte chunks c, c + 32, ...: the addresses are a few
+// multiply-adds of ints, and the 26 (bf16) or 52 (float32) chunks of a K = 208 row are one
+// contiguous, coalesced span. cp.async (the L2-only .cg form: a tile is read once per block)
+// writes shared memory without registers; callers wait with wait_for_template_tiles. It
+// needs sm_80, as do the bf16 and tf32 WMMA fragments: the kernels build for sm_80+ only.
+template <typename operand_t>
+__device__ __forceinline__ void copy_template_tile(const operand_t* templates, int64_t tile,
+                                                   operand_t* ts, int template_stride,
+                                                   int padded_pixels, int warp, int lane) {
+  constexpr int kChunk = 16 / sizeof(operand_t);  // elements per 16 bytes
+  const int chunks_per_row = padded_pixels / kChunk;
+  const operand_t* from = templates + (tile * kBlockTemplates + warp) * padded_pixels;
+  operand_t* to = ts + warp * template_stride;
+  // Not unrolled: unrolled, nvcc keeps the 8 rows' addresses live across the whole sweep,
+  // 20-40 registers more per thread in every mode.
+#pragma unroll 1
+  for (int j = warp; j < kBlockTemplates; j += kWarps) {
+    for (int c = lane; c < chunks_per_row; c += 32) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                       static_cast<unsigned>(__cvta_generic_to_shared(to + c * kChunk))),
+                   "l"(from + c * kChunk));
+    }
+    from += kWarps * padded_pixels;
+    to += kWarps * template_stride;
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// This thread's copies are in shared memory; a __syncthreads after it makes everyone's visible.
+__device__ __forceinline__ void wait_for_template_tiles() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+template <typename input_t, Precision P, Mode M, int kBuffers>
 __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) {
   using operand_t = typename Operand<P>::type;
   extern __shared__ __align__(128) unsigned char shared[];
-  const Layout<P> layout(args.padded_pixels, M == Mode::kInputGrad);
+  const Layout<P> layout(args.padded_pixels, M == Mode::kInputGrad, kBuffers);
   auto* xs = reinterpret_cast<operand_t*>(shared + layout.x_offset);
-  auto* ts = reinterpret_cast<operand_t*>(shared + layout.template_offset);
+  const auto* templates = static_cast<const operand_t*>(args.templates);
+  auto tile_buffer = [&](int64_t tile) {
+    return reinterpret_cast<operand_t*>(shared + layout.template_offset +
+                                        (tile % kBuffers) * layout.template_buffer_bytes);
+  };
   auto* scores = reinterpret_cast<float*>(shared + layout.score_offset);
   auto* grads_bf16 = reinterpret_cast<__nv_bfloat16*>(shared + layout.grad_offset);
   auto* dxs = reinterpret_cast<float*>(shared + layout.dx_offset);
@@ -279,17 +346,32 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
   // Sweep 0 (input_grad with a prior only): each lane's part of sum_t p (w log p - prior) and
   // of sum_t p. Last sweep: the mode's work.
   const int first_sweep = M == Mode::kInputGrad && has_prior ? 0 : 1;
+  const int64_t tiles = (num_templates + kBlockTemplates - 1) / kBlockTemplates;
   for (int sweep = first_sweep; sweep < 2; ++sweep) {
     const bool centre_sweep = sweep == 0;
-    for (int64_t t0 = 0; t0 < num_templates; t0 += kBlockTemplates) {
-      __syncthreads();  // the previous tile is no longer read (and xs is written, at first)
-      for (int index = threadIdx.x; index < kBlockTemplates * padded_pixels; index += kThreads) {
-        const int j = index / padded_pixels, k = index % padded_pixels;
-        const int64_t t = t0 + j;
-        const float value = t < num_templates && k < pixels ? args.templates[t * pixels + k] : 0.0f;
-        ts[j * layout.template_stride + k] = Operand<P>::from(value);
+    if constexpr (kBuffers == 2) {
+      __syncthreads();  // a previous sweep no longer reads buffer 0
+      copy_template_tile(templates, 0, tile_buffer(0), layout.template_stride, padded_pixels,
+                         warp, lane);
+    }
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t t0 = tile * kBlockTemplates;
+      operand_t* ts = tile_buffer(tile);
+      if constexpr (kBuffers == 1) {
+        __syncthreads();  // the previous tile is no longer read
+        copy_template_tile(templates, tile, ts, layout.template_stride, padded_pixels, warp,
+                           lane);
       }
+      wait_for_template_tiles();
+      // The tile is in (and xs is written, at first); with two buffers, every warp is done
+      // with the previous tile, whose buffer the next copy overwrites.
       __syncthreads();
+      if constexpr (kBuffers == 2) {
+        if (tile + 1 < tiles) {
+          copy_template_tile(templates, tile + 1, tile_buffer(tile + 1), layout.template_stride,
+                             padded_pixels, warp, lane);
+        }
+      }
       warp_scores<P>(xs, ts, scores, layout, padded_pixels, warp, lane);
       __syncwarp();
 
@@ -386,21 +468,54 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
   }
 }
 
+template <Precision P, Mode M, int kBuffers>
+size_t shared_bytes(const Arguments& args) {
+  return Layout<P>(args.padded_pixels, M == Mode::kInputGrad, kBuffers).bytes;
+}
+
+template <typename input_t, Precision P, Mode M, int kBuffers>
+void start(const Arguments& args, dim3 grid) {
+  const size_t bytes = shared_bytes<P, M, kBuffers>(args);
+  auto* kernel = &ecloss_kernel<input_t, P, M, kBuffers>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Blocks of the kernel that this GPU holds at once, over all its SMs.
+template <typename input_t, Precision P, Mode M, int kBuffers>
+int64_t resident_blocks(const Arguments& args, int processors) {
+  const size_t bytes = shared_bytes<P, M, kBuffers>(args);
+  auto* kernel = &ecloss_kernel<input_t, P, M, kBuffers>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  int per_processor = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_processor, kernel, kThreads, bytes));
+  return static_cast<int64_t>(per_processor) * processors;
+}
+
 template <typename input_t, Precision P, Mode M>
 void launch(const Arguments& args, dim3 grid) {
-  const Layout<P> layout(args.padded_pixels, M == Mode::kInputGrad);
-  int device = 0, limit = 0;
+  int device = 0, limit = 0, processors = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK_VALUE(layout.bytes <= static_cast<size_t>(limit),
-                    "cuda backend: maps of K = ", args.pixels, " pixels need ", layout.bytes,
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
+  const size_t bytes = shared_bytes<P, M, 1>(args);
+  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(limit),
+                    "cuda backend: maps of K = ", args.pixels, " pixels need ", bytes,
                     " bytes of shared memory per block, more than this GPU's ", limit,
                     "; use backend='triton' or 'torch' for maps this large");
-  auto* kernel = &ecloss_kernel<input_t, P, M>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(layout.bytes)));
-  kernel<<<grid, kThreads, layout.bytes, at::cuda::getCurrentCUDAStream()>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (has_two_buffer_variant(P, M)) {
+    const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+    if (shared_bytes<P, M, 2>(args) <= static_cast<size_t>(limit) &&
+        resident_blocks<input_t, P, M, 2>(args, processors) >=
+            std::min(resident_blocks<input_t, P, M, 1>(args, processors), blocks)) {
+      return start<input_t, P, M, 2>(args, grid);
+    }
+  }
+  start<input_t, P, M, 1>(args, grid);
 }
 
 template <Mode M>
@@ -423,18 +538,44 @@ void dispatch(const at::Tensor& x, Precision precision, const Arguments& args, d
   }
 }
 
-Arguments make_arguments(const at::Tensor& x, const at::Tensor& templates, double tau) {
+// The kernels read `operand_templates`, the copy of `templates` that
+// ecloss_fast/backends/cpp_cuda.py prepares: (N rounded up to 32, K rounded up to 16) in the
+// operand type (bfloat16 for "bf16", float32 rounded to TF32 for "tf32", float32 for
+// "ieee"), zero outside (N, K), 16-byte aligned. `templates` itself is only checked.
+Arguments make_arguments(const at::Tensor& x, const at::Tensor& templates,
+                         const std::optional<at::Tensor>& operand_templates, Precision precision,
+                         double tau) {
   TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble,
                    "cuda backend: x must be float32, float16 or bfloat16, got Double "
                    "(use backend='torch' for float64)");
+  TORCH_CHECK_VALUE(operand_templates.has_value(),
+                    "cuda backend: the CUDA kernels need operand_templates, the padded operand "
+                    "copy of templates that ecloss_fast.backends.cpp_cuda.operand_templates "
+                    "makes");
+  const at::Tensor& operands = *operand_templates;
+  const int64_t padded_templates =
+      (templates.size(0) + kBlockTemplates - 1) / kBlockTemplates * kBlockTemplates;
+  const int64_t padded_pixels = (x.size(2) + 15) / 16 * 16;
+  const at::ScalarType operand_type = precision == Precision::kBf16 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK_VALUE(operands.dim() == 2 && operands.size(0) == padded_templates &&
+                        operands.size(1) == padded_pixels,
+                    "cuda backend: operand_templates must be (", padded_templates, ", ",
+                    padded_pixels, ") (N, K rounded up to ", kBlockTemplates, " and 16), got "
+                    "shape ", operands.sizes());
+  TORCH_CHECK_TYPE(operands.scalar_type() == operand_type, "cuda backend: operand_templates "
+                   "must be ", operand_type, " for this precision, got ", operands.scalar_type());
+  TORCH_CHECK_VALUE(operands.is_contiguous() && operands.device() == x.device() &&
+                        reinterpret_cast<uintptr_t>(operands.data_ptr()) % 16 == 0,
+                    "cuda backend: operand_templates must be contiguous, 16-byte aligned and "
+                    "on x's device ", x.device());
   Arguments args{};
   args.x = x.data_ptr();
-  args.templates = templates.data_ptr<float>();
+  args.templates = operands.data_ptr();
   args.batch = x.size(0);
   args.channels = x.size(1);
   args.pixels = x.size(2);
   args.num_templates = templates.size(0);
-  args.padded_pixels = static_cast<int>((x.size(2) + 15) / 16 * 16);
+  args.padded_pixels = static_cast<int>(padded_pixels);
   args.tau = static_cast<float>(tau);
   return args;
 }
@@ -446,7 +587,9 @@ unsigned row_blocks(int64_t rows) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(const at::Tensor& x,
                                                               const at::Tensor& templates,
                                                               double tau,
-                                                              c10::string_view precision) {
+                                                              c10::string_view precision,
+                                                              const std::optional<at::Tensor>&
+                                                                  operand_templates) {
   check_arguments("row_stats", x, templates, {}, std::nullopt);
   const Precision resolved = parse_precision(precision);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -454,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(const at::Tensor& 
   at::Tensor log_sum = at::empty_like(row_max);
   at::Tensor neg_entropy = at::empty_like(row_max);
   if (x.numel() == 0) return {row_max, log_sum, neg_entropy};
-  Arguments args = make_arguments(x, templates, tau);
+  Arguments args = make_arguments(x, templates, operand_templates, resolved, tau);
   args.row_max_out = row_max.data_ptr<float>();
   args.log_sum_out = log_sum.data_ptr<float>();
   args.neg_entropy_out = neg_entropy.data_ptr<float>();
@@ -464,7 +607,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(const at::Tensor& 
 
 at::Tensor column_sums_cuda(const at::Tensor& x, const at::Tensor& templates, double tau,
                             const at::Tensor& row_max, const at::Tensor& log_sum,
-                            c10::string_view precision) {
+                            c10::string_view precision,
+                            const std::optional<at::Tensor>& operand_templates) {
   check_arguments("column_sums", x, templates, {&row_max, &log_sum}, std::nullopt);
   const Precision resolved = parse_precision(precision);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -473,7 +617,7 @@ at::Tensor column_sums_cuda(const at::Tensor& x, const at::Tensor& templates, do
   if (x.numel() == 0) return at::zeros({x.size(1), templates.size(0)}, templates.options());
   const at::Tensor row_max_contiguous = row_max.contiguous();
   const at::Tensor log_sum_contiguous = log_sum.contiguous();
-  Arguments args = make_arguments(x, templates, tau);
+  Arguments args = make_arguments(x, templates, operand_templates, resolved, tau);
   args.row_max = row_max_contiguous.data_ptr<float>();
   args.log_sum = log_sum_contiguous.data_ptr<float>();
   args.column_sums = partial.data_ptr<float>();
@@ -486,7 +630,8 @@ at::Tensor column_sums_cuda(const at::Tensor& x, const at::Tensor& templates, do
 at::Tensor input_grad_cuda(const at::Tensor& x, const at::Tensor& templates, double tau,
                            const at::Tensor& row_max, const at::Tensor& log_sum,
                            const at::Tensor& neg_entropy, const std::optional<at::Tensor>& prior,
-                           const at::Tensor& row_weight, c10::string_view precision) {
+                           const at::Tensor& row_weight, c10::string_view precision,
+                           const std::optional<at::Tensor>& operand_templates) {
   check_arguments("input_grad", x, templates, {&row_max, &log_sum, &neg_entropy, &row_weight},
                   prior);
   const Precision resolved = parse_precision(precision);
@@ -498,7 +643,7 @@ at::Tensor input_grad_cuda(const at::Tensor& x, const at::Tensor& templates, dou
   const at::Tensor neg_entropy_contiguous = neg_entropy.contiguous();
   const at::Tensor weight_contiguous = row_weight.contiguous();
   const at::Tensor prior_contiguous = prior.has_value() ? prior->contiguous() : at::Tensor();
-  Arguments args = make_arguments(x, templates, tau);
+  Arguments args = make_arguments(x, templates, operand_templates, resolved, tau);
   args.row_max = row_max_contiguous.data_ptr<float>();
   args.log_sum = log_sum_contiguous.data_ptr<float>();
   args.neg_entropy = neg_entropy_contiguous.data_ptr<float>();

@@ -68,7 +68,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& x,
                                                               const at::Tensor& templates,
                                                               double tau,
-                                                              c10::string_view precision) {
+                                                              c10::string_view precision,
+                                                              const std::optional<at::Tensor>&) {
   check_arguments("row_stats", x, templates, {}, std::nullopt);
   parse_precision(precision);
   const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
@@ -78,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& 
 
 at::Tensor column_sums_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
                             const at::Tensor& row_max, const at::Tensor& log_sum,
-                            c10::string_view precision) {
+                            c10::string_view precision, const std::optional<at::Tensor>&) {
   check_arguments("column_sums", x, templates, {&row_max, &log_sum}, std::nullopt);
   parse_precision(precision);
   return at::empty({x.size(1), templates.size(0)}, row_max.options());
@@ -87,7 +88,8 @@ at::Tensor column_sums_meta(const at::Tensor& x, const at::Tensor& templates, do
 at::Tensor input_grad_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
                            const at::Tensor& row_max, const at::Tensor& log_sum,
                            const at::Tensor& neg_entropy, const std::optional<at::Tensor>& prior,
-                           const at::Tensor& row_weight, c10::string_view precision) {
+                           const at::Tensor& row_weight, c10::string_view precision,
+                           const std::optional<at::Tensor>&) {
   check_arguments("input_grad", x, templates, {&row_max, &log_sum, &neg_entropy, &row_weight},
                   prior);
   parse_precision(precision);
@@ -97,16 +99,20 @@ at::Tensor input_grad_meta(const at::Tensor& x, const at::Tensor& templates, dou
 }  // namespace
 }  // namespace ecloss
 
+// operand_templates: the CUDA kernels read templates from this padded copy in the operand
+// type (ecloss_fast/backends/cpp_cuda.py makes and caches it; csrc/cuda_kernels.cu checks
+// it); the CPU kernels pack their own from templates and ignore it.
 TORCH_LIBRARY(ecloss_fast_C, m) {
   m.def(
-      "row_stats(Tensor x, Tensor templates, float tau, str precision) "
-      "-> (Tensor, Tensor, Tensor)");
+      "row_stats(Tensor x, Tensor templates, float tau, str precision, "
+      "Tensor? operand_templates=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "column_sums(Tensor x, Tensor templates, float tau, Tensor row_max, Tensor log_sum, "
-      "str precision) -> Tensor");
+      "str precision, Tensor? operand_templates=None) -> Tensor");
   m.def(
       "input_grad(Tensor x, Tensor templates, float tau, Tensor row_max, Tensor log_sum, "
-      "Tensor neg_entropy, Tensor? prior, Tensor row_weight, str precision) -> Tensor");
+      "Tensor neg_entropy, Tensor? prior, Tensor row_weight, str precision, "
+      "Tensor? operand_templates=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {

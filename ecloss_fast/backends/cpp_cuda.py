@@ -8,16 +8,26 @@ operand holds every float16 value exactly (the same 10-bit mantissa, a wider exp
 the templates are rounded to that mantissa, so float16 maps lose nothing against float16
 matrix units; the cost is the TF32 rate, half the float16 one. Not run on
 a GPU yet: see bench/NOTES.md. Each function is one call of ``torch.ops.ecloss_fast_C.*``,
-as in the CPU backend: the dispatcher sends CUDA tensors to the CUDA kernels.
+as in the CPU backend: the dispatcher sends CUDA tensors to the CUDA kernels, which read the
+templates from ``operand_templates(templates, precision)``, made once and cached.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
+from ecloss_fast._templates import prepared_templates
 from ecloss_fast.backends.cpp_cpu import extension_error, extension_precision
 
 __all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
-           "input_grad"]
+           "input_grad", "operand_templates", "round_to_tf32"]
+
+TEMPLATE_TILE = 32  # kBlockTemplates of csrc/cuda_kernels.cu: templates per tile
+PIXEL_MULTIPLE = 16  # the kernels pad K to the bf16 WMMA k step
+
+# The float32 operand copy of prepared_templates -> its TF32 rounding: an entry goes with
+# that copy, which goes with its source matrix or an in-place change of it.
+_tf32_copies = WeakIdKeyDictionary()
 
 
 def _has_cuda_kernels() -> bool:
@@ -49,17 +59,58 @@ def supports_dtype(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+def round_to_tf32(values: torch.Tensor) -> torch.Tensor:
+    """float32 ``values`` rounded to TF32 (10 mantissa bits), to nearest with ties away from
+    zero: the rounding of ``cvt.rna.tf32.f32`` (``wmma::__float_to_tf32``), which the kernels
+    apply to the maps. Adding half a TF32 ulp to the magnitude bits and clearing the 13 low
+    bits does it (a carry into the exponent is the round-up); NaN and inf are kept."""
+    bits = values.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return torch.where(torch.isfinite(values), rounded, values)
+
+
+def operand_templates(templates: torch.Tensor, precision: str) -> torch.Tensor | None:
+    """The copy of ``templates (N, K)`` that the CUDA kernels read: ``prepared_templates``'
+    ``(N', K')``, ``N`` rounded up to whole tiles of ``TEMPLATE_TILE`` and ``K`` to
+    ``PIXEL_MULTIPLE`` (196 -> 208: the kernels' shared-memory rows are 208 long for the
+    WMMA k steps, so a tile row is copied whole, in 16-byte chunks, with no bounds test),
+    zero outside ``(N, K)``, in the operand type: bfloat16 (round to nearest even) for
+    ``"bf16"``, float32 rounded by ``round_to_tf32`` for ``"tf32"``, float32 for ``"ieee"``.
+    The zero rows score 0; the kernels leave every template past ``N`` out of the softmax.
+
+    ``precision`` is the extension's (``"ieee"``, ``"tf32"`` or ``"bf16"``). Cached with
+    ``prepared_templates``' copies (remade after an in-place change of ``templates``, freed
+    with it). ``None`` for ``templates`` that are not a matrix: the kernels' argument check
+    names the problem.
+    """
+    if templates.dim() != 2:
+        return None
+    columns = -(-templates.shape[1] // PIXEL_MULTIPLE) * PIXEL_MULTIPLE
+    if precision == "bf16":
+        return prepared_templates(templates, torch.bfloat16, columns, TEMPLATE_TILE)
+    operands = prepared_templates(templates, torch.float32, columns, TEMPLATE_TILE)
+    if precision != "tf32":
+        return operands
+    rounded = _tf32_copies.get(operands)
+    if rounded is None:
+        rounded = _tf32_copies[operands] = round_to_tf32(operands)
+    return rounded
+
+
 def row_stats(x, templates, tau, precision):
-    return torch.ops.ecloss_fast_C.row_stats(x, templates, tau,
-                                             extension_precision(precision, "tf32"))
+    precision = extension_precision(precision, "tf32")
+    return torch.ops.ecloss_fast_C.row_stats(x, templates, tau, precision,
+                                             operand_templates(templates, precision))
 
 
 def column_sums(x, templates, tau, row_max, log_sum, precision):
-    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum,
-                                               extension_precision(precision, "tf32"))
+    precision = extension_precision(precision, "tf32")
+    return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum, precision,
+                                               operand_templates(templates, precision))
 
 
 def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision):
+    precision = extension_precision(precision, "tf32")
     return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, row_max, log_sum, neg_entropy,
-                                              prior, row_weight,
-                                              extension_precision(precision, "tf32"))
+                                              prior, row_weight, precision,
+                                              operand_templates(templates, precision))
