@@ -1,8 +1,8 @@
 """``python -m ecloss_fast``: what this installation can run, for bug reports.
 
 Prints the versions (ecloss-fast, Python, torch, triton, CUDA), every backend with
-"available" or why not and how to get it, what ``precision=None`` resolves to for float32
-and bfloat16 input under the current ``torch.get_float32_matmul_precision()``, and the GPU
+"available" or why not and how to get it, what ``precision=None`` resolves to for float32,
+bfloat16 and float16 maps under the current ``torch.get_float32_matmul_precision()``, and the GPU
 architectures the built extension ``ecloss_fast._C`` carries code for.
 """
 from __future__ import annotations
@@ -85,10 +85,10 @@ def report() -> str:
     for name in _dispatch.BACKENDS:
         why_not = None if name == "reference" else _dispatch._load(name)[1]
         lines.append((f"backend {name}", "available" if why_not is None else why_not))
-    # The dispatcher resolves precision=None from the matmul setting alone, whatever the dtype.
-    lines.append(("precision=None", f"{_dispatch.resolve_precision('')} for float32 and "
-                  "bfloat16 input alike (torch.get_float32_matmul_precision() is "
-                  f"{torch.get_float32_matmul_precision()!r})"))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        lines.append((f"precision=None, {str(dtype).removeprefix('torch.')}",
+                      _dispatch.resolve_precision("", dtype)))
+    lines.append(("float32 matmul precision", repr(torch.get_float32_matmul_precision())))
     lines.append(("extension", _extension_architectures()))
     width = max(len(key) for key, _ in lines)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
