@@ -300,22 +300,35 @@ def tiny_demo(tmp_path_factory):
 
 
 def test_demo_tiny_writes_the_report(tiny_demo):
+    from train.demo import BUDGETS, DEMO_ARMS
+    from train.study import paired_difference
+
     report = (tiny_demo / "report.md").read_text()
-    assert "Table 2" in report and "Table 5" in report and "VGG13-BN x0.0625 + ECLoss" in report
-    for line in report.splitlines():
-        if line.startswith("| ![") or line.startswith("![training"):
-            for link in line.split("](")[1:]:
-                assert (tiny_demo / link.split(")")[0]).is_file()
-    for run in ("softmax", "ecloss"):
-        results = json.loads((tiny_demo / "eval" / run / "metrics.json").read_text())
-        synthetic = results["datasets"]["synthetic"]
-        assert set(synthetic) == {"pei", "location_consistency", "part_coverage", "part_entropy",
-                                  "activation_robustness", "activation_robustness_live",
-                                  "dead_fraction", "verification"}
-        assert 0 <= synthetic["pei"]["mean"] <= 1
-        assert 0 <= synthetic["location_consistency"]["mean"] <= 6 / 49 + 1e-6
-        assert 0.0 <= synthetic["verification"]["accuracy"] <= 1.0
-    assert json.loads((tiny_demo / "eval" / "ecloss" / "metrics.json").read_text())["run"]["ecloss"]["enabled"]
+    seeds = BUDGETS["tiny"].seeds
+    links = [part.split(")")[0] for line in report.splitlines() for part in line.split("](")[1:]]
+    assert "figures/top_activation_side_by_side.png" in links
+    assert all((tiny_demo / link).is_file() for link in links)
+    pei = {}
+    for arm in DEMO_ARMS:
+        assert f"| {arm.label} |" in report
+        pei[arm.name] = []
+        for seed in seeds:
+            results = json.loads((tiny_demo / "eval" / f"{arm.name}-seed{seed}" /
+                                  "metrics.json").read_text())
+            assert results["run"]["ecloss"]["enabled"] == (arm.ecloss is not None)
+            jittered = results["datasets"]["jittered"]
+            assert set(jittered) == {"pei", "location_consistency", "part_coverage",
+                                     "part_entropy", "activation_robustness",
+                                     "activation_robustness_live", "dead_fraction",
+                                     "verification"}
+            assert 0 <= jittered["pei"]["mean"] <= 1
+            assert 0 <= jittered["location_consistency"]["mean"] <= 6 / 49 + 1e-6  # (K-1)/K^2, K=7
+            assert 0.0 <= jittered["verification"]["accuracy"] <= 1.0
+            pei[arm.name].append(jittered["pei"]["mean"])
+    # The report's paired difference is the one of the per-seed evaluations.
+    best = DEMO_ARMS[-1]
+    mean, _, _ = paired_difference(np.array(pei[best.name]), np.array(pei["softmax"]))
+    assert f"| {best.label} | PEI | {mean:+.4g} [" in report
 
 
 def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
@@ -334,7 +347,9 @@ def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
     encoded = [_png((30 * i, 60, 90)) for i in range(40)]
     (tmp_path / "v.bin").write_bytes(pickle.dumps((encoded, [i % 2 == 0 for i in range(20)])))
     out = tmp_path / "eval"
-    results = main(["--checkpoint", str(tiny_demo / "runs" / "ecloss"), "--out", str(out),
+    from train.demo import BEST_ARM
+
+    results = main(["--checkpoint", str(tiny_demo / "runs" / f"{BEST_ARM}-seed0"), "--out", str(out),
                     "--data", f"photos={parts}", "--data", f"pairs={tmp_path / 'v.bin'}",
                     "--images", "3", "--repeats", "2", "--device", "cpu"])
     robustness = {"activation_robustness", "activation_robustness_live", "dead_fraction"}

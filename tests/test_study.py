@@ -32,7 +32,8 @@ def test_one_seed_gives_no_interval():
 @pytest.mark.parametrize("low, high, higher_is_better, verdict", [
     (0.1, 0.3, True, "resolved: better"), (0.1, 0.3, False, "resolved: worse"),
     (-0.3, -0.1, True, "resolved: worse"), (-0.3, -0.1, False, "resolved: better"),
-    (-0.1, 0.3, True, "not resolved (interval spans 0)")])
+    (-0.1, 0.3, True, "not resolved (interval spans 0)"),
+    (0.0, 0.0, True, "no difference in any seed")])
 def test_verdicts(low, high, higher_is_better, verdict):
     assert study._verdict(low, high, higher_is_better) == verdict
 
@@ -54,6 +55,12 @@ def test_tiny_study_trains_evaluates_and_reports(tmp_path):
            for arm in arms}
     mean, _, _ = study.paired_difference(pei["calib400"], pei["softmax"])
     assert f"| calibrated tau, 400 templates | PEI | {mean:+.4g} [" in report
+    assert all(record["seconds"] > 0 for arm in arms for record in records[arm.name].values())
+    figures = study.figures_markdown(records, arms, tmp_path / "report", budget.seeds[0],
+                                     budget.eval_data[0])
+    links = [part.split(")")[0] for line in figures for part in line.split("](")[1:]]
+    assert "figures/top_activation_side_by_side.png" in links and len(links) >= 5
+    assert all((tmp_path / "report" / link).is_file() for link in links)
     # A second call finds every evaluation and trains nothing.
     again = study.run_study(budget, tmp_path, arms)
     assert again["calib400"][0]["metrics"] == records["calib400"][0]["metrics"]

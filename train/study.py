@@ -14,17 +14,21 @@ test of the whole flow in about a minute.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 __all__ = ["Arm", "StudyBudget", "ARMS", "COMPARISONS", "BUDGETS", "arm_config", "run_study",
-           "summarise", "paired_difference", "main"]
+           "render_training_set", "summarise", "paired_difference", "report_markdown", "figures_markdown", "main"]
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,17 @@ class StudyBudget:
     eval_images: int = 100
     eval_repeats: int = 5
     eval_pairs: int = 1000
+    # Held-out faces evaluated (EVAL_DATA's names); the figures come from the first, the
+    # paired differences from the last.
+    eval_data: tuple[str, ...] = ("aligned", "jittered")
     num_workers: int = 1
     device: str = "auto"
     extra: dict = field(default_factory=dict)
 
+
+# The evaluation's data sets: held-out identities of the synthetic faces, as drawn (aligned)
+# and with the pose jitter of unaligned detector crops.
+EVAL_DATA = {"aligned": "synthetic", "jittered": "synthetic_jitter"}
 
 BUDGETS = {
     "study": StudyBudget(),
@@ -167,11 +178,31 @@ def _last_logged(run_dir: Path) -> dict:
     return rows[-1] if rows else {}
 
 
+def render_training_set(identities: int, images_per_identity: int, size: int, rec_path: Path,
+                        jitter: bool = False) -> None:
+    """Draw the synthetic training faces once and store them as PNGs in RecordIO."""
+    from train.data.recordio import write_recordio
+    from train.data.synthetic import SyntheticFaces
+
+    if rec_path.is_file() and rec_path.with_suffix(".idx").is_file():
+        return
+    faces = SyntheticFaces(identities, images_per_identity, size=size, seed=0, jitter=jitter)
+
+    def encoded():
+        for index in tqdm(range(len(faces)), desc="draw training faces"):
+            buffer = io.BytesIO()
+            Image.fromarray(faces.raw_image(index)).save(buffer, format="PNG")
+            yield faces.label(index), buffer.getvalue()
+
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = rec_path.with_name(rec_path.stem + ".partial.rec")
+    write_recordio(partial, partial.with_suffix(".idx"), encoded())
+    partial.with_suffix(".idx").replace(rec_path.with_suffix(".idx"))
+    partial.replace(rec_path)
+
+
 def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     """Train and evaluate every arm and seed (resuming what exists); ``{arm: {seed: record}}``."""
-    from tqdm.auto import tqdm
-
-    from train.demo import render_training_set
     from train.evaluate import EvalSettings, evaluate_checkpoint
 
     settings = EvalSettings(images=budget.eval_images, repeats=budget.eval_repeats,
@@ -187,19 +218,25 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     for arm, seed in tqdm(jobs, desc="study runs", unit="run"):
         eval_dir = out / "eval" / f"{arm.name}-seed{seed}"
         metrics_path = eval_dir / "metrics.json"
+        seconds_path = eval_dir / "wall_seconds.txt"
         if not metrics_path.is_file():
+            start = time.time()
             config = arm_config(budget, arm, seed, out / "runs", rec_path)
             run_dir = _train_or_resume(config)
             if run_dir is None:
                 raise SystemExit(f"stopped; run the same command again to resume from {out}")
-            evaluate_checkpoint(run_dir, eval_dir,
-                                {"aligned": "synthetic", "jittered": "synthetic_jitter"},
+            evaluate_checkpoint(run_dir, eval_dir, {name: EVAL_DATA[name] for name in budget.eval_data},
                                 settings, device)
+            # Training and evaluation of this run only (a resumed run: since the resume).
+            seconds_path.write_text(f"{time.time() - start:.1f}\n")
         result = json.loads(metrics_path.read_text())
         run_dir = Path(result["run_dir"])
         records[arm.name][seed] = dict(metrics=result["datasets"],
                                        last_step=_last_logged(run_dir),
-                                       eval_dir=str(eval_dir))
+                                       calibrated_tau=result["run"]["ecloss"].get("calibrated_tau"),
+                                       run_dir=str(run_dir), eval_dir=str(eval_dir),
+                                       seconds=float(seconds_path.read_text())
+                                       if seconds_path.is_file() else math.nan)
     return records
 
 
@@ -233,6 +270,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float
 def _verdict(low: float, high: float, higher_is_better: bool) -> str:
     if math.isnan(low):
         return "one seed: no interval"
+    if low == high == 0:
+        return "no difference in any seed"
     if low > 0 or high < 0:
         better = (low > 0) == higher_is_better
         return "resolved: " + ("better" if better else "worse")
@@ -244,26 +283,80 @@ def _diagnostics_cell(record) -> str:
     keys = ("mi_over_log_n", "max_p", "score_std")
     if not all(key in row and row[key] not in ("", None) for key in keys):
         return "–"
-    return " / ".join(f"{float(row[key]):.3g}" for key in keys)
+    cell = " / ".join(f"{float(row[key]):.3g}" for key in keys)
+    tau = record.get("calibrated_tau")
+    return cell if tau is None else f"{cell} (tau {tau:.3g})"
 
 
-def report_markdown(budget: StudyBudget, records: dict, arms=ARMS, seconds: float = 0.0) -> str:
+# The evaluation's figures shown per arm (one seed), with their captions.
+FIGURES = (
+    ("top_activation", "Each channel's strongest image (Figure 6 of the paper), distinct identities"),
+    ("channel_parts", "Per channel: its dominant part and where its peaks land"),
+    ("part_assignment", "Which part each channel's peaks fall in"),
+    ("peak_histogram", "Peaks per map"),
+)
+
+
+def figures_markdown(records: dict, arms, out: Path, seed: int, dataset: str) -> list[str]:
+    """The figures of one seed's evaluation of every arm, copied to ``out/figures`` and shown
+    side by side (top activations also pasted into one picture); the training curves."""
+    from train.report import side_by_side, training_curves
+
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = [f"## Figures (seed {seed}; maps of the {dataset} held-out faces)", ""]
+    runs = [(arm, records[arm.name][seed]) for arm in arms if seed in records[arm.name]]
+    if training_curves([(arm.label, Path(record["run_dir"])) for arm, record in runs],
+                       figures / "training_curves.png"):
+        lines += ["![training curves](figures/training_curves.png)", ""]
+    for key, caption in FIGURES:
+        cells = []
+        for arm, record in runs:
+            eval_dir = Path(record["eval_dir"])
+            name = json.loads((eval_dir / "metrics.json").read_text()).get("figures", {}).get(key)
+            if name and (eval_dir / name).is_file():
+                target = figures / f"{arm.name}-{name}"
+                shutil.copyfile(eval_dir / name, target)
+                cells.append((arm.label, target))
+        if not cells:
+            continue
+        lines += [f"### {caption}", ""]
+        if key == "top_activation" and len(cells) > 1:
+            combined = figures / "top_activation_side_by_side.png"
+            side_by_side([path for _, path in cells], combined)
+            lines += ["Left to right: " + ", ".join(label for label, _ in cells) + ".", "",
+                      f"![top activations](figures/{combined.name})", ""]
+            continue
+        lines += ["| " + " | ".join(label for label, _ in cells) + " |",
+                  "|---" * len(cells) + "|",
+                  "| " + " | ".join(f"![{label}](figures/{path.name})" for label, path in cells)
+                  + " |", ""]
+    return lines
+
+
+def report_markdown(budget: StudyBudget, records: dict, arms=ARMS,
+                    title: str = "ECLoss explainability study",
+                    command: str = "python -m train.study") -> str:
     seeds = list(budget.seeds)
     labels = {arm.name: arm.label for arm in arms}
+    seconds = sum(record["seconds"] for arm in arms for record in records[arm.name].values())
     lines = [
-        "# ECLoss explainability study",
+        f"# {title}",
         "",
-        f"`python -m train.study` on {'a GPU' if torch.cuda.is_available() else 'a CPU'} "
-        f"(torch {torch.__version__}), {seconds / 60:.0f} minutes. {len(arms)} arms x "
+        f"`{command}` on {'a GPU' if torch.cuda.is_available() else 'a CPU'} "
+        f"(torch {torch.__version__}), {seconds / 60:.0f} minutes of training and evaluation "
+        f"(the sum over the runs; data drawing excluded). {len(arms)} arms x "
         f"{len(seeds)} seeds (training seeds {seeds}); every arm trains the same network on the "
-        "same synthetic faces; evaluation is on identities no run saw, aligned and pose-jittered.",
+        "same synthetic faces; evaluation is on identities no run saw "
+        f"({' and '.join(budget.eval_data)} faces).",
         "Values are the mean ± standard error over seeds (not over images of one model); "
         "differences are paired by seed with a 95% t-interval.",
         "",
         "| setting | value |", "|---|---|",
     ]
     lines += [f"| {key} | {value} |" for key, value in asdict(budget).items() if key != "extra"]
-    for dataset in ("aligned", "jittered"):
+    compared = budget.eval_data[-1]
+    for dataset in budget.eval_data:
         lines += ["", f"## Per arm ({dataset} faces)", "",
                   "| arm | " + " | ".join(label for _, label, _, _ in METRICS) + " |",
                   "|---|" + "---|" * len(METRICS)]
@@ -274,15 +367,15 @@ def report_markdown(budget: StudyBudget, records: dict, arms=ARMS, seconds: floa
                 cells.append(f"{mean:.4g} ± {se:.2g}")
             lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     lines += ["", "## Diagnostics at each run's last logged step", "",
-              "MI / log N, mean max p, score std (design notes, section 8.4); '–' where the run "
-              "logged none.", "",
+              "MI / log N, mean max p, score std (docs/design.md, section 8.4), and the calibrated "
+              "tau where the arm calibrates it; '–' where the run logged none.", "",
               "| arm | seed " + " | seed ".join(map(str, seeds)) + " |",
               "|---|" + "---|" * len(seeds)]
     for arm in arms[1:]:
         lines.append(f"| {arm.label} | " + " | ".join(
             _diagnostics_cell(records[arm.name][seed]) for seed in seeds) + " |")
     for baseline, title in (("softmax", "Paired difference from softmax (same seed)"),):
-        lines += ["", f"## {title}, jittered faces", "",
+        lines += ["", f"## {title}, {compared} faces", "",
                   "| arm | metric | difference [95% interval] | paper's VGG16 | verdict |",
                   "|---|---|---|---|---|"]
         for arm in arms:
@@ -290,21 +383,22 @@ def report_markdown(budget: StudyBudget, records: dict, arms=ARMS, seconds: floa
                 continue
             for key, label, scale, higher in METRICS:
                 mean, low, high = paired_difference(
-                    _values(records, arm.name, "jittered", key, seeds) * scale,
-                    _values(records, baseline, "jittered", key, seeds) * scale)
+                    _values(records, arm.name, compared, key, seeds) * scale,
+                    _values(records, baseline, compared, key, seeds) * scale)
                 paper = PAPER_DIFFERENCES.get(key)
                 lines.append(f"| {arm.label} | {label} | {mean:+.4g} [{low:+.3g}, {high:+.3g}] | "
                              f"{'' if paper is None else f'{paper:+g}'} | "
                              f"{_verdict(low, high, higher)} |")
-    lines += ["", "## The questions", ""]
-    for arm, baseline, question in COMPARISONS:
-        if arm not in records or baseline not in records:
-            continue
-        lines += [f"**{question}** ({labels[arm]} minus {labels[baseline]}, jittered faces)", ""]
+    asked = [(arm, baseline, question) for arm, baseline, question in COMPARISONS
+             if arm in records and baseline in records]
+    if asked:
+        lines += ["", "## The questions", ""]
+    for arm, baseline, question in asked:
+        lines += [f"**{question}** ({labels[arm]} minus {labels[baseline]}, {compared} faces)", ""]
         for key, label, scale, higher in METRICS:
             mean, low, high = paired_difference(
-                _values(records, arm, "jittered", key, seeds) * scale,
-                _values(records, baseline, "jittered", key, seeds) * scale)
+                _values(records, arm, compared, key, seeds) * scale,
+                _values(records, baseline, compared, key, seeds) * scale)
             lines.append(f"- {label}: {mean:+.4g} [{low:+.3g}, {high:+.3g}]: "
                          f"{_verdict(low, high, higher)}")
         lines.append("")
@@ -324,10 +418,11 @@ def main(argv=None) -> Path:
         arm for arm in ARMS if arm.name == "softmax" or arm.name in args.arms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     records = run_study(budget, out, arms)
     path = out / "report.md"
-    path.write_text(report_markdown(budget, records, arms, time.time() - start) + "\n")
+    lines = [report_markdown(budget, records, arms), ""]
+    lines += figures_markdown(records, arms, out, budget.seeds[0], budget.eval_data[0])
+    path.write_text("\n".join(lines) + "\n")
     (out / "records.json").write_text(json.dumps(records, indent=2, default=str))
     print(f"wrote {path}")
     return path
