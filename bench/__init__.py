@@ -2,5 +2,5 @@
 
 ``python -m bench --help`` runs them; ``bench/NOTES.md`` keeps the cost model, the
 results and what each kernel version changed; ``bench/gpu_check.sh`` is the one-shot
-script for a lent GPU.
+script for a GPU machine.
 """

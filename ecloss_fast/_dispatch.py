@@ -24,7 +24,7 @@ _MODULES = {
 
 # Fastest first, per device type (bench/NOTES.md). CPU, measured on the 2-core AMD EPYC
 # build box (B=8, C=64, 14x14, full set, fwd+bwd, 2 threads): torch 227 ms / 12 MiB vs cpu
-# 247 ms / 45 MiB uniform, 405 vs 456 ms marginal. CUDA: not yet measured (no GPU lent);
+# 247 ms / 45 MiB uniform, 405 vs 456 ms marginal. CUDA: not yet measured (no GPU run yet);
 # the fused kernels first, by their flop and byte counts.
 _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
