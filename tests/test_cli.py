@@ -264,3 +264,11 @@ def test_a_trainer_that_fails_to_build_exits_and_leaves_no_switch_set(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr
     assert done.stdout.strip() in {"ValueError", "FileNotFoundError", "BadDataError"}, done.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "train" / "configs").glob("*.*")),
+                         ids=lambda path: path.name)
+def test_the_shipped_configs_read_and_validate(path):
+    config = load_config(str(path), [])
+    assert config_to_dict(load_config(None, [], base=config_to_dict(config))) == \
+        config_to_dict(config)
