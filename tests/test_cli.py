@@ -247,23 +247,18 @@ def test_a_trainer_that_fails_to_build_exits_and_leaves_no_switch_set(tmp_path):
     empty = tmp_path / "faces"
     empty.mkdir()
     script = (
-        "import sys, torch\n"
+        "import torch\n"
         "from test_train import tiny\n"
         "from train.trainer import fit\n"
         f"config = tiny({str(tmp_path / 'runs')!r}, 'empty', data={{'source': 'folder', "
         f"'path': {str(empty)!r}}})\n"
         "torch.set_num_threads(2)\n"
-        "try:\n"
-        "    fit(config)\n"
-        "except Exception as error:\n"
-        "    print(type(error).__name__, flush=True)\n"
-        "    sys.exit(3)\n")
+        "fit(config)\n")  # the error propagates to the interpreter's exit, as a user's does
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     env.pop("OMP_NUM_THREADS", None)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 3, done.stderr
-    assert done.stdout.strip() in {"ValueError", "FileNotFoundError", "BadDataError"}, done.stdout
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "train" / "configs").glob("*.*")),
