@@ -309,28 +309,27 @@ def figures_markdown(records: dict, arms, out: Path, seed: int, dataset: str) ->
     if training_curves([(arm.label, Path(record["run_dir"])) for arm, record in runs],
                        figures / "training_curves.png"):
         lines += ["![training curves](figures/training_curves.png)", ""]
+    drawn = {arm.name: json.loads((Path(record["eval_dir"]) / "metrics.json").read_text())
+             .get("figures", {}) for arm, record in runs}
     for key, caption in FIGURES:
-        cells = []
-        for arm, record in runs:
-            eval_dir = Path(record["eval_dir"])
-            name = json.loads((eval_dir / "metrics.json").read_text()).get("figures", {}).get(key)
-            if name and (eval_dir / name).is_file():
-                target = figures / f"{arm.name}-{name}"
-                shutil.copyfile(eval_dir / name, target)
-                cells.append((arm.label, target))
+        cells = [(arm, Path(record["eval_dir"]) / drawn[arm.name][key]) for arm, record in runs
+                 if key in drawn[arm.name]]
+        cells = [(arm, path) for arm, path in cells if path.is_file()]
         if not cells:
             continue
         lines += [f"### {caption}", ""]
         if key == "top_activation" and len(cells) > 1:
             combined = figures / "top_activation_side_by_side.png"
             side_by_side([path for _, path in cells], combined)
-            lines += ["Left to right: " + ", ".join(label for label, _ in cells) + ".", "",
+            lines += ["Left to right: " + ", ".join(arm.label for arm, _ in cells) + ".", "",
                       f"![top activations](figures/{combined.name})", ""]
             continue
-        lines += ["| " + " | ".join(label for label, _ in cells) + " |",
-                  "|---" * len(cells) + "|",
-                  "| " + " | ".join(f"![{label}](figures/{path.name})" for label, path in cells)
-                  + " |", ""]
+        links = []
+        for arm, path in cells:
+            shutil.copyfile(path, figures / f"{arm.name}-{path.name}")
+            links.append(f"![{arm.label}](figures/{arm.name}-{path.name})")
+        lines += ["| " + " | ".join(arm.label for arm, _ in cells) + " |",
+                  "|---" * len(cells) + "|", "| " + " | ".join(links) + " |", ""]
     return lines
 
 
