@@ -8,6 +8,11 @@ precision, for both estimators, float32 and bfloat16 maps, loss and ``dx``; then
 registers, spill bytes and shared memory of every Triton kernel the runs compiled are
 printed as the JIT reports them (not as an offline compile predicts them).
 
+The Triton training sweeps are also compared function by function with the ``torch``
+backend's (``row_stats_with_grad``: all four outputs; ``input_grad`` with a marginal and
+a general prior), each in both its forms, fused and split (``configs.FUSED`` picks one at
+run time), so that the form not picked is checked too.
+
 Exit status: 0 when every comparison is within its bound, 1 otherwise, 2 without CUDA.
 ``--time-budget S`` stops starting new cases after ``S`` seconds.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -67,6 +73,55 @@ def _check(shape_name, dtype, precision, estimator, backends) -> bool:
     return ok
 
 
+def _contract_outputs(module, maps, templates, prior, precision):
+    """``row_stats_with_grad`` and ``input_grad`` with ``prior`` of one backend module."""
+    *stats, grad = module.row_stats_with_grad(maps, templates, 1e-3, precision)
+    weight = torch.full_like(stats[0], -1.0 / maps.shape[0])
+    dx = module.input_grad(maps, templates, 1e-3, *stats, prior, weight, precision)
+    return [*stats, grad, dx]
+
+
+def _check_training_sweeps(shape_name, dtype, precision) -> bool:
+    """Triton's training sweeps, fused and split, against the ``torch`` backend's."""
+    from ecloss_fast._templates import template_matrix
+    from ecloss_fast.backends import streaming, triton_fused
+
+    batch, channels, height, width = _SHAPES[shape_name]
+    maps = peaked_maps(batch, channels, height, width, dtype=dtype, seed=2).cuda()
+    maps = maps.reshape(batch, channels, height * width)
+    templates = template_matrix(height, width, 4.0, None, maps.device, torch.float32)
+    row_max, log_sum, _ = streaming.row_stats(maps, templates, 1e-3, precision)
+    sums = streaming.column_sums(maps, templates, 1e-3, row_max, log_sum, precision)
+    marginal = -torch.log((sums / batch).clamp_min(torch.finfo(torch.float32).tiny)) / batch
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    priors = {"marginal": marginal,
+              "general": marginal + torch.randn(marginal.shape, generator=generator,
+                                                device="cuda") / batch}
+    names = ("row_max", "log_sum", "neg_entropy", "neg_entropy_grad", "dx")
+    ok = True
+    for prior_name, prior in priors.items():
+        truth = _contract_outputs(streaming, maps, templates, prior, precision)
+        for form in ("fused", "split"):
+            with mock.patch.object(triton_fused, "_fused", lambda *args, f=form: f == "fused"):
+                try:
+                    got = _contract_outputs(triton_fused, maps, templates, prior, precision)
+                    torch.cuda.synchronize()
+                except Exception as error:  # noqa: BLE001: report every failure, go on
+                    print(f"FAIL triton {form:5s} {shape_name:6s} {str(dtype)[6:]:8s} "
+                          f"{precision:4s} {prior_name:8s} raised {type(error).__name__}: {error}")
+                    ok = False
+                    continue
+            errors = {name: _relative(value.double(), want.double())
+                      for name, value, want in zip(names, got, truth)}
+            finite = all(bool(torch.isfinite(value).all()) for value in got)
+            passed = finite and max(errors.values()) <= _BOUND[precision]
+            ok &= passed
+            print(f"{'ok  ' if passed else 'FAIL'} triton {form:5s} {shape_name:6s} "
+                  f"{str(dtype)[6:]:8s} {precision:4s} prior {prior_name:8s} "
+                  + " ".join(f"{name} {error:.1e}" for name, error in errors.items()))
+    return ok
+
+
 def _triton_resources() -> None:
     """Registers, spills and shared memory of every compiled Triton kernel of this process."""
     try:
@@ -107,6 +162,8 @@ def main(argv=None) -> int:
                     _triton_resources()
                     return 1
                 ok &= _check(shape_name, dtype, precision, estimator, backends)
+            if "triton" in backends:
+                ok &= _check_training_sweeps(shape_name, dtype, precision)
     _triton_resources()
     return 0 if ok else 1
 

@@ -56,8 +56,15 @@ TAU = 1e-3
 ROUTES = (("float32", "ieee"), ("float32", "tf32"), ("float32", "bf16"),
           ("bfloat16", "bf16"), ("float64", "ieee"))
 # (configs kernel name, with a prior).
-KERNELS = (("row_stats", False), ("column_sums", False), ("row_prior", True),
-           ("input_grad", False), ("input_grad_prior", True))
+KERNELS = (("row_stats", False), ("row_stats_grad", False), ("column_sums", False),
+           ("row_prior", True), ("input_grad", False), ("input_grad_prior", True),
+           ("input_grad_prior_fused", True))
+# Configs kernel name -> (kernel function launched, whether its training route is fused).
+# Each training route is compiled in the form its kernel name stands for, whichever form
+# configs.FUSED picks, so that both fit.
+LAUNCHED = {"row_stats_grad": ("row_stats_kernel", True), "row_prior": ("row_prior_kernel", False),
+            "input_grad_prior": ("input_grad_kernel", False),
+            "input_grad_prior_fused": ("input_grad_kernel", True)}
 
 
 def _ptx_spills(ptx: str, arch: str) -> tuple[int, int]:
@@ -151,17 +158,20 @@ def record_launch(kernel_name: str, with_prior: bool, k: int, dtype: torch.dtype
 
     x, templates, stats, prior = _meta_inputs(k, dtype)
     sms = H100["multiprocessors"]
+    wanted, fused = LAUNCHED.get(kernel_name, (f"{kernel_name}_kernel", False))
     with mock.patch.object(triton_fused, "_run", run), \
             mock.patch.object(triton_fused, "_launch", capture), \
+            mock.patch.object(triton_fused, "_fused", lambda *args: fused), \
             mock.patch.object(triton_fused, "_multiprocessors", lambda device: sms):
         if kernel_name == "row_stats":
             triton_fused.row_stats(x, templates, TAU, precision)
+        elif kernel_name == "row_stats_grad":
+            triton_fused.row_stats_with_grad(x, templates, TAU, precision)
         elif kernel_name == "column_sums":
             triton_fused.column_sums(x, templates, TAU, stats, stats, precision)
         else:
             triton_fused.input_grad(x, templates, TAU, stats, stats, stats,
                                     prior if with_prior else None, stats, precision)
-    wanted = "input_grad_kernel" if kernel_name == "input_grad_prior" else f"{kernel_name}_kernel"
     found = [launch for launch in launches if launch[0].__name__ == wanted]
     if len(found) != 1:
         names = [launch[0].__name__ for launch in launches]
@@ -205,7 +215,7 @@ def parse_case(text: str) -> tuple:
     tiles = [int(tile or 0) for tile in tiles]
     operands = triton_fused._operands(torch.empty(0, dtype=getattr(torch, dtype_name)),
                                       precision, False)
-    return (kernel, kernel in ("row_prior", "input_grad_prior"), int(k), dtype_name, precision,
+    return (kernel, dict(KERNELS)[kernel], int(k), dtype_name, precision,
             operands, configs.LaunchConfig(*tiles), False)
 
 

@@ -1,5 +1,6 @@
-// Fused CPU kernels of ECLoss: row_stats, column_sums and input_grad of the backend contract
-// (ecloss_fast/backends/__init__.py), float32 and float64.
+// Fused CPU kernels of ECLoss: row_stats, row_stats_with_grad, column_sums and input_grad of
+// the backend contract (ecloss_fast/backends/__init__.py), float32 and float64, and bfloat16
+// products (vdpbf16ps) for precision "bf16" where the CPU has AVX-512 BF16.
 //
 // Scores s = tau * X T^T are never stored beyond a block of kRowBlock rows x kTemplateBlock
 // templates (48 x 128: 24 KB in float32, in L1/L2). Per block:
@@ -10,8 +11,8 @@
 //   2. a vectorised epilogue turns the block into what the op needs (online softmax state,
 //      column sums, the centre of the score gradient under a prior, or the score gradient,
 //      ecloss_math.h);
-//   3. input_grad only: a second micro-kernel adds gradient x templates into a per-row dx
-//      accumulator, the templates' K axis in the vector lanes.
+//   3. input_grad and row_stats_with_grad: a second micro-kernel adds weights x templates into
+//      per-row accumulators (dx; or U and V, Z), the templates' K axis in the vector lanes.
 // Threads own disjoint rows (row_stats, input_grad) or disjoint (channel, template block)
 // pairs whose rows they sum in batch order (column_sums), so every result is deterministic
 // and independent of the thread count. Every sweep computes each score with the same
@@ -29,7 +30,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#include <immintrin.h>
+#define ECLOSS_BF16_KERNELS 1
+#else
+#define ECLOSS_BF16_KERNELS 0
+#endif
 
 #include "ecloss_math.h"
 #include "ecloss_ops.h"
@@ -71,6 +80,11 @@ struct Problem {
                            // k at [(t / W) * K + k] * W + t % W, zero past N
   const scalar_t* padded;  // (N, padded_pixels), zero past K; input_grad only
   int64_t padded_pixels;   // K rounded up to the tile width
+  // bfloat16 products (precision "bf16", float32 only): the same two layouts with the
+  // reduction axis in pairs, as vdpbf16ps takes them (pack_templates_bf16).
+  const uint16_t* panel_pairs;
+  const uint16_t* padded_pairs;
+  int64_t pixel_pairs;  // ceil(K / 2)
   scalar_t tau;
   int64_t rows_per_block;  // a multiple of kRowTile, at most kRowBlock
   const scalar_t* row_max;      // (B, C), input of column_sums and input_grad
@@ -79,6 +93,7 @@ struct Problem {
   scalar_t* row_max_out;        // (B, C), outputs of row_stats
   scalar_t* log_sum_out;
   scalar_t* neg_entropy_out;
+  scalar_t* neg_entropy_grad_out;  // (B, C, K), output of row_stats_with_grad
   const scalar_t* prior;   // (C, N) or nullptr
   const scalar_t* row_weight;  // (B, C)
   scalar_t* dx;                // (B, C, K)
@@ -94,27 +109,61 @@ template <typename scalar_t>
 struct Scratch {
   explicit Scratch(const Problem<scalar_t>& problem)
       : row_panels(kRowBlock * problem.pixels),
+        row_pairs(problem.panel_pairs != nullptr ? kRowBlock * 2 * problem.pixel_pairs : 0),
+        grad_pairs(problem.panel_pairs != nullptr ? kRowBlock * kTemplateBlock : 0),
         scores(kRowBlock * kTemplateBlock),
         grads(kRowBlock * kTemplateBlock, scalar_t(0)),
+        shifted_grads(kRowBlock * kTemplateBlock, scalar_t(0)),
         dx(kRowBlock * problem.padded_pixels),
+        shifted_dx(kRowBlock * problem.padded_pixels),
         states(kRowBlock),
         centres(kRowBlock),
-        masses(kRowBlock) {}
+        masses(kRowBlock),
+        references(kRowBlock) {}
   std::vector<scalar_t> row_panels;  // (kRowBlock / kRowTile, K, kRowTile)
+  std::vector<uint16_t> row_pairs;   // bf16: (kRowBlock, 2 ceil(K/2)), rows in bfloat16
+  std::vector<uint16_t> grad_pairs;  // bf16: (kRowBlock, kTemplateBlock), grads in bfloat16
   std::vector<scalar_t> scores;      // (kRowBlock, kTemplateBlock), s = tau * <x, T[t]>
-  std::vector<scalar_t> grads;       // (kRowBlock, kTemplateBlock), d loss / d s / weight
-  std::vector<scalar_t> dx;          // (kRowBlock, padded_pixels)
+  // Weights of the template products of a block, (kRowBlock, kTemplateBlock): the score
+  // gradient over the row weight, or e^(s-m) (with a prior: p); shifted_grads: e^(s-m) (s-m)
+  // (with a prior: p (z - c)).
+  std::vector<scalar_t> grads;
+  std::vector<scalar_t> shifted_grads;
+  // (kRowBlock, padded_pixels): dx, or U = sum grads T; shifted_dx: sum shifted_grads T.
+  std::vector<scalar_t> dx;
+  std::vector<scalar_t> shifted_dx;
   std::vector<SoftmaxState<scalar_t>> states;
-  std::vector<scalar_t> centres;     // per row: the centre of score_grad
-  std::vector<scalar_t> masses;      // per row: sum_t p, while summing a centre under a prior
+  std::vector<scalar_t> centres;     // per row: the centre of score_grad, or sum p (z - c)
+  std::vector<scalar_t> masses;      // per row: sum_t p, while summing under a prior
+  std::vector<scalar_t> references;  // per row, under a prior: c, the running mean of z
 };
 
-// Copies the block's rows into panels of kRowTile rows, pixel-major, zero rows past count.
-template <typename scalar_t>
+// float32 -> bfloat16 bits, rounded to nearest even (as torch's .bfloat16()); NaN stays NaN.
+ECLOSS_HOST uint16_t bfloat16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Copies the block's rows into panels of kRowTile rows, pixel-major, zero rows past count;
+// for bfloat16 products, into rounded rows with K padded to pairs.
+template <typename scalar_t, bool kBf16>
 ECLOSS_HOST void pack_rows(const Problem<scalar_t>& problem, const RowBlock& block,
-                           scalar_t* row_panels) {
+                           Scratch<scalar_t>& scratch) {
   const int64_t pixels = problem.pixels;
   const int64_t padded_count = (block.count + kRowTile - 1) / kRowTile * kRowTile;
+  if constexpr (kBf16) {
+    const int64_t stride = 2 * problem.pixel_pairs;
+    std::fill(scratch.row_pairs.begin(), scratch.row_pairs.begin() + padded_count * stride, 0);
+    for (int64_t i = 0; i < block.count; ++i) {
+      const scalar_t* row = problem.x + (block.first + i * block.stride) * pixels;
+      for (int64_t k = 0; k < pixels; ++k) scratch.row_pairs[i * stride + k] = bfloat16_bits(row[k]);
+    }
+    return;
+  }
+  scalar_t* row_panels = scratch.row_panels.data();
   for (int64_t i = 0; i < padded_count; ++i) {
     scalar_t* panel = row_panels + (i / kRowTile) * pixels * kRowTile + i % kRowTile;
     if (i < block.count) {
@@ -126,17 +175,125 @@ ECLOSS_HOST void pack_rows(const Problem<scalar_t>& problem, const RowBlock& blo
   }
 }
 
+#if ECLOSS_BF16_KERNELS
+// The bfloat16 micro-kernels: vdpbf16ps (AVX-512 BF16) adds to each float32 lane the products
+// of one pair of bfloat16 operands, so the reduction axis comes in pairs: K for the scores, the
+// templates for dx. Tiles of kRowTile rows x 2 vectors of 16 lanes, as the AVX-512 float32
+// kernels; products are exact in float32, accumulation in float32. Regular functions with
+// their own target (an intrinsic cannot be inlined into code compiled without it); one call
+// per block of rows costs nothing next to its arithmetic.
+#define ECLOSS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+constexpr int64_t kBf16Lanes = 16;
+constexpr int64_t kBf16TileWidth = kTileVectors * kBf16Lanes;
+
+// scores[i, j] = tau * <x[row i], T[t0 + j]> from bfloat16 rows (row i at rows + i * 2 pairs)
+// and panels of kBf16TileWidth templates ((t / 32) pairs 32 2 layout: template t, pixel k at
+// [((t / 32) * pairs + k / 2) * 32 + t % 32] * 2 + k % 2).
+ECLOSS_BF16_TARGET void score_block_bf16(const uint16_t* rows, int64_t count,
+                                         const uint16_t* panels, int64_t pairs, int64_t t0,
+                                         int64_t width, float tau, float* scores) {
+  const __m512 scale = _mm512_set1_ps(tau);
+  for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
+    for (int64_t j0 = 0; j0 < width; j0 += kBf16TileWidth) {
+      const uint16_t* panel = panels + (t0 + j0) / kBf16TileWidth * pairs * 2 * kBf16TileWidth;
+      __m512 accumulators[kRowTile][kTileVectors];
+      for (auto& row : accumulators) for (auto& value : row) value = _mm512_setzero_ps();
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        __m512bh templates[kTileVectors];
+        for (int64_t v = 0; v < kTileVectors; ++v) {
+          templates[v] = (__m512bh)_mm512_loadu_si512(
+              panel + (pair * kBf16TileWidth + v * kBf16Lanes) * 2);
+        }
+#pragma GCC unroll 6
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          int32_t both;
+          std::memcpy(&both, rows + ((i0 + i) * pairs + pair) * 2, sizeof both);
+          const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
+          for (int64_t v = 0; v < kTileVectors; ++v) {
+            accumulators[i][v] = _mm512_dpbf16_ps(accumulators[i][v], value, templates[v]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        for (int64_t v = 0; v < kTileVectors; ++v) {
+          _mm512_storeu_ps(scores + (i0 + i) * kTemplateBlock + j0 + v * kBf16Lanes,
+                           _mm512_mul_ps(accumulators[i][v], scale));
+        }
+      }
+    }
+  }
+}
+
+// dx[i, :] += sum_j grads[i, j] T[t0 + j, :], the grads rounded to bfloat16 into grad_pairs
+// (zero past width, so an odd block's last pair adds nothing), the templates in pairs of
+// rows (template t, pixel k at [(t / 2) * padded_pixels + k] * 2 + t % 2).
+ECLOSS_BF16_TARGET void accumulate_input_grad_bf16(const float* grads, int64_t count,
+                                                   int64_t width, uint16_t* grad_pairs,
+                                                   const uint16_t* padded_pairs,
+                                                   int64_t padded_pixels, int64_t t0, float* dx) {
+  const int64_t padded_count = (count + kRowTile - 1) / kRowTile * kRowTile;
+  const int64_t pairs = (width + 1) / 2;
+  for (int64_t i = 0; i < padded_count; ++i) {
+    for (int64_t j = 0; j < 2 * pairs; ++j) {
+      grad_pairs[i * kTemplateBlock + j] =
+          j < width ? bfloat16_bits(grads[i * kTemplateBlock + j]) : uint16_t(0);
+    }
+  }
+  const uint16_t* first_pair = padded_pairs + t0 / 2 * padded_pixels * 2;
+  for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
+    for (int64_t k0 = 0; k0 < padded_pixels; k0 += kBf16TileWidth) {
+      __m512 accumulators[kRowTile][kTileVectors];
+      for (auto& row : accumulators) for (auto& value : row) value = _mm512_setzero_ps();
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        __m512bh templates[kTileVectors];
+        for (int64_t v = 0; v < kTileVectors; ++v) {
+          templates[v] = (__m512bh)_mm512_loadu_si512(
+              first_pair + (pair * padded_pixels + k0 + v * kBf16Lanes) * 2);
+        }
+#pragma GCC unroll 6
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          int32_t both;
+          std::memcpy(&both, grad_pairs + (i0 + i) * kTemplateBlock + 2 * pair, sizeof both);
+          const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
+          for (int64_t v = 0; v < kTileVectors; ++v) {
+            accumulators[i][v] = _mm512_dpbf16_ps(accumulators[i][v], value, templates[v]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        for (int64_t v = 0; v < kTileVectors; ++v) {
+          float* target = dx + (i0 + i) * padded_pixels + k0 + v * kBf16Lanes;
+          _mm512_storeu_ps(target, _mm512_add_ps(_mm512_loadu_ps(target), accumulators[i][v]));
+        }
+      }
+    }
+  }
+}
+#else
+// Without AVX-512 BF16 in the compiler the bf16 tasks are never selected (select_bf16_tasks).
+void score_block_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+                      float, float*) {}
+void accumulate_input_grad_bf16(const float*, int64_t, int64_t, uint16_t*, const uint16_t*,
+                                int64_t, int64_t, float*) {}
+#endif
+
 // scores[i, j] = s = tau * <x[row i], T[t0 + j]> for the block's rows and templates
 // t0 .. t0 + width: the dot product as one FMA chain in pixel order, then one rounded
 // multiply by tau. The epilogues read s back from this buffer, so their shift s - max is the
 // rounded score minus the rounded max: setup.py's -ffp-contract=fast cannot fuse
 // tau * <x, T> - max into one FMA across the store (the FMA's unrounded product differs from
 // s by up to half an ulp of s, which passes the range of exp once scores pass 1e9).
-template <typename scalar_t, int kBytes>
+template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& block,
-                             const scalar_t* row_panels, int64_t t0, int64_t width,
+                             const Scratch<scalar_t>& scratch, int64_t t0, int64_t width,
                              scalar_t* scores) {
+  if constexpr (kBf16) {
+    score_block_bf16(scratch.row_pairs.data(), block.count, problem.panel_pairs,
+                     problem.pixel_pairs, t0, width, problem.tau, scores);
+    return;
+  }
   using S = Simd<scalar_t, kBytes>;
+  const scalar_t* row_panels = scratch.row_panels.data();
   const int64_t pixels = problem.pixels;
   for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
     const scalar_t* rows = row_panels + i0 * pixels;
@@ -167,10 +324,15 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
 
 // dx[i, :] += sum_j grads[i, j] * T[t0 + j, :] over the block's rows (rounded up to whole
 // tiles: rows past count hold stale gradients and are never written out).
-template <typename scalar_t, int kBytes>
+template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void accumulate_input_grad(const Problem<scalar_t>& problem, const RowBlock& block,
-                                       const scalar_t* grads, int64_t t0, int64_t width,
-                                       scalar_t* dx) {
+                                       Scratch<scalar_t>& scratch, const scalar_t* grads,
+                                       int64_t t0, int64_t width, scalar_t* dx) {
+  if constexpr (kBf16) {
+    accumulate_input_grad_bf16(grads, block.count, width, scratch.grad_pairs.data(),
+                               problem.padded_pairs, problem.padded_pixels, t0, dx);
+    return;
+  }
   using S = Simd<scalar_t, kBytes>;
   const int64_t padded_pixels = problem.padded_pixels;
   for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
@@ -199,24 +361,29 @@ ECLOSS_HOST void accumulate_input_grad(const Problem<scalar_t>& problem, const R
   }
 }
 
+// The largest score of a block row (a select of values: with std::max(best, scores[j]), a
+// reference into the buffer, GCC 12 left this reduction scalar, vmaxss; row_stats 35% slower
+// at 14x14).
+template <typename scalar_t>
+ECLOSS_HOST scalar_t block_max_of(const scalar_t* scores, int64_t width) {
+  scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+#pragma omp simd reduction(max : best)
+  for (int64_t j = 0; j < width; ++j) best = best < scores[j] ? scores[j] : best;
+  return best;
+}
+
 // Online-softmax state of the block's rows, merged over all templates.
-template <typename scalar_t, int kBytes>
+template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlock& block,
                                   Scratch<scalar_t>& scratch) {
   for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
   for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
     const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
-    score_block<scalar_t, kBytes>(problem, block, scratch.row_panels.data(), t0, width,
+    score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                   scratch.scores.data());
     for (int64_t i = 0; i < block.count; ++i) {
       const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
-      scalar_t block_max = -std::numeric_limits<scalar_t>::infinity();
-      // A select of values: with std::max(block_max, scores[j]), a reference into the
-      // buffer, GCC 12 left this reduction scalar (vmaxss; row_stats 35% slower at 14x14).
-#pragma omp simd reduction(max : block_max)
-      for (int64_t j = 0; j < width; ++j) {
-        block_max = block_max < scores[j] ? scores[j] : block_max;
-      }
+      const scalar_t block_max = block_max_of(scores, width);
       scalar_t sum_exp = 0, sum_exp_shift = 0;
 #pragma omp simd reduction(+ : sum_exp, sum_exp_shift)
       for (int64_t j = 0; j < width; ++j) {
@@ -230,47 +397,15 @@ ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlo
   }
 }
 
-// The centre of score_grad under a prior, D = sum_t p z / sum_t p with z = w log p - prior
-// (over the recomputed mass, 1 in exact arithmetic), into scratch.centres.
-template <typename scalar_t, int kBytes>
-ECLOSS_HOST void sweep_prior_centres(const Problem<scalar_t>& problem, const RowBlock& block,
-                                     Scratch<scalar_t>& scratch) {
-  for (int64_t i = 0; i < block.count; ++i) scratch.centres[i] = scratch.masses[i] = 0;
-  for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
-    const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
-    score_block<scalar_t, kBytes>(problem, block, scratch.row_panels.data(), t0, width,
-                                  scratch.scores.data());
-    for (int64_t i = 0; i < block.count; ++i) {
-      const int64_t row = block.first + i * block.stride;
-      const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
-      const scalar_t weight = problem.row_weight[row];
-      const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
-      const scalar_t* prior =
-          problem.prior + (row % problem.channels) * problem.num_templates + t0;
-      scalar_t weighted = 0, mass = 0;
-#pragma omp simd reduction(+ : weighted, mass)
-      for (int64_t j = 0; j < width; ++j) {
-        const scalar_t log_p = log_probability(scores[j] - row_max, log_sum);
-        const scalar_t p = exp_(log_p);
-        weighted += p * (weight * log_p - prior[j]);
-        mass += p;
-      }
-      scratch.centres[i] += weighted;
-      scratch.masses[i] += mass;
-    }
-  }
-  for (int64_t i = 0; i < block.count; ++i) scratch.centres[i] /= scratch.masses[i];
-}
-
-template <typename scalar_t, int kBytes>
+template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
   Scratch<scalar_t> scratch(problem);
   const int64_t rows = problem.batch * problem.channels;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t first = task * problem.rows_per_block;
     const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
-    pack_rows(problem, block, scratch.row_panels.data());
-    sweep_row_states<scalar_t, kBytes>(problem, block, scratch);
+    pack_rows<scalar_t, kBf16>(problem, block, scratch);
+    sweep_row_states<scalar_t, kBytes, kBf16>(problem, block, scratch);
     for (int64_t i = 0; i < block.count; ++i) {
       finish(scratch.states[i], problem.row_max_out[first + i], problem.log_sum_out[first + i],
              problem.neg_entropy_out[first + i]);
@@ -278,9 +413,91 @@ ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin
   }
 }
 
+// row_stats and, from the same exponentials, d neg_entropy / dx = tau (V - (a/l) U) / l with
+// U = sum e^(s-m) T and V = sum e^(s-m) (s-m) T about the running max m (ecloss_math.h's
+// state holds l and a). Per block the softmax state merges as in row_stats, from bitwise the
+// same scores (the statistics agree to rounding: the compiler may order the sums of the two
+// loops differently); the block's weights e^(s-b) and e^(s-b)(s-b), about the
+// block's max b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only
+// when the block does not hold it, and U, V are moved the same way when m rises.
+template <typename scalar_t, int kBytes, bool kBf16>
+ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int64_t begin,
+                                           int64_t end) {
+  Scratch<scalar_t> scratch(problem);
+  const int64_t rows = problem.batch * problem.channels;
+  const int64_t padded_pixels = problem.padded_pixels;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t first = task * problem.rows_per_block;
+    const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
+    pack_rows<scalar_t, kBf16>(problem, block, scratch);
+    for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
+    std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
+    std::fill(scratch.shifted_dx.begin(), scratch.shifted_dx.end(), scalar_t(0));
+    for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
+      const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+      score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
+                                    scratch.scores.data());
+      for (int64_t i = 0; i < block.count; ++i) {
+        const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
+        scalar_t* weights = scratch.grads.data() + i * kTemplateBlock;
+        scalar_t* shifted_weights = scratch.shifted_grads.data() + i * kTemplateBlock;
+        const scalar_t block_max = block_max_of(scores, width);
+        scalar_t sum_exp = 0, sum_exp_shift = 0;
+#pragma omp simd reduction(+ : sum_exp, sum_exp_shift)
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t shifted = scores[j] - block_max;
+          const scalar_t weight = host_exp(shifted);
+          weights[j] = weight;
+          shifted_weights[j] = weight * shifted;
+          sum_exp += weight;
+          sum_exp_shift += weight * shifted;
+        }
+        const SoftmaxState<scalar_t> previous = scratch.states[i];
+        scratch.states[i] = merge(previous, {block_max, sum_exp, sum_exp_shift});
+        const scalar_t max = scratch.states[i].max;
+        if (previous.sum_exp != scalar_t(0) && previous.max != max) {
+          const scalar_t shift = previous.max - max, decay = host_exp(shift);
+          scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
+          scalar_t* sum_shifted = scratch.shifted_dx.data() + i * padded_pixels;
+#pragma omp simd
+          for (int64_t k = 0; k < padded_pixels; ++k) {
+            sum_shifted[k] = decay * (sum_shifted[k] + shift * sum_weighted[k]);
+            sum_weighted[k] *= decay;
+          }
+        }
+        if (block_max != max) {
+          const scalar_t shift = block_max - max, decay = host_exp(shift);
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            shifted_weights[j] = decay * (shifted_weights[j] + shift * weights[j]);
+            weights[j] *= decay;
+          }
+        }
+      }
+      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.grads.data(), t0, width,
+                                              scratch.dx.data());
+      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.shifted_grads.data(), t0,
+                                              width, scratch.shifted_dx.data());
+    }
+    for (int64_t i = 0; i < block.count; ++i) {
+      const SoftmaxState<scalar_t>& state = scratch.states[i];
+      finish(state, problem.row_max_out[first + i], problem.log_sum_out[first + i],
+             problem.neg_entropy_out[first + i]);
+      const scalar_t mean_shift = state.sum_exp_shift / state.sum_exp;
+      const scalar_t scale = problem.tau / state.sum_exp;
+      const scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
+      const scalar_t* sum_shifted = scratch.shifted_dx.data() + i * padded_pixels;
+      scalar_t* target = problem.neg_entropy_grad_out + (first + i) * problem.pixels;
+      for (int64_t k = 0; k < problem.pixels; ++k) {
+        target[k] = scale * (sum_shifted[k] - mean_shift * sum_weighted[k]);
+      }
+    }
+  }
+}
+
 // One task is one (channel, template block): the column sums of that block over the
 // channel's B rows, added in batch order.
-template <typename scalar_t, int kBytes>
+template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t begin,
                                    int64_t end) {
   Scratch<scalar_t> scratch(problem);
@@ -294,8 +511,8 @@ ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t beg
     for (int64_t b0 = 0; b0 < problem.batch; b0 += kRowBlock) {
       const RowBlock block{b0 * problem.channels + channel, problem.channels,
                            std::min(kRowBlock, problem.batch - b0)};
-      pack_rows(problem, block, scratch.row_panels.data());
-      score_block<scalar_t, kBytes>(problem, block, scratch.row_panels.data(), t0, width,
+      pack_rows<scalar_t, kBf16>(problem, block, scratch);
+      score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                   scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
         const int64_t row = block.first + i * block.stride;
@@ -308,7 +525,69 @@ ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t beg
   }
 }
 
-template <typename scalar_t, int kBytes>
+// dx under a prior in one sweep: sum_k p_k (z_k - D) T[k], z = w log p - prior, D the
+// p-mean of z over the recomputed mass (1 in exact arithmetic), as tau (Z - D U) with
+// U = sum p T and Z = sum p (z - c) T about a reference c: the mean of z over the templates
+// seen so far, moved after every block (c' = c + sum p (z - c) / sum p, Z += (c - c') U,
+// which leaves sum p (z - c') = 0). Z then holds only what differs from that mean: no
+// large common part cancels between Z and D U at the end (a peaked row's best template,
+// once seen, sets c), and the last block leaves D - c small.
+template <typename scalar_t, int kBytes, bool kBf16>
+ECLOSS_HOST void prior_input_grad_sweep(const Problem<scalar_t>& problem, const RowBlock& block,
+                                        Scratch<scalar_t>& scratch) {
+  const int64_t padded_pixels = problem.padded_pixels;
+  std::fill(scratch.shifted_dx.begin(), scratch.shifted_dx.end(), scalar_t(0));
+  for (int64_t i = 0; i < block.count; ++i) scratch.masses[i] = scratch.references[i] = 0;
+  for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
+    const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+    score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
+                                  scratch.scores.data());
+    for (int64_t i = 0; i < block.count; ++i) {
+      const int64_t row = block.first + i * block.stride;
+      const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
+      const scalar_t weight = problem.row_weight[row], reference = scratch.references[i];
+      const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
+      const scalar_t* prior =
+          problem.prior + (row % problem.channels) * problem.num_templates + t0;
+      scalar_t* probabilities = scratch.grads.data() + i * kTemplateBlock;
+      scalar_t* centred = scratch.shifted_grads.data() + i * kTemplateBlock;
+      scalar_t sum_centred = 0, mass = 0;
+#pragma omp simd reduction(+ : sum_centred, mass)
+      for (int64_t j = 0; j < width; ++j) {
+        const scalar_t log_p = log_probability(scores[j] - row_max, log_sum);
+        const scalar_t p = exp_(log_p);
+        probabilities[j] = p;
+        centred[j] = p * ((weight * log_p - prior[j]) - reference);
+        sum_centred += centred[j];
+        mass += p;
+      }
+      scratch.centres[i] = sum_centred;
+      scratch.masses[i] += mass;
+    }
+    accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.grads.data(),
+                                                   t0, width, scratch.dx.data());
+    accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch,
+                                                   scratch.shifted_grads.data(), t0, width,
+                                                   scratch.shifted_dx.data());
+    for (int64_t i = 0; i < block.count; ++i) {
+      // A row whose mass so far underflowed to 0 keeps its reference (and its sums are 0).
+      if (!(scratch.masses[i] > scalar_t(0))) continue;
+      const scalar_t step = scratch.centres[i] / scratch.masses[i];
+      const scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
+      scalar_t* sum_centred = scratch.shifted_dx.data() + i * padded_pixels;
+#pragma omp simd
+      for (int64_t k = 0; k < padded_pixels; ++k) sum_centred[k] -= step * sum_weighted[k];
+      scratch.references[i] += step;
+    }
+  }
+  for (int64_t i = 0; i < block.count; ++i) {
+    const scalar_t* sum_centred = scratch.shifted_dx.data() + i * padded_pixels;
+    scalar_t* target = problem.dx + (block.first + i * block.stride) * problem.pixels;
+    for (int64_t k = 0; k < problem.pixels; ++k) target[k] = problem.tau * sum_centred[k];
+  }
+}
+
+template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
   Scratch<scalar_t> scratch(problem);
   const int64_t rows = problem.batch * problem.channels;
@@ -317,47 +596,36 @@ ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begi
   for (int64_t task = begin; task < end; ++task) {
     const int64_t first = task * problem.rows_per_block;
     const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
-    pack_rows(problem, block, scratch.row_panels.data());
-    if (problem.prior != nullptr) {
-      sweep_prior_centres<scalar_t, kBytes>(problem, block, scratch);
-    } else {
-      for (int64_t i = 0; i < block.count; ++i) {  // E = neg_entropy + log_sum
-        scratch.centres[i] = problem.neg_entropy[first + i] + problem.log_sum[first + i];
-      }
-    }
+    pack_rows<scalar_t, kBf16>(problem, block, scratch);
     std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
+    if (problem.prior != nullptr) {
+      prior_input_grad_sweep<scalar_t, kBytes, kBf16>(problem, block, scratch);
+      continue;
+    }
+    for (int64_t i = 0; i < block.count; ++i) {  // E = neg_entropy + log_sum
+      scratch.centres[i] = problem.neg_entropy[first + i] + problem.log_sum[first + i];
+    }
     for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
       const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
-      score_block<scalar_t, kBytes>(problem, block, scratch.row_panels.data(), t0, width,
-                                  scratch.scores.data());
+      score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
+                                    scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
         const int64_t row = first + i;
         const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
         const scalar_t centre = scratch.centres[i];
         const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
         scalar_t* grads = scratch.grads.data() + i * kTemplateBlock;
-        if (problem.prior != nullptr) {
-          const scalar_t weight = problem.row_weight[row];
-          const scalar_t* prior =
-              problem.prior + (row % problem.channels) * problem.num_templates + t0;
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const scalar_t log_p = log_probability(scores[j] - row_max, log_sum);
-            grads[j] = score_grad(exp_(log_p), weight * log_p - prior[j], centre);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const scalar_t shifted = scores[j] - row_max;
-            grads[j] = score_grad(probability(shifted, log_sum), shifted, centre);
-          }
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t shifted = scores[j] - row_max;
+          grads[j] = score_grad(probability(shifted, log_sum), shifted, centre);
         }
       }
-      accumulate_input_grad<scalar_t, kBytes>(problem, block, scratch.grads.data(), t0, width,
+      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.grads.data(), t0, width,
                                               scratch.dx.data());
     }
-    for (int64_t i = 0; i < block.count; ++i) {  // a prior carries the row weight already
-      const scalar_t scale = problem.prior != nullptr ? tau : tau * problem.row_weight[first + i];
+    for (int64_t i = 0; i < block.count; ++i) {
+      const scalar_t scale = tau * problem.row_weight[first + i];
       const scalar_t* source = scratch.dx.data() + i * padded_pixels;
       scalar_t* target = problem.dx + (first + i) * problem.pixels;
       for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
@@ -370,7 +638,9 @@ ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begi
 template <typename scalar_t>
 struct Tasks {
   int64_t tile_width;  // scalars per micro-kernel tile row: the layout pack_templates writes
+  bool bf16;           // bfloat16 products (pack_templates_bf16's layouts)
   void (*row_stats)(const Problem<scalar_t>&, int64_t, int64_t);
+  void (*row_stats_with_grad)(const Problem<scalar_t>&, int64_t, int64_t);
   void (*column_sums)(const Problem<scalar_t>&, int64_t, int64_t);
   void (*input_grad)(const Problem<scalar_t>&, int64_t, int64_t);
 };
@@ -379,22 +649,28 @@ struct Tasks {
   template <typename scalar_t>                                                              \
   TARGET __attribute__((flatten)) void row_stats_##NAME(const Problem<scalar_t>& problem,   \
                                                         int64_t begin, int64_t end) {       \
-    row_stats_tasks<scalar_t, BYTES>(problem, begin, end);                                  \
+    row_stats_tasks<scalar_t, BYTES, false>(problem, begin, end);                                  \
+  }                                                                                         \
+  template <typename scalar_t>                                                              \
+  TARGET __attribute__((flatten)) void row_stats_with_grad_##NAME(                          \
+      const Problem<scalar_t>& problem, int64_t begin, int64_t end) {                       \
+    row_stats_with_grad_tasks<scalar_t, BYTES, false>(problem, begin, end);                        \
   }                                                                                         \
   template <typename scalar_t>                                                              \
   TARGET __attribute__((flatten)) void column_sums_##NAME(const Problem<scalar_t>& problem,  \
                                                           int64_t begin, int64_t end) {     \
-    column_sums_tasks<scalar_t, BYTES>(problem, begin, end);                                \
+    column_sums_tasks<scalar_t, BYTES, false>(problem, begin, end);                                \
   }                                                                                         \
   template <typename scalar_t>                                                              \
   TARGET __attribute__((flatten)) void input_grad_##NAME(const Problem<scalar_t>& problem,  \
                                                          int64_t begin, int64_t end) {      \
-    input_grad_tasks<scalar_t, BYTES>(problem, begin, end);                                 \
+    input_grad_tasks<scalar_t, BYTES, false>(problem, begin, end);                                 \
   }                                                                                         \
   template <typename scalar_t>                                                              \
   Tasks<scalar_t> tasks_##NAME() {                                                          \
-    return {Simd<scalar_t, BYTES>::kTileWidth, &row_stats_##NAME<scalar_t>,                 \
-            &column_sums_##NAME<scalar_t>, &input_grad_##NAME<scalar_t>};                   \
+    return {Simd<scalar_t, BYTES>::kTileWidth, false, &row_stats_##NAME<scalar_t>,          \
+            &row_stats_with_grad_##NAME<scalar_t>, &column_sums_##NAME<scalar_t>,           \
+            &input_grad_##NAME<scalar_t>};                                                  \
   }
 
 ECLOSS_DEFINE_TASKS(baseline, 16, )
@@ -425,19 +701,56 @@ const Tasks<scalar_t>& tasks() {
   return selected;
 }
 
+#if ECLOSS_BF16_KERNELS
+#define ECLOSS_DEFINE_BF16_TASK(OP)                                                         \
+  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma"), flatten)) \
+  void OP##_bf16(const Problem<float>& problem, int64_t begin, int64_t end) {               \
+    OP##_tasks<float, 64, true>(problem, begin, end);                                       \
+  }
+ECLOSS_DEFINE_BF16_TASK(row_stats)
+ECLOSS_DEFINE_BF16_TASK(row_stats_with_grad)
+ECLOSS_DEFINE_BF16_TASK(column_sums)
+ECLOSS_DEFINE_BF16_TASK(input_grad)
+#undef ECLOSS_DEFINE_BF16_TASK
+
+bool cpu_has_bf16_products() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+#endif
+
+// The tasks of one call: bfloat16 products for precision "bf16" on float32 maps where the CPU
+// has them (AVX-512 BF16), else full precision (float64 maps always compute in float64).
+template <typename scalar_t>
+const Tasks<scalar_t>& tasks_for(c10::string_view precision) {
+  const bool bf16 = parse_precision(precision) == Precision::kBf16;
+#if ECLOSS_BF16_KERNELS
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    static const bool supported = cpu_has_bf16_products();
+    static const Tasks<float> bf16_tasks{kBf16TileWidth, true, &row_stats_bf16,
+                                         &row_stats_with_grad_bf16, &column_sums_bf16,
+                                         &input_grad_bf16};
+    if (bf16 && supported) return bf16_tasks;
+  }
+#endif
+  (void)bf16;
+  return tasks<scalar_t>();
+}
+
 // The template matrix in the two layouts the micro-kernels read (see Problem), for tiles
 // `tile_width` scalars wide.
 template <typename scalar_t>
-void pack_templates(const at::Tensor& templates, int64_t tile_width, bool with_padded,
-                    at::Tensor& panels, at::Tensor& padded) {
+void pack_templates(const at::Tensor& templates, int64_t tile_width, at::Tensor& panels,
+                    at::Tensor& padded) {
   const int64_t count = templates.size(0), pixels = templates.size(1);
   const int64_t panel_count = (count + tile_width - 1) / tile_width;
   const int64_t padded_pixels = (pixels + tile_width - 1) / tile_width * tile_width;
   panels = at::empty({panel_count, pixels, tile_width}, templates.options());
-  if (with_padded) padded = at::zeros({count, padded_pixels}, templates.options());
+  padded = at::zeros({count, padded_pixels}, templates.options());
   const scalar_t* source = templates.data_ptr<scalar_t>();
   scalar_t* panel_data = panels.data_ptr<scalar_t>();
-  scalar_t* padded_data = with_padded ? padded.data_ptr<scalar_t>() : nullptr;
+  scalar_t* padded_data = padded.data_ptr<scalar_t>();
   at::parallel_for(0, panel_count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
       scalar_t* target = panel_data + panel * pixels * tile_width;
@@ -446,15 +759,93 @@ void pack_templates(const at::Tensor& templates, int64_t tile_width, bool with_p
         if (t < count) {
           const scalar_t* row = source + t * pixels;
           for (int64_t k = 0; k < pixels; ++k) target[k * tile_width + lane] = row[k];
-          if (padded_data != nullptr) {
-            std::copy(row, row + pixels, padded_data + t * padded_pixels);
-          }
+          std::copy(row, row + pixels, padded_data + t * padded_pixels);
         } else {
           for (int64_t k = 0; k < pixels; ++k) target[k * tile_width + lane] = scalar_t(0);
         }
       }
     }
   });
+}
+
+// The same two layouts in bfloat16 with the reduction axis in pairs (see score_block_bf16 and
+// accumulate_input_grad_bf16), zero past N and K; bits in int16 tensors.
+void pack_templates_bf16(const at::Tensor& templates, int64_t tile_width, at::Tensor& panels,
+                         at::Tensor& padded) {
+  const int64_t count = templates.size(0), pixels = templates.size(1);
+  const int64_t pairs = (pixels + 1) / 2;
+  const int64_t panel_count = (count + tile_width - 1) / tile_width;
+  const int64_t padded_pixels = (pixels + tile_width - 1) / tile_width * tile_width;
+  const auto options = templates.options().dtype(at::kShort);
+  panels = at::zeros({panel_count, pairs, tile_width, 2}, options);
+  padded = at::zeros({(count + 1) / 2, padded_pixels, 2}, options);
+  const float* source = templates.data_ptr<float>();
+  auto* panel_data = reinterpret_cast<uint16_t*>(panels.data_ptr<int16_t>());
+  auto* padded_data = reinterpret_cast<uint16_t*>(padded.data_ptr<int16_t>());
+  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t k = 0; k < pixels; ++k) {
+        const uint16_t bits = bfloat16_bits(source[t * pixels + k]);
+        panel_data[(((t / tile_width) * pairs + k / 2) * tile_width + t % tile_width) * 2 +
+                   k % 2] = bits;
+        padded_data[((t / 2) * padded_pixels + k) * 2 + t % 2] = bits;
+      }
+    }
+  });
+}
+
+// Packed copies of the last few template matrices, reused while a matrix lives unchanged (same
+// tensor, same version): packing reads the matrix and writes two copies of it per call
+// otherwise (15 MB each at 14x14 in float32, 1 GB at 28x28). An entry holds its matrix weakly
+// and goes when the matrix does.
+class PackedTemplatesCache {
+ public:
+  std::pair<at::Tensor, at::Tensor> get(const at::Tensor& templates, int64_t tile_width,
+                                        bool bf16) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [](const Entry& entry) { return entry.source.expired(); }),
+                   entries_.end());
+    for (const Entry& entry : entries_) {
+      if (entry.source.lock().get() == templates.unsafeGetTensorImpl() &&
+          entry.version == templates._version() && entry.tile_width == tile_width &&
+          entry.bf16 == bf16) {
+        return {entry.panels, entry.padded};
+      }
+    }
+    at::Tensor panels, padded;
+    if (bf16) {
+      pack_templates_bf16(templates, tile_width, panels, padded);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(templates.scalar_type(), "ecloss_pack_templates", [&] {
+        pack_templates<scalar_t>(templates, tile_width, panels, padded);
+      });
+    }
+    if (entries_.size() >= kEntries) entries_.erase(entries_.begin());
+    entries_.push_back({Weak(templates.getIntrusivePtr()), templates._version(), tile_width,
+                        bf16, panels, padded});
+    return {panels, padded};
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak source;
+    int64_t version;
+    int64_t tile_width;
+    bool bf16;
+    at::Tensor panels, padded;
+  };
+  static constexpr size_t kEntries = 4;
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+template <typename scalar_t>
+std::pair<at::Tensor, at::Tensor> packed_templates(const at::Tensor& templates,
+                                                   const Tasks<scalar_t>& chosen) {
+  static PackedTemplatesCache cache;
+  return cache.get(templates, chosen.tile_width, chosen.bf16);
 }
 
 // Rows per task: kRowBlock, or fewer (a multiple of kRowTile) so that every thread gets
@@ -468,16 +859,24 @@ int64_t rows_per_block(int64_t rows) {
 
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& templates, double tau,
-                               const at::Tensor& panels, const at::Tensor& padded) {
+                               const Tasks<scalar_t>& chosen) {
+  at::Tensor panels, padded;
+  std::tie(panels, padded) = packed_templates<scalar_t>(templates, chosen);
   Problem<scalar_t> problem{};
   problem.x = x.data_ptr<scalar_t>();
   problem.batch = x.size(0);
   problem.channels = x.size(1);
   problem.pixels = x.size(2);
   problem.num_templates = templates.size(0);
-  problem.panels = panels.data_ptr<scalar_t>();
-  problem.padded = padded.defined() ? padded.data_ptr<scalar_t>() : nullptr;
-  problem.padded_pixels = padded.defined() ? padded.size(1) : 0;
+  if (chosen.bf16) {
+    problem.panel_pairs = reinterpret_cast<const uint16_t*>(panels.data_ptr<int16_t>());
+    problem.padded_pairs = reinterpret_cast<const uint16_t*>(padded.data_ptr<int16_t>());
+    problem.pixel_pairs = (problem.pixels + 1) / 2;
+  } else {
+    problem.panels = panels.data_ptr<scalar_t>();
+    problem.padded = padded.data_ptr<scalar_t>();
+  }
+  problem.padded_pixels = padded.size(1);
   problem.tau = static_cast<scalar_t>(tau);
   problem.rows_per_block = rows_per_block(problem.batch * problem.channels);
   return problem;
@@ -494,26 +893,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x
                                                              c10::string_view precision,
                                                              const std::optional<at::Tensor>&) {
   check_arguments("row_stats", x_input, templates, {}, std::nullopt);
-  parse_precision(precision);  // the CPU always computes in full precision
+  parse_precision(precision);
   const at::Tensor x = in_accumulation_type(x_input);
   at::Tensor row_max = at::empty({x.size(0), x.size(1)}, templates.options());
   at::Tensor log_sum = at::empty_like(row_max);
   at::Tensor neg_entropy = at::empty_like(row_max);
   if (x.numel() == 0) return {row_max, log_sum, neg_entropy};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_row_stats_cpu", [&] {
-    at::Tensor panels, padded;
-    pack_templates<scalar_t>(templates, tasks<scalar_t>().tile_width, false, panels, padded);
-    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, panels, padded);
+    const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
+    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, chosen);
     problem.row_max_out = row_max.data_ptr<scalar_t>();
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
     const int64_t rows = problem.batch * problem.channels;
     const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      tasks<scalar_t>().row_stats(problem, begin, end);
+      chosen.row_stats(problem, begin, end);
     });
   });
   return {row_max, log_sum, neg_entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_cpu(
+    const at::Tensor& x_input, const at::Tensor& templates, double tau,
+    c10::string_view precision, const std::optional<at::Tensor>&) {
+  check_arguments("row_stats_with_grad", x_input, templates, {}, std::nullopt);
+  parse_precision(precision);
+  const at::Tensor x = in_accumulation_type(x_input);
+  at::Tensor row_max = at::empty({x.size(0), x.size(1)}, templates.options());
+  at::Tensor log_sum = at::empty_like(row_max);
+  at::Tensor neg_entropy = at::empty_like(row_max);
+  at::Tensor neg_entropy_grad = at::empty(x.sizes(), templates.options());
+  if (x.numel() == 0) return {row_max, log_sum, neg_entropy, neg_entropy_grad};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_row_stats_with_grad_cpu", [&] {
+    const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
+    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, chosen);
+    problem.row_max_out = row_max.data_ptr<scalar_t>();
+    problem.log_sum_out = log_sum.data_ptr<scalar_t>();
+    problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
+    problem.neg_entropy_grad_out = neg_entropy_grad.data_ptr<scalar_t>();
+    const int64_t rows = problem.batch * problem.channels;
+    const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      chosen.row_stats_with_grad(problem, begin, end);
+    });
+  });
+  return {row_max, log_sum, neg_entropy, neg_entropy_grad};
 }
 
 at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& templates, double tau,
@@ -528,15 +953,14 @@ at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& template
   at::Tensor sums = at::zeros({x.size(1), templates.size(0)}, templates.options());
   if (x.numel() == 0) return sums;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_column_sums_cpu", [&] {
-    at::Tensor panels, padded;
-    pack_templates<scalar_t>(templates, tasks<scalar_t>().tile_width, false, panels, padded);
-    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, panels, padded);
+    const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
+    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, chosen);
     problem.row_max = row_max.data_ptr<scalar_t>();
     problem.log_sum = log_sum.data_ptr<scalar_t>();
     problem.column_sums = sums.data_ptr<scalar_t>();
     const int64_t template_blocks = (problem.num_templates + kTemplateBlock - 1) / kTemplateBlock;
     at::parallel_for(0, problem.channels * template_blocks, 1, [&](int64_t begin, int64_t end) {
-      tasks<scalar_t>().column_sums(problem, begin, end);
+      chosen.column_sums(problem, begin, end);
     });
   });
   return sums;
@@ -561,9 +985,8 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
   at::Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx.to(x_input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_input_grad_cpu", [&] {
-    at::Tensor panels, padded;
-    pack_templates<scalar_t>(templates, tasks<scalar_t>().tile_width, true, panels, padded);
-    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, panels, padded);
+    const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
+    Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, chosen);
     problem.row_max = row_max.data_ptr<scalar_t>();
     problem.log_sum = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy = neg_entropy.data_ptr<scalar_t>();
@@ -573,7 +996,7 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
     const int64_t rows = problem.batch * problem.channels;
     const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      tasks<scalar_t>().input_grad(problem, begin, end);
+      chosen.input_grad(problem, begin, end);
     });
   });
   return dx.to(x_input.scalar_type());
@@ -584,6 +1007,7 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, CPU, m) {
   m.impl("row_stats", &ecloss::row_stats_cpu);
+  m.impl("row_stats_with_grad", &ecloss::row_stats_with_grad_cpu);
   m.impl("column_sums", &ecloss::column_sums_cpu);
   m.impl("input_grad", &ecloss::input_grad_cpu);
 }

@@ -1,7 +1,8 @@
-// Fused CUDA kernels of ECLoss: row_stats, column_sums and input_grad of the backend contract
-// (ecloss_fast/backends/__init__.py) for float32, float16 and bfloat16 input.
+// Fused CUDA kernels of ECLoss: row_stats, row_stats_with_grad, column_sums and input_grad of
+// the backend contract (ecloss_fast/backends/__init__.py) for float32, float16 and bfloat16
+// input.
 //
-// One kernel template, three modes. A block of 4 warps owns kBlockRows = 64 rows (feature
+// One kernel template, five modes. A block of 4 warps owns kBlockRows = 64 rows (feature
 // maps); their pixels sit in shared memory for the whole sweep, padded from K to a multiple
 // of 16. The block walks the templates kBlockTemplates = 32 at a time: the tile is copied
 // into shared memory once (16-byte cp.async chunks from the operand templates that
@@ -20,11 +21,20 @@
 //                after each tile the 64 probabilities of a column are summed in row order
 //                by one thread, so the sums are deterministic; batches above 64 give
 //                per-block partials that the host adds in a fixed order.
-//   input_grad   (with a prior: a first sweep for the centre of the score gradient) a sweep
-//                that turns scores into d loss / d s in shared memory and multiplies them by
-//                the same template tile on the tensor cores into a per-row dx accumulator in
-//                shared memory.
-// Flops per sweep: 2 * M * N * K (+ the same again for dx); exps: M * N per sweep.
+//   input_grad   a sweep that turns scores into d loss / d s in shared memory and multiplies
+//                them by the same template tile on the tensor cores into a per-row dx
+//                accumulator in shared memory (with a prior, where kPriorInputGrad is not
+//                run: a first sweep for the centre of the score gradient).
+//   row_stats_with_grad, and input_grad with a prior (kPriorInputGrad): one sweep with two
+//                such accumulators per row, U = sum_t w_t T[t] and a second one relative to
+//                a per-row reference that moves during the sweep (the running max; the z of
+//                the best template so far), rebased in shared memory when it moves. They
+//                cost a second 54 KB accumulator at K = 196, and with it blocks per SM:
+//                runs_fused decides, else the two-sweep kernels run. row_stats_with_grad's
+//                row_max is row_stats' (the same scores, and a max is exact); its log_sum
+//                and neg_entropy add the same terms in another order (every lane's sums
+//                share the row's max), so they agree with row_stats' to rounding.
+// Flops per sweep: 2 * M * N * K (+ the same again per accumulator); exps: M * N per sweep.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -52,7 +62,16 @@ constexpr int kBlockTemplates = 32;               // templates per tile: one per
 constexpr int kScoreStride = kBlockTemplates + 4;  // floats; a multiple of 4 for WMMA
 constexpr int kGradStride = kBlockTemplates + 8;   // bf16 gradients; a multiple of 8
 
-enum class Mode { kRowStats, kColumnSums, kInputGrad };
+enum class Mode { kRowStats, kRowStatsWithGrad, kColumnSums, kInputGrad, kPriorInputGrad };
+
+// Per-row float32 vectors of K (dx accumulators in shared memory) that a mode sums templates
+// into: input_grad one (dx); the fused modes two, U = sum_t p T[t] and a second sum
+// relative to a reference that moves during the sweep (see the kernel).
+constexpr int accumulators(Mode mode) {
+  return mode == Mode::kInputGrad ? 1
+         : mode == Mode::kRowStatsWithGrad || mode == Mode::kPriorInputGrad ? 2
+                                                                            : 0;
+}
 
 // The matrix-unit operand of each precision: its storage type, the WMMA k step, rounding.
 template <Precision P>
@@ -91,6 +110,7 @@ struct Arguments {
   float* row_max_out;       // (B, C), row_stats
   float* log_sum_out;       // (B, C), row_stats
   float* neg_entropy_out;   // (B, C), row_stats
+  float* neg_entropy_grad_out;  // (B, C, K), row_stats_with_grad
   void* dx;                 // (B, C, K), input dtype, input_grad
   float* column_sums;       // (ceil(B / 64), C, N), column_sums
 };
@@ -103,26 +123,29 @@ struct Arguments {
 // one (small grids, small maps). Only the bf16 row_stats and column_sums kernels have the
 // two-buffer variant: input_grad's float32 dx accumulator (54 KB at K = 196) already fills
 // the block (a second tile would take its bf16 kernel from 2 blocks per SM to 1, its float32
-// ones past an A100's 163 KB per block), and float32 tiles are twice the bytes.
+// ones past an A100's 163 KB per block), the fused modes hold two, and float32 tiles are
+// twice the bytes.
 constexpr bool has_two_buffer_variant(Precision precision, Mode mode) {
-  return precision == Precision::kBf16 && mode != Mode::kInputGrad;
+  return precision == Precision::kBf16 && accumulators(mode) == 0;
 }
 
 // Shared-memory layout, in elements of each region's type; regions start 128-byte aligned
 // (WMMA needs 32). Strides are padded to multiples of 16 bytes (the cp.async chunk): 8
 // floats / 8 bf16 for WMMA; 4 floats for the FMA path, whose lanes read one template each as
 // float4: a stride of 4 mod 16 floats (212 at K = 196) puts the 8 lanes of each quarter-warp
-// on distinct banks.
+// on distinct banks. The weights of the dx products (the A operand of warp_input_grad): the
+// first sit in the score tile (tf32, ieee: each lane overwrites its own scores) or in a bf16
+// tile; a second accumulator's weights have their own tile of the same kind.
 template <Precision P>
 struct Layout {
   using operand_t = typename Operand<P>::type;
   int x_stride, template_stride, dx_stride;
-  size_t x_offset, template_offset, template_buffer_bytes, score_offset, grad_offset, dx_offset,
-      bytes;
+  size_t x_offset, template_offset, template_buffer_bytes, score_offset, grad_offset,
+      second_grad_offset, dx_offset, dx_bytes, bytes;
 
   __host__ __device__ static size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
-  __host__ __device__ Layout(int padded_pixels, bool with_dx, int buffers) {
+  __host__ __device__ Layout(int padded_pixels, int accumulators, int buffers) {
     x_stride = padded_pixels + 8;
     template_stride = P == Precision::kIeee ? padded_pixels + 4 : padded_pixels + 8;
     dx_stride = padded_pixels + 4;
@@ -130,11 +153,15 @@ struct Layout {
     template_offset = align(x_offset + sizeof(operand_t) * kBlockRows * x_stride);
     template_buffer_bytes = align(sizeof(operand_t) * kBlockTemplates * template_stride);
     score_offset = template_offset + buffers * template_buffer_bytes;
-    grad_offset = align(score_offset + sizeof(float) * kBlockRows * kScoreStride);
-    dx_offset = align(grad_offset + (P == Precision::kBf16 && with_dx
-                                         ? sizeof(__nv_bfloat16) * kBlockRows * kGradStride
-                                         : 0));
-    bytes = align(dx_offset + (with_dx ? sizeof(float) * kBlockRows * dx_stride : 0));
+    const size_t score_bytes = align(sizeof(float) * kBlockRows * kScoreStride);
+    const size_t bf16_grad_bytes = align(sizeof(__nv_bfloat16) * kBlockRows * kGradStride);
+    grad_offset = score_offset + score_bytes;
+    second_grad_offset =
+        grad_offset + (P == Precision::kBf16 && accumulators > 0 ? bf16_grad_bytes : 0);
+    dx_offset = second_grad_offset +
+                (accumulators == 2 ? P == Precision::kBf16 ? bf16_grad_bytes : score_bytes : 0);
+    dx_bytes = align(sizeof(float) * kBlockRows * dx_stride);
+    bytes = dx_offset + accumulators * dx_bytes;
   }
 };
 
@@ -275,11 +302,33 @@ __device__ __forceinline__ void wait_for_template_tiles() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
+// The largest of the warp's 32 values, on every lane (maxima are exact: any order gives it).
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
+  return value;
+}
+
+// A row's two accumulators when their reference moves: second = decay (second + shift first),
+// then first = decay first; the warp's lanes split the row. decay = 1 leaves first unchanged.
+__device__ __forceinline__ void rebase_accumulators(float* first, float* second, float decay,
+                                                    float shift, int padded_pixels, int lane) {
+  for (int k = lane; k < padded_pixels; k += 32) {
+    const float value = first[k];
+    second[k] = decay * (second[k] + shift * value);
+    first[k] = decay * value;
+  }
+}
+
+// The sweep of every mode; ecloss_kernel and fused_kernel below are its entry points.
 template <typename input_t, Precision P, Mode M, int kBuffers>
-__global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) {
+__device__ __forceinline__ void sweep(const Arguments& args) {
   using operand_t = typename Operand<P>::type;
+  constexpr bool kRowStatistics = M == Mode::kRowStats || M == Mode::kRowStatsWithGrad;
+  constexpr bool kFused = accumulators(M) == 2;
   extern __shared__ __align__(128) unsigned char shared[];
-  const Layout<P> layout(args.padded_pixels, M == Mode::kInputGrad, kBuffers);
+  const Layout<P> layout(args.padded_pixels, accumulators(M), kBuffers);
   auto* xs = reinterpret_cast<operand_t*>(shared + layout.x_offset);
   const auto* templates = static_cast<const operand_t*>(args.templates);
   auto tile_buffer = [&](int64_t tile) {
@@ -288,7 +337,11 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
   };
   auto* scores = reinterpret_cast<float*>(shared + layout.score_offset);
   auto* grads_bf16 = reinterpret_cast<__nv_bfloat16*>(shared + layout.grad_offset);
+  // The second accumulator's weights: float32 (tf32, ieee) or bf16, in one region.
+  auto* second_scores = reinterpret_cast<float*>(shared + layout.second_grad_offset);
+  auto* second_grads_bf16 = reinterpret_cast<__nv_bfloat16*>(shared + layout.second_grad_offset);
   auto* dxs = reinterpret_cast<float*>(shared + layout.dx_offset);
+  auto* second_dxs = reinterpret_cast<float*>(shared + layout.dx_offset + layout.dx_bytes);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t pixels = args.pixels, num_templates = args.num_templates;
@@ -303,6 +356,24 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
     if (index >= rows) return -1;
     return grouped ? index * args.channels + blockIdx.y : index;
   };
+  // The warp's row r in an accumulator.
+  auto accumulator_row = [&](float* accumulator, int r) {
+    return accumulator + (warp * kWarpRows + r) * layout.dx_stride;
+  };
+  // The weights of template t0 + lane for the warp's row r, as the dx products take them:
+  // rounded to bf16, or to the operand (in place of the score for tf32 and ieee).
+  auto store_weights = [&](int r, float weight, float second_weight) {
+    const int i = warp * kWarpRows + r;
+    if constexpr (P == Precision::kBf16) {
+      grads_bf16[i * kGradStride + lane] = __float2bfloat16_rn(weight);
+      if constexpr (kFused) {
+        second_grads_bf16[i * kGradStride + lane] = __float2bfloat16_rn(second_weight);
+      }
+    } else {
+      scores[i * kScoreStride + lane] = Operand<P>::from(weight);
+      if constexpr (kFused) second_scores[i * kScoreStride + lane] = Operand<P>::from(second_weight);
+    }
+  };
 
   // The block's rows, padded with zeros to 64 x padded_pixels.
   const auto* x = static_cast<const input_t*>(args.x);
@@ -314,36 +385,42 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
   }
 
   // Per-row constants of the warp's rows, held by every lane. centre is score_grad's:
-  // neg_entropy + log_sum without a prior, else summed (with the mass) by the first sweep.
+  // neg_entropy + log_sum without a prior, else summed (with the mass) by the first sweep,
+  // or (one sweep, kPriorInputGrad) the z of the row's best template so far, whose score is
+  // best; divergence is then each lane's part of sum_t p (z - centre).
   const bool has_prior = args.prior != nullptr;
+  constexpr bool kGradient = M == Mode::kInputGrad || M == Mode::kPriorInputGrad;
   float row_max[kWarpRows], log_sum[kWarpRows], weight[kWarpRows], centre[kWarpRows],
-      mass[kWarpRows];
+      mass[kWarpRows], best[kWarpRows], divergence[kWarpRows];
   const float* prior_rows[kWarpRows];
 #pragma unroll
   for (int r = 0; r < kWarpRows; ++r) {
     const int64_t row = row_of(warp * kWarpRows + r);
-    const bool reads_stats = M != Mode::kRowStats && row >= 0;
+    const bool reads_stats = !kRowStatistics && row >= 0;
     row_max[r] = reads_stats ? args.row_max[row] : 0.0f;
     // A missing row of a column-sum block must add p = exp(0 - log_sum) = 0, hence inf.
     log_sum[r] = reads_stats ? args.log_sum[row] : M == Mode::kColumnSums ? INFINITY : 0.0f;
-    weight[r] = M == Mode::kInputGrad && row >= 0 ? args.row_weight[row] : 0.0f;
+    weight[r] = kGradient && row >= 0 ? args.row_weight[row] : 0.0f;
     centre[r] = M == Mode::kInputGrad && !has_prior && row >= 0
                     ? args.neg_entropy[row] + log_sum[r]
                     : 0.0f;
     mass[r] = 0.0f;
+    best[r] = -INFINITY;
+    divergence[r] = 0.0f;
     prior_rows[r] =
         has_prior && row >= 0 ? args.prior + (row % args.channels) * num_templates : nullptr;
   }
-  if constexpr (M == Mode::kInputGrad) {
+  if constexpr (accumulators(M) > 0) {
     for (int index = lane; index < kWarpRows * layout.dx_stride; index += 32) {
       dxs[warp * kWarpRows * layout.dx_stride + index] = 0.0f;
+      if constexpr (kFused) second_dxs[warp * kWarpRows * layout.dx_stride + index] = 0.0f;
     }
   }
   SoftmaxState<float> states[kWarpRows];
 #pragma unroll
   for (int r = 0; r < kWarpRows; ++r) states[r] = empty_state<float>();
 
-  // Sweep 0 (input_grad with a prior only): each lane's part of sum_t p (w log p - prior) and
+  // Sweep 0 (kInputGrad with a prior only): each lane's part of sum_t p (w log p - prior) and
   // of sum_t p. Last sweep: the mode's work.
   const int first_sweep = M == Mode::kInputGrad && has_prior ? 0 : 1;
   const int64_t tiles = (num_templates + kBlockTemplates - 1) / kBlockTemplates;
@@ -383,6 +460,29 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
         const float score = __fmul_rn(tau, score_rows[r * kScoreStride + lane]);
         if constexpr (M == Mode::kRowStats) {
           if (valid) push(states[r], score);
+        } else if constexpr (M == Mode::kRowStatsWithGrad) {
+          // Every lane's state keeps the row's running max m (warp-uniform), the reference
+          // of both accumulators, U = sum e^(s-m) T[t] and V = sum e^(s-m) (s-m) T[t]: one
+          // exponential per score weights the state's sums and both products.
+          SoftmaxState<float>& state = states[r];
+          const float tile_max = warp_max(valid ? score : -INFINITY);
+          if (tile_max > state.max) {
+            if (state.max > -INFINITY) {  // nothing to rescale before the first tile
+              const float shift = state.max - tile_max;  // < 0
+              const float decay = exp_(shift);
+              state.sum_exp_shift = decay * (state.sum_exp_shift + shift * state.sum_exp);
+              state.sum_exp *= decay;
+              rebase_accumulators(accumulator_row(dxs, r), accumulator_row(second_dxs, r), decay,
+                                  shift, padded_pixels, lane);
+            }
+            state.max = tile_max;
+          }
+          const float shifted = score - state.max;
+          const float exp_shifted = valid ? exp_(shifted) : 0.0f;
+          const float exp_shifted_times_shift = exp_shifted * shifted;
+          state.sum_exp += exp_shifted;
+          state.sum_exp_shift += exp_shifted_times_shift;
+          store_weights(r, exp_shifted, exp_shifted_times_shift);
         } else if constexpr (M == Mode::kColumnSums) {
           score_rows[r * kScoreStride + lane] =
               valid ? probability(score - row_max[r], log_sum[r]) : 0.0f;
@@ -393,18 +493,36 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
           // The z of score_grad: w log p - prior, or s - row_max without a prior.
           const float prior = prior_rows[r] != nullptr && valid ? prior_rows[r][t] : 0.0f;
           const float z = has_prior ? weight[r] * log_p - prior : shifted;
-          if (centre_sweep) {
+          if constexpr (M == Mode::kPriorInputGrad) {
+            // The accumulators are U = sum p T[t] and Z = sum p (z - centre) T[t], centre the
+            // z of the row's best template so far (the first lane of the tile's largest
+            // score, if it beats the earlier tiles'): a peaked row's top template adds
+            // nothing to Z, and D - centre = sum p (z - centre) / sum p is small.
+            const float tile_best = warp_max(valid ? score : -INFINITY);
+            if (tile_best > best[r]) {
+              const unsigned holders = __ballot_sync(0xffffffffu, valid && score == tile_best);
+              const float reference = __shfl_sync(0xffffffffu, z, __ffs(holders) - 1);
+              if (best[r] > -INFINITY) {  // Z += (c - c') U, sum p (z - c) += (c - c') sum p
+                const float shift = centre[r] - reference;
+                divergence[r] += shift * mass[r];
+                rebase_accumulators(accumulator_row(dxs, r), accumulator_row(second_dxs, r),
+                                    1.0f, shift, padded_pixels, lane);
+              }
+              centre[r] = reference;
+              best[r] = tile_best;
+            }
+            const float mass_term = valid ? p : 0.0f;
+            const float grad = valid ? score_grad(p, z, centre[r]) : 0.0f;
+            divergence[r] += grad;
+            mass[r] += mass_term;
+            store_weights(r, mass_term, grad);
+          } else if (centre_sweep) {
             if (valid) {
               centre[r] += p * z;
               mass[r] += p;
             }
           } else {
-            const float grad = valid ? score_grad(p, z, centre[r]) : 0.0f;
-            if constexpr (P == Precision::kBf16) {
-              grads_bf16[(warp * kWarpRows + r) * kGradStride + lane] = __float2bfloat16_rn(grad);
-            } else {
-              score_rows[r * kScoreStride + lane] = Operand<P>::from(grad);
-            }
+            store_weights(r, valid ? score_grad(p, z, centre[r]) : 0.0f, 0.0f);
           }
         }
       }
@@ -421,6 +539,11 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
           __syncwarp();
           warp_input_grad<P>(ts, scores, grads_bf16, dxs, layout, padded_pixels, warp, lane);
         }
+      } else if constexpr (kFused) {
+        __syncwarp();  // the weights and any rebased accumulator rows are written
+        warp_input_grad<P>(ts, scores, grads_bf16, dxs, layout, padded_pixels, warp, lane);
+        warp_input_grad<P>(ts, second_scores, second_grads_bf16, second_dxs, layout,
+                           padded_pixels, warp, lane);
       }
     }
     if constexpr (M == Mode::kInputGrad) {
@@ -438,7 +561,8 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
     }
   }
 
-  if constexpr (M == Mode::kRowStats) {
+  if constexpr (kRowStatistics) {
+    __syncwarp();  // the last products are in the accumulators
 #pragma unroll
     for (int r = 0; r < kWarpRows; ++r) {
       SoftmaxState<float> state = states[r];
@@ -452,6 +576,18 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
       if (lane == 0 && row >= 0) {
         finish(state, args.row_max_out[row], args.log_sum_out[row], args.neg_entropy_out[row]);
       }
+      if constexpr (M == Mode::kRowStatsWithGrad) {
+        // neg_entropy_grad = tau (V - (a / l) U) / l; the lanes' states share one max, so
+        // the merge only added their sums.
+        if (row >= 0) {
+          const float mean_shift = state.sum_exp_shift / state.sum_exp;
+          const float scale = tau / state.sum_exp;
+          const float* u = accumulator_row(dxs, r);
+          const float* v = accumulator_row(second_dxs, r);
+          float* out = args.neg_entropy_grad_out + row * pixels;
+          for (int k = lane; k < pixels; k += 32) out[k] = scale * (v[k] - mean_shift * u[k]);
+        }
+      }
     }
   } else if constexpr (M == Mode::kInputGrad) {
     __syncwarp();
@@ -460,23 +596,69 @@ __global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) 
       const int64_t row = row_of(warp * kWarpRows + r);
       if (row < 0) break;
       const float scale = has_prior ? tau : tau * args.row_weight[row];  // a prior carries w
+      const float* sums = accumulator_row(dxs, r);
+      for (int k = lane; k < pixels; k += 32) {
+        dx[row * pixels + k] = static_cast<input_t>(scale * sums[k]);
+      }
+    }
+  } else if constexpr (M == Mode::kPriorInputGrad) {
+    __syncwarp();
+    auto* dx = static_cast<input_t*>(args.dx);
+    // Unrolled, so that the per-row sums stay in registers.
+#pragma unroll
+    for (int r = 0; r < kWarpRows; ++r) {
+      // dx = tau (Z - (D - centre) U), D - centre from the lanes' parts (fixed butterfly).
+      float row_divergence = divergence[r], row_mass = mass[r];
+      for (int offset = 16; offset > 0; offset /= 2) {
+        row_divergence += __shfl_xor_sync(0xffffffffu, row_divergence, offset);
+        row_mass += __shfl_xor_sync(0xffffffffu, row_mass, offset);
+      }
+      const int64_t row = row_of(warp * kWarpRows + r);
+      if (row < 0) continue;  // the same on every lane
+      const float offset_from_centre = row_divergence / row_mass;
+      const float* sums = accumulator_row(dxs, r);
+      const float* centred = accumulator_row(second_dxs, r);
       for (int k = lane; k < pixels; k += 32) {
         dx[row * pixels + k] =
-            static_cast<input_t>(scale * dxs[(warp * kWarpRows + r) * layout.dx_stride + k]);
+            static_cast<input_t>(tau * (centred[k] - offset_from_centre * sums[k]));
       }
     }
   }
 }
 
+template <typename input_t, Precision P, Mode M, int kBuffers>
+__global__ void __launch_bounds__(kThreads) ecloss_kernel(const Arguments args) {
+  sweep<input_t, P, M, kBuffers>(args);
+}
+
+// The fused modes with a minimum of one block per SM, which lets ptxas use up to 255
+// registers: without it, it held the ieee row_stats_with_grad kernel to 128 and spilled
+// (sm_90, CUDA 13.0), and the fused kernels hold one or two blocks per SM anyway (shared
+// memory). The other modes keep ptxas's choice: given the minimum, it takes row_stats
+// from 128 registers to 166, below the 4 blocks per SM that its shared memory allows.
+template <typename input_t, Precision P, Mode M, int kBuffers>
+__global__ void __launch_bounds__(kThreads, 1) fused_kernel(const Arguments args) {
+  sweep<input_t, P, M, kBuffers>(args);
+}
+
+template <typename input_t, Precision P, Mode M, int kBuffers>
+constexpr auto kernel_of() {
+  if constexpr (accumulators(M) == 2) {
+    return &fused_kernel<input_t, P, M, kBuffers>;
+  } else {
+    return &ecloss_kernel<input_t, P, M, kBuffers>;
+  }
+}
+
 template <Precision P, Mode M, int kBuffers>
 size_t shared_bytes(const Arguments& args) {
-  return Layout<P>(args.padded_pixels, M == Mode::kInputGrad, kBuffers).bytes;
+  return Layout<P>(args.padded_pixels, accumulators(M), kBuffers).bytes;
 }
 
 template <typename input_t, Precision P, Mode M, int kBuffers>
 void start(const Arguments& args, dim3 grid) {
   const size_t bytes = shared_bytes<P, M, kBuffers>(args);
-  auto* kernel = &ecloss_kernel<input_t, P, M, kBuffers>;
+  auto* kernel = kernel_of<input_t, P, M, kBuffers>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(args);
@@ -487,7 +669,7 @@ void start(const Arguments& args, dim3 grid) {
 template <typename input_t, Precision P, Mode M, int kBuffers>
 int64_t resident_blocks(const Arguments& args, int processors) {
   const size_t bytes = shared_bytes<P, M, kBuffers>(args);
-  auto* kernel = &ecloss_kernel<input_t, P, M, kBuffers>;
+  auto* kernel = kernel_of<input_t, P, M, kBuffers>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
   int per_processor = 0;
@@ -496,36 +678,51 @@ int64_t resident_blocks(const Arguments& args, int processors) {
   return static_cast<int64_t>(per_processor) * processors;
 }
 
+// The current GPU's shared memory per block (opt-in maximum) and multiprocessor count.
+struct DeviceLimits {
+  int shared_bytes, processors;
+};
+DeviceLimits device_limits() {
+  int device = 0;
+  DeviceLimits limits{};
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.shared_bytes,
+                                        cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&limits.processors, cudaDevAttrMultiProcessorCount, device));
+  return limits;
+}
+
 template <typename input_t, Precision P, Mode M>
 void launch(const Arguments& args, dim3 grid) {
-  int device = 0, limit = 0, processors = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
+  const DeviceLimits device = device_limits();
   const size_t bytes = shared_bytes<P, M, 1>(args);
-  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(limit),
+  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(device.shared_bytes),
                     "cuda backend: maps of K = ", args.pixels, " pixels need ", bytes,
-                    " bytes of shared memory per block, more than this GPU's ", limit,
-                    "; use backend='triton' or 'torch' for maps this large");
+                    " bytes of shared memory per block, more than this GPU's ",
+                    device.shared_bytes, "; use backend='triton' or 'torch' for maps this large");
   if constexpr (has_two_buffer_variant(P, M)) {
     const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-    if (shared_bytes<P, M, 2>(args) <= static_cast<size_t>(limit) &&
-        resident_blocks<input_t, P, M, 2>(args, processors) >=
-            std::min(resident_blocks<input_t, P, M, 1>(args, processors), blocks)) {
+    if (shared_bytes<P, M, 2>(args) <= static_cast<size_t>(device.shared_bytes) &&
+        resident_blocks<input_t, P, M, 2>(args, device.processors) >=
+            std::min(resident_blocks<input_t, P, M, 1>(args, device.processors), blocks)) {
       return start<input_t, P, M, 2>(args, grid);
     }
   }
   start<input_t, P, M, 1>(args, grid);
 }
 
-template <Mode M>
-void dispatch(const at::Tensor& x, Precision precision, const Arguments& args, dim3 grid) {
+// Calls body(input tag, precision tag) with the kernels' types for x's dtype and precision.
+template <typename Body>
+void with_kernel_types(const at::Tensor& x, Precision precision, Body&& body) {
   auto by_precision = [&](auto input_tag) {
-    using input_t = decltype(input_tag);
     switch (precision) {
-      case Precision::kIeee: return launch<input_t, Precision::kIeee, M>(args, grid);
-      case Precision::kTf32: return launch<input_t, Precision::kTf32, M>(args, grid);
-      case Precision::kBf16: return launch<input_t, Precision::kBf16, M>(args, grid);
+      case Precision::kIeee:
+        return body(input_tag, std::integral_constant<Precision, Precision::kIeee>{});
+      case Precision::kTf32:
+        return body(input_tag, std::integral_constant<Precision, Precision::kTf32>{});
+      case Precision::kBf16:
+        return body(input_tag, std::integral_constant<Precision, Precision::kBf16>{});
     }
   };
   switch (x.scalar_type()) {
@@ -536,6 +733,37 @@ void dispatch(const at::Tensor& x, Precision precision, const Arguments& args, d
       TORCH_CHECK_TYPE(false, "cuda backend: x must be float32, float16 or bfloat16, got ",
                        x.scalar_type(), " (use backend='torch' for float64)");
   }
+}
+
+template <Mode M>
+void dispatch(const at::Tensor& x, Precision precision, const Arguments& args, dim3 grid) {
+  with_kernel_types(x, precision, [&](auto input_tag, auto precision_tag) {
+    launch<decltype(input_tag), decltype(precision_tag)::value, M>(args, grid);
+  });
+}
+
+// Whether the fused kernel of mode M (one sweep, two accumulators) runs instead of the sweeps
+// it replaces (row_stats then input_grad, or input_grad's two): where it fits one block's
+// shared memory and keeps as many blocks resident as input_grad, or every block of the grid.
+// Its second accumulator (54 KB at K = 196) is what costs blocks: at K = 196 on a Hopper SM
+// (228 KB) the fused bf16 kernel holds 1 block (165.5 KB) where input_grad holds 2 (107.5 KB),
+// so grids of more than one block per SM run the two sweeps; the float32-operand kernels
+// (205 KB against 143 KB) hold 1 either way and run fused. Nothing measured: the rule is the
+// two-buffer rule's reasoning (launch), to be checked on a GPU.
+template <Mode M>
+bool runs_fused(const at::Tensor& x, Precision precision, const Arguments& args,
+                int64_t blocks) {
+  bool fused = false;
+  with_kernel_types(x, precision, [&](auto input_tag, auto precision_tag) {
+    using input_t = decltype(input_tag);
+    constexpr Precision P = decltype(precision_tag)::value;
+    const DeviceLimits device = device_limits();
+    if (shared_bytes<P, M, 1>(args) > static_cast<size_t>(device.shared_bytes)) return;
+    fused = resident_blocks<input_t, P, M, 1>(args, device.processors) >=
+            std::min(resident_blocks<input_t, P, Mode::kInputGrad, 1>(args, device.processors),
+                     blocks);
+  });
+  return fused;
 }
 
 // The kernels read `operand_templates`, the copy of `templates` that
@@ -650,8 +878,45 @@ at::Tensor input_grad_cuda(const at::Tensor& x, const at::Tensor& templates, dou
   args.row_weight = weight_contiguous.data_ptr<float>();
   args.prior = prior_contiguous.defined() ? prior_contiguous.data_ptr<float>() : nullptr;
   args.dx = dx.data_ptr();
-  dispatch<Mode::kInputGrad>(x, resolved, args, dim3(row_blocks(x.size(0) * x.size(1))));
+  const unsigned blocks = row_blocks(x.size(0) * x.size(1));
+  if (prior.has_value() && runs_fused<Mode::kPriorInputGrad>(x, resolved, args, blocks)) {
+    dispatch<Mode::kPriorInputGrad>(x, resolved, args, dim3(blocks));
+  } else {
+    dispatch<Mode::kInputGrad>(x, resolved, args, dim3(blocks));
+  }
   return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_cuda(
+    const at::Tensor& x, const at::Tensor& templates, double tau, c10::string_view precision,
+    const std::optional<at::Tensor>& operand_templates) {
+  check_arguments("row_stats_with_grad", x, templates, {}, std::nullopt);
+  const Precision resolved = parse_precision(precision);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor row_max = at::empty({x.size(0), x.size(1)}, templates.options());
+  at::Tensor log_sum = at::empty_like(row_max);
+  at::Tensor neg_entropy = at::empty_like(row_max);
+  at::Tensor neg_entropy_grad = at::empty(x.sizes(), templates.options());
+  if (x.numel() == 0) return {row_max, log_sum, neg_entropy, neg_entropy_grad};
+  Arguments args = make_arguments(x, templates, operand_templates, resolved, tau);
+  const unsigned blocks = row_blocks(x.size(0) * x.size(1));
+  if (runs_fused<Mode::kRowStatsWithGrad>(x, resolved, args, blocks)) {
+    args.row_max_out = row_max.data_ptr<float>();
+    args.log_sum_out = log_sum.data_ptr<float>();
+    args.neg_entropy_out = neg_entropy.data_ptr<float>();
+    args.neg_entropy_grad_out = neg_entropy_grad.data_ptr<float>();
+    dispatch<Mode::kRowStatsWithGrad>(x, resolved, args, dim3(blocks));
+    return {row_max, log_sum, neg_entropy, neg_entropy_grad};
+  }
+  // Two sweeps: input_grad's dx with unit row weights is neg_entropy_grad, and from float32
+  // maps it comes out in float32 with the same scores (the kernels convert every map to
+  // float32, exactly, before rounding it to the operand type).
+  std::tie(row_max, log_sum, neg_entropy) =
+      row_stats_cuda(x, templates, tau, precision, operand_templates);
+  neg_entropy_grad = input_grad_cuda(x.to(at::kFloat), templates, tau, row_max, log_sum,
+                                     neg_entropy, std::nullopt, at::ones_like(row_max),
+                                     precision, operand_templates);
+  return {row_max, log_sum, neg_entropy, neg_entropy_grad};
 }
 
 }  // namespace
@@ -659,6 +924,7 @@ at::Tensor input_grad_cuda(const at::Tensor& x, const at::Tensor& templates, dou
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, CUDA, m) {
   m.impl("row_stats", &ecloss::row_stats_cuda);
+  m.impl("row_stats_with_grad", &ecloss::row_stats_with_grad_cuda);
   m.impl("column_sums", &ecloss::column_sums_cuda);
   m.impl("input_grad", &ecloss::input_grad_cuda);
 }

@@ -77,6 +77,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& 
           at::empty({x.size(0), x.size(1)}, options)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_meta(
+    const at::Tensor& x, const at::Tensor& templates, double tau, c10::string_view precision,
+    const std::optional<at::Tensor>& operand_templates) {
+  auto [row_max, log_sum, neg_entropy] =
+      row_stats_meta(x, templates, tau, precision, operand_templates);
+  return {row_max, log_sum, neg_entropy, at::empty(x.sizes(), row_max.options())};
+}
+
 at::Tensor column_sums_meta(const at::Tensor& x, const at::Tensor& templates, double tau,
                             const at::Tensor& row_max, const at::Tensor& log_sum,
                             c10::string_view precision, const std::optional<at::Tensor>&) {
@@ -107,6 +115,9 @@ TORCH_LIBRARY(ecloss_fast_C, m) {
       "row_stats(Tensor x, Tensor templates, float tau, str precision, "
       "Tensor? operand_templates=None) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "row_stats_with_grad(Tensor x, Tensor templates, float tau, str precision, "
+      "Tensor? operand_templates=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "column_sums(Tensor x, Tensor templates, float tau, Tensor row_max, Tensor log_sum, "
       "str precision, Tensor? operand_templates=None) -> Tensor");
   m.def(
@@ -117,6 +128,7 @@ TORCH_LIBRARY(ecloss_fast_C, m) {
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {
   m.impl("row_stats", &ecloss::row_stats_meta);
+  m.impl("row_stats_with_grad", &ecloss::row_stats_with_grad_meta);
   m.impl("column_sums", &ecloss::column_sums_meta);
   m.impl("input_grad", &ecloss::input_grad_meta);
 }

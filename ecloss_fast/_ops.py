@@ -56,10 +56,11 @@ def _num_templates(x, templates, subset):
 @torch.library.custom_op("ecloss_fast::channel_loss", mutates_args=())
 def channel_loss(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float, subset: int,
                  tau: float, marginal: bool, diversity: float, diagnostics: bool, precision: str,
-                 backend: str, group: str
+                 backend: str, group: str, with_grad: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                            torch.Tensor, torch.Tensor]:
-    """``(loss[c], row_max[b,c], log_sum[b,c], neg_entropy[b,c], pbar[c,t], map_weight, summary)``.
+                            torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss[c], row_max[b,c], log_sum[b,c], neg_entropy[b,c], pbar[c,t], map_weight, summary,
+    neg_entropy_grad[b,c,k])``.
 
     The loss of docs/design.md sections 2 and 8.1,
     ``loss[c] = -MI[c] - diversity * KL(pbar[c] || mean_c pbar[c])``, with the per-row
@@ -72,11 +73,14 @@ def channel_loss(x: torch.Tensor, templates: Optional[torch.Tensor], radius: flo
     losses is the loss of the global batch for any split of it. ``summary`` is the vector
     of ``DIAGNOSTICS`` when ``diagnostics`` asks for it, else empty; its per-map means
     carry the same weights, so their mean over the processes is the global batch's.
+    ``neg_entropy_grad`` is the backend's ``row_stats_with_grad`` output when ``with_grad``
+    asks for it (the uniform estimator without diversity, ``x`` needing a gradient): the
+    backward is then a scaling of it, with no sweep of its own. Else it is empty.
     Everything stays a tensor: no host synchronisation.
     """
     with torch.autocast(x.device.type, enabled=False):  # accumulation dtype, not autocast's
         return _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
-                             precision, backend, group)
+                             precision, backend, group, with_grad)
 
 
 def _global_batch(local_sums, batch, group, like):
@@ -147,15 +151,20 @@ def _diagnostics(x, rows, templates, radius, subset, tau, information, log_sum, 
 
 
 def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
-                  precision, backend, group):
+                  precision, backend, group, with_grad):
     module = backend_module(resolve_backend(backend, x.device, x.dtype))
     precision = resolve_precision(precision, x.dtype)
     given_templates = templates
     templates = _templates_for(x, templates, radius, subset)
     batch, channels = x.shape[:2]
     rows = x.reshape(batch, channels, -1).contiguous()
-    row_max, log_sum, neg_entropy = module.row_stats(rows, templates, tau, precision)
     needs_marginal = marginal or diversity > 0
+    if with_grad and not needs_marginal:
+        row_max, log_sum, neg_entropy, neg_entropy_grad = module.row_stats_with_grad(
+            rows, templates, tau, precision)
+    else:
+        row_max, log_sum, neg_entropy = module.row_stats(rows, templates, tau, precision)
+        neg_entropy_grad = neg_entropy.new_empty(0)
     local_sums = (module.column_sums(rows, templates, tau, row_max, log_sum, precision)
                   if needs_marginal else None)
     totals, count, map_weight = _global_batch(local_sums, batch, group, neg_entropy)
@@ -180,20 +189,24 @@ def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagno
         loss = loss - diversity * _channel_diversity(pbar)
     summary = (_diagnostics(x, rows, given_templates, radius, subset, tau, information, log_sum,
                             map_weight) if diagnostics else neg_entropy.new_empty(0))
-    return loss, row_max, log_sum, neg_entropy, pbar, map_weight, summary
+    return loss, row_max, log_sum, neg_entropy, pbar, map_weight, summary, neg_entropy_grad
 
 
 @channel_loss.register_fake
 def _(x, templates, radius, subset, tau, marginal, diversity, diagnostics, precision, backend,
-      group):
+      group, with_grad):
     batch, channels = x.shape[:2]
     dtype = accumulation_dtype(x.dtype)
     n = _num_templates(x, templates, subset)
     stats = x.new_empty((batch, channels), dtype=dtype)
     pbar = x.new_empty((channels, n) if marginal or diversity > 0 else (0,), dtype=dtype)
     summary = x.new_empty((len(DIAGNOSTICS) if diagnostics else 0,), dtype=dtype)
+    fused = with_grad and not (marginal or diversity > 0)
+    neg_entropy_grad = x.new_empty((batch, channels, x.shape[-2] * x.shape[-1]) if fused else (0,),
+                                   dtype=dtype)
     return (x.new_empty((channels,), dtype=dtype), stats, torch.empty_like(stats),
-            torch.empty_like(stats), pbar, x.new_empty((), dtype=dtype), summary)
+            torch.empty_like(stats), pbar, x.new_empty((), dtype=dtype), summary,
+            neg_entropy_grad)
 
 
 @torch.library.custom_op("ecloss_fast::input_grad", mutates_args=())
@@ -221,17 +234,20 @@ def _(x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, r
 
 
 def _setup_context(ctx, inputs, output):
-    x, templates, radius, subset, tau, marginal, diversity, _, precision, backend, _ = inputs
-    _, row_max, log_sum, neg_entropy, pbar, map_weight, _ = output
-    ctx.save_for_backward(x, templates, row_max, log_sum, neg_entropy, pbar, map_weight)
+    x, templates, radius, subset, tau, marginal, diversity, _, precision, backend, _, _ = inputs
+    _, row_max, log_sum, neg_entropy, pbar, map_weight, _, neg_entropy_grad = output
+    ctx.save_for_backward(x, templates, row_max, log_sum, neg_entropy, pbar, map_weight,
+                          neg_entropy_grad)
     ctx.options = (radius, subset, tau, marginal, diversity, precision, backend)
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
     """The backend contract's prior (docs/design.md section 9) for upstream ``g = grad_loss``:
     ``w_c log pbar`` (marginal) plus ``diversity * map_weight * F`` (``_diversity_prior``),
-    or ``None`` for the uniform estimator without diversity."""
-    x, templates, row_max, log_sum, neg_entropy, pbar, map_weight = ctx.saved_tensors
+    or ``None`` for the uniform estimator without diversity; that one needs no sweep when
+    the forward ran ``row_stats_with_grad``: ``dx = row_weight * neg_entropy_grad``."""
+    x, templates, row_max, log_sum, neg_entropy, pbar, map_weight, neg_entropy_grad = \
+        ctx.saved_tensors
     radius, subset, tau, marginal, diversity, precision, backend = ctx.options
     upstream = grad_loss.to(row_max.dtype)
     channel_weight = upstream * -map_weight
@@ -240,10 +256,13 @@ def _backward(ctx, grad_loss, *_unused_grads):
         term = (diversity * map_weight) * _diversity_prior(pbar, upstream)
         prior = term if prior is None else prior + term
     row_weight = channel_weight.expand_as(row_max).contiguous()
+    if prior is None and neg_entropy_grad.numel() > 0:
+        grad_x = (row_weight[..., None] * neg_entropy_grad).view(x.shape).to(x.dtype)
+        return grad_x, *(None,) * 11
     grad_x = torch.ops.ecloss_fast.input_grad(
         x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, row_weight,
         precision, backend)
-    return grad_x, None, None, None, None, None, None, None, None, None, None
+    return grad_x, *(None,) * 11
 
 
 channel_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -181,10 +181,11 @@ def loss_and_diagnostics(x, *, tau, radius, templates, estimator, reduction, bac
     else:
         # The op resolves "auto" and precision=None itself, at run time (see ecloss_fast._ops).
         group = _ops.register_process_group(process_group) if process_group is not None else ""
+        with_grad = torch.is_grad_enabled() and x.requires_grad
         outputs = torch.ops.ecloss_fast.channel_loss(
             x, template_rows, radius, subset, tau, marginal, diversity, diagnostics,
-            precision or "", backend, group)
-        per_channel, summary = outputs[0], (outputs[-1] if diagnostics else None)
+            precision or "", backend, group, with_grad)
+        per_channel, summary = outputs[0], (outputs[6] if diagnostics else None)
 
     if reduction == "mean":
         loss = per_channel.mean()

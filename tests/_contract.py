@@ -14,6 +14,7 @@ class Contract(NamedTuple):
     column_sums: torch.Tensor
     log_q: Optional[torch.Tensor]
     dx: torch.Tensor
+    neg_entropy_grad: torch.Tensor
 
 
 def contract_templates(h, w, dtype=torch.float32, device="cpu"):
@@ -48,4 +49,6 @@ def evaluate_contract(x, templates, row_weight, marginal, tau=1e-3, prior=None) 
         coefficient = log_ratio - (p * log_ratio).sum(-1, keepdim=True)
         grad_scores = row_weight[..., None] * p * coefficient
     dx = tau * torch.einsum("bcn,nk->bck", grad_scores, templates)
-    return Contract(row_max, log_sum, neg_entropy, sums, log_q, dx)
+    neg_entropy_grad = tau * torch.einsum("bcn,nk->bck", p * (log_p - neg_entropy[..., None]),
+                                          templates)
+    return Contract(row_max, log_sum, neg_entropy, sums, log_q, dx, neg_entropy_grad)

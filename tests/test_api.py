@@ -180,11 +180,12 @@ def test_autocast_bfloat16_input():
 
 def test_custom_ops_pass_opcheck():
     x = peaked_maps(2, 3, 4, 3, seed=9).requires_grad_()
-    for marginal, diversity, diagnostics in ((False, 0.0, False), (True, 0.0, True),
-                                             (False, 0.5, True), (True, 0.5, False)):
+    for marginal, diversity, diagnostics, with_grad in (
+            (False, 0.0, False, True), (False, 0.0, True, False), (True, 0.0, True, True),
+            (False, 0.5, True, True), (True, 0.5, False, False)):
         torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default,
                               (x, None, 4.0, 0, 1e-3, marginal, diversity, diagnostics, "ieee",
-                               "torch", ""))
+                               "torch", "", with_grad))
     row_max, log_sum, neg_entropy = torch.zeros(2, 3), torch.full((2, 3), math.log(7)), torch.zeros(2, 3)
     for prior in (None, torch.full((3, 7), -math.log(7))):
         torch.library.opcheck(torch.ops.ecloss_fast.input_grad.default,

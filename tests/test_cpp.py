@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ecloss_fast as ef
-from ecloss_fast.backends import cpp_cpu, cpp_cuda
+from ecloss_fast.backends import cpp_cpu, cpp_cuda, streaming
 from ecloss_fast.testing import peaked_maps, random_maps
 from _contract import contract_templates, evaluate_contract
 
@@ -35,7 +35,7 @@ RELATIVE = {torch.float64: 1e-12, torch.float32: 1e-5}
 GPU_RELATIVE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2}
 BASELINE_MARGIN = 8.0  # the kernel may be this many times less exact than torch's float32
 TAIL = 40.0  # a template this far below a row's max score has p < e^-40: no sum sees it
-OPS = ("row_stats", "column_sums", "input_grad")
+OPS = ("row_stats", "row_stats_with_grad", "column_sums", "input_grad")
 
 needs_extension = pytest.mark.skipif(cpp_cpu.availability() is not None,
                                      reason=f"{cpp_cpu.availability()}")
@@ -132,7 +132,9 @@ def _check_contract(backend, x, size, marginal, precision="ieee", seed=0):
         baseline = evaluate_contract(rounded(x), rounded(templates), weight.float(), marginal)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    relative = GPU_RELATIVE[precision] if x.is_cuda else RELATIVE[accumulation]
+    # The CPU computes tf32 in full precision; bf16 with bfloat16 products where it has them.
+    relative = (GPU_RELATIVE[precision] if x.is_cuda or precision == "bf16"
+                else RELATIVE[accumulation])
     log_n = math.log(templates.shape[0])
 
     row_max, log_sum, neg_entropy = backend.row_stats(x, templates, TAU, precision)
@@ -143,6 +145,16 @@ def _check_contract(backend, x, size, marginal, precision="ieee", seed=0):
                   scale=log_n * batch * channels)
     _assert_close("neg_entropy", neg_entropy, truth.neg_entropy, baseline.neg_entropy, relative,
                   scale=log_n * batch * channels)
+
+    *statistics, neg_entropy_grad = backend.row_stats_with_grad(x, templates, TAU, precision)
+    for name, statistic, expected, own in zip(("row_max", "log_sum", "neg_entropy"), statistics,
+                                              truth, baseline):
+        _assert_close(f"{name} (with grad)", statistic, expected, own, relative,
+                      scale=0.0 if name == "row_max" else log_n * batch * channels)
+    assert neg_entropy_grad.dtype == accumulation and neg_entropy_grad.shape == x.shape
+    _assert_close("neg_entropy_grad", neg_entropy_grad, truth.neg_entropy_grad,
+                  baseline.neg_entropy_grad, relative,
+                  scale=_dx_scale(1.0, templates.shape[0], x.numel()))
 
     sums = backend.column_sums(x, templates, TAU, row_max, log_sum, precision)
     assert sums.dtype == accumulation and sums.shape == (channels, templates.shape[0])
@@ -198,6 +210,16 @@ def test_contract_matches_einsum(shape, maps, marginal, dtype):
     _check_contract(cpp_cpu, x, (h, w), marginal, seed=h * w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("marginal", [False, True])
+@pytest.mark.parametrize("maps", [random_maps, peaked_maps])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 7, 7), (2, 3, 14, 14)])
+def test_streaming_backend_meets_the_same_contract(shape, maps, marginal, dtype):
+    b, c, h, w = shape
+    x = maps(b, c, h, w, dtype=dtype, seed=b * 100 + c).reshape(b, c, h * w)
+    _check_contract(streaming, x, (h, w), marginal, seed=h * w)
+
+
 @needs_extension
 @pytest.mark.parametrize("marginal", [False, True])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
@@ -215,6 +237,62 @@ def test_contract_random_shapes(batch, channels, height, width, peaked, marginal
     maps = peaked_maps if peaked else random_maps
     x = maps(batch, channels, height, width, dtype=torch.float32, seed=seed)
     _check_contract(cpp_cpu, x.reshape(batch, channels, -1), (height, width), marginal, seed=seed)
+
+
+def _cpu_has_bf16_products() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = info.read()
+    except OSError:
+        return False
+    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+@needs_extension
+@pytest.mark.parametrize("marginal", [False, True])
+@pytest.mark.parametrize("maps", [random_maps, peaked_maps])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 7, 7), (2, 3, 14, 14), (7, 2, 3, 3)])
+def test_bfloat16_products_meet_the_bf16_bound(shape, maps, marginal):
+    b, c, h, w = shape
+    x = maps(b, c, h, w, dtype=torch.float32, seed=b * 10 + c).reshape(b, c, h * w)
+    _check_contract(cpp_cpu, x, (h, w), marginal, precision="bf16", seed=h * w)
+
+
+@needs_extension
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_packed_templates_are_reused_only_while_the_matrix_is_unchanged(precision):
+    # The kernels keep packed copies of recent template matrices: an in-place change, or a
+    # new matrix, must be seen (float64 truth for each).
+    x = random_maps(2, 3, 4, 5, dtype=torch.float32, seed=4).reshape(2, 3, 20)
+    templates = contract_templates(4, 5, torch.float32).clone()
+    tolerance = 3e-2 if precision == "bf16" else 1e-5
+    for change in (lambda t: t, lambda t: t.mul_(-0.5), lambda t: t[:5].add_(1.0)):
+        change(templates)
+        for _ in range(2):
+            _assert_packed_templates_current(x, templates, precision, tolerance)
+    _assert_packed_templates_current(x, contract_templates(4, 5, torch.float32) * 3.0,
+                                     precision, tolerance)
+
+
+def _assert_packed_templates_current(x, templates, precision, tolerance):
+    tau = 0.5  # a peaked softmax: the entropy moves with every template value
+    neg_entropy = cpp_cpu.row_stats(x, templates, tau, precision)[2]
+    truth = evaluate_contract(x.double(), templates.double(), torch.ones(2, 3), False, tau=tau)
+    error = (neg_entropy.double() - truth.neg_entropy).abs().max().item()
+    assert error <= tolerance * truth.neg_entropy.abs().max().item()
+
+
+@needs_extension
+@pytest.mark.skipif(not _cpu_has_bf16_products(), reason="this CPU has no AVX-512 BF16")
+def test_bfloat16_products_are_used_where_the_cpu_has_them():
+    # The scores of bfloat16 operands: those of the rounded maps and templates (exact
+    # products, float32 sums), not the float32 ones.
+    x = random_maps(3, 4, 7, 7, dtype=torch.float32, seed=3).reshape(3, 4, 49)
+    templates = contract_templates(7, 7, torch.float32)
+    row_max = cpp_cpu.row_stats(x, templates, TAU, "bf16")[0]
+    rounded = _scores(x.bfloat16().double(), templates.bfloat16().double()).amax(-1)
+    full = _scores(x.double(), templates.double()).amax(-1)
+    assert (row_max.double() - rounded).abs().max() < 1e-2 * (full - rounded).abs().max()
 
 
 @needs_extension
@@ -322,6 +400,7 @@ def test_opcheck_schema_and_meta_kernels():
                             torch.ones(3))
     cases = {
         "row_stats": (x, templates, TAU, "ieee"),
+        "row_stats_with_grad": (x, templates, TAU, "ieee"),
         "column_sums": (x, templates, TAU, row_max, log_sum, "ieee"),
         "input_grad": (x, templates, TAU, row_max, log_sum, neg_entropy, prior,
                        torch.ones(2, 3), "ieee"),

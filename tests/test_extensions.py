@@ -162,27 +162,29 @@ def test_diversity_zero_is_the_plain_loss_bitwise(backend):
 
 
 def test_diversity_zero_adds_no_sweep(monkeypatch):
-    """The uniform estimator sweeps the scores once forward and once backward; diversity
-    adds the column sums forward and the row-prior sweep backward (counted here as the
-    calls that form ``p``)."""
-    calls = {"column_sums": 0, "prior": 0}
-    column_sums, prior_terms = streaming.column_sums, streaming._prior_terms
+    """Uniform training sweeps the scores once (row_stats_with_grad: the backward only scales
+    its gradient); diversity adds the column sums forward and one prior sweep backward."""
+    names = ("row_stats", "row_stats_with_grad", "column_sums", "input_grad")
+    calls = dict.fromkeys(names, 0)
 
-    def counted_sums(*args):
-        calls["column_sums"] += 1
-        return column_sums(*args)
+    def counted(name, function):
+        def call(*args):
+            calls[name] += 1
+            return function(*args)
+        return call
 
-    def counted_prior(*args):
-        calls["prior"] += 1
-        return prior_terms(*args)
-
-    monkeypatch.setattr(streaming, "column_sums", counted_sums)
-    monkeypatch.setattr(streaming, "_prior_terms", counted_prior)
+    for name in names:
+        monkeypatch.setattr(streaming, name, counted(name, getattr(streaming, name)))
     x = peaked_maps(2, 2, 4, 4, seed=1).requires_grad_()
     ef.ecloss(x, backend="torch", diversity=0.0).backward()
-    assert calls == {"column_sums": 0, "prior": 0}
+    assert calls == {"row_stats": 0, "row_stats_with_grad": 1, "column_sums": 0, "input_grad": 0}
+    calls.update(dict.fromkeys(names, 0))
     ef.ecloss(x, backend="torch", diversity=0.5).backward()
-    assert calls["column_sums"] == 1 and calls["prior"] > 0
+    assert calls == {"row_stats": 1, "row_stats_with_grad": 0, "column_sums": 1, "input_grad": 1}
+    calls.update(dict.fromkeys(names, 0))
+    with torch.no_grad():
+        ef.ecloss(x, backend="torch")
+    assert calls == {"row_stats": 1, "row_stats_with_grad": 0, "column_sums": 0, "input_grad": 0}
 
 
 # ---- normalize ------------------------------------------------------------------------

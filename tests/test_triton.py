@@ -142,6 +142,115 @@ def test_kernels_match_float64_14x14():
     _compare(x, contract_templates(14, 14), "ieee", "general")
 
 
+# (input dtype, precision) of the training sweeps' own tests: float32 at full precision,
+# bfloat16 maps with bfloat16 products, float16 products (float32 gradient weights), float64.
+TRAINING_ROUTES = [(torch.float32, "ieee"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                   (torch.float64, "ieee")]
+TRAINING_SHAPES = [(3, 5, 2, 3), (7, 7, 3, 2)]  # gradient kept whole; in two slices (ragged)
+FLOAT64_RTOL = 1e-10
+
+
+@pytest.fixture(params=["fused", "split"])
+def route(request, monkeypatch):
+    """The training routes' two forms (``configs.FUSED``): the interpreter takes the fused
+    sweeps unless told otherwise."""
+    if request.param == "split":
+        monkeypatch.setattr(triton_fused, "_fused", lambda *args: False)
+    return request.param
+
+
+def _row_weight(channels, batch, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5
+            ).expand(batch, channels)
+
+
+@pytest.mark.parametrize("dtype, precision", TRAINING_ROUTES,
+                         ids=[f"{str(d)[6:]}-{p}" for d, p in TRAINING_ROUTES])
+@pytest.mark.parametrize("maps", [peaked_maps, random_maps], ids=["peaked", "random"])
+@pytest.mark.parametrize("shape", TRAINING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_row_stats_with_grad_matches_float64(route, shape, maps, dtype, precision):
+    """All four outputs against the float64 contract; the statistics bitwise row_stats'."""
+    h, w, b, c = shape
+    x = maps(b, c, h, w, seed=sum(shape) + 20, dtype=dtype).reshape(b, c, h * w)
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    templates = contract_templates(h, w, dtype=accumulation)
+    ones = torch.ones(b, c, dtype=torch.float64)
+    truth = evaluate_contract(x.double(), templates.double(), ones, marginal=False)
+
+    *stats, grad = triton_fused.row_stats_with_grad(x, templates, TAU, precision)
+    for got, inference in zip(stats, triton_fused.row_stats(x, templates, TAU, precision)):
+        assert got.dtype == accumulation and got.shape == (b, c)
+        assert torch.equal(got, inference)
+    assert grad.dtype == accumulation and grad.shape == (b, c, h * w)
+    names = ("row_max", "log_sum", "neg_entropy", "neg_entropy_grad")
+    expected = (truth.row_max, truth.log_sum, truth.neg_entropy, truth.neg_entropy_grad)
+    if dtype == torch.float64:
+        for name, got, want in zip(names, (*stats, grad), expected):
+            error = ((got - want).norm() / want.norm()).item()
+            assert error <= FLOAT64_RTOL, f"{name}: relative error {error:.3g}"
+        return
+    baseline = evaluate_contract(_rounded(x, precision), _rounded(templates, precision),
+                                 ones.float(), marginal=False)
+    baselines = (baseline.row_max, baseline.log_sum, baseline.neg_entropy,
+                 baseline.neg_entropy_grad)
+    for name, got, want, base in zip(names, (*stats, grad), expected, baselines):
+        _check(name, got, want, base, precision)
+
+
+@pytest.mark.parametrize("prior_kind", ["uniform", "marginal", "general"])
+@pytest.mark.parametrize("maps", [peaked_maps, random_maps], ids=["peaked", "random"])
+def test_float64_input_grad_matches_float64(route, maps, prior_kind):
+    """float64 maps: ``input_grad`` (the one-sweep prior path included) to float64 rounding."""
+    b, c, h, w = 3, 2, 7, 7
+    x = maps(b, c, h, w, seed=31, dtype=torch.float64).reshape(b, c, h * w)
+    templates = contract_templates(h, w, dtype=torch.float64)
+    row_weight = _row_weight(c, b, seed=32)
+    row_max, log_sum, neg_entropy = triton_fused.row_stats(x, templates, TAU, "ieee")
+    prior = None
+    if prior_kind != "uniform":
+        sums = triton_fused.column_sums(x, templates, TAU, row_max, log_sum, "ieee")
+        prior = row_weight[0, :, None] * torch.log(sums / b)
+        if prior_kind == "general":
+            prior = prior + row_weight[0, :, None] * torch.randn(
+                prior.shape, generator=torch.Generator().manual_seed(33), dtype=torch.float64)
+    truth = evaluate_contract(x, templates, row_weight, prior_kind != "uniform", prior=prior)
+    dx = triton_fused.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior,
+                                 row_weight.contiguous(), "ieee")
+    assert dx.dtype == torch.float64
+    error = ((dx - truth.dx).norm() / truth.dx.norm()).item()
+    assert error <= FLOAT64_RTOL, f"dx: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("dtype, precision", TRAINING_ROUTES[:2],
+                         ids=[f"{str(d)[6:]}-{p}" for d, p in TRAINING_ROUTES[:2]])
+def test_input_grad_prior_follows_a_best_template_found_late(route, dtype, precision):
+    """The one-sweep prior gradient moves its reference ``c`` as the sweep goes: maps
+    peaked on templates of later tiles (after flat first tiles), with a prior large enough
+    that a stale reference would leave its error in ``dx``."""
+    h, w, b, c = 7, 7, 2, 2
+    templates = contract_templates(h, w)
+    count = templates.shape[0]
+    from ecloss_fast.triton_kernels import configs
+
+    tile = configs.interpreter("input_grad_prior", b * c, count, h * w).block_n
+    assert count > 2 * tile
+    picks = torch.tensor([[count - 2, tile + 3], [2 * tile + 1, count - tile // 2]])
+    x = (templates[picks].clamp_min(0) * (4e4 / (h * w))
+         + 0.05 * torch.rand(b, c, h * w, generator=torch.Generator().manual_seed(41))
+         ).to(dtype)
+    row_weight = _row_weight(c, b, seed=42)
+    prior = 3.0 * torch.randn(c, count, generator=torch.Generator().manual_seed(43))
+    truth = evaluate_contract(x.double(), templates.double(), row_weight, True,
+                              prior=prior.double())
+    baseline = evaluate_contract(_rounded(x, precision), _rounded(templates, precision),
+                                 row_weight.float(), True, prior=prior)
+    row_max, log_sum, neg_entropy = triton_fused.row_stats(x, templates, TAU, precision)
+    dx = triton_fused.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior,
+                                 row_weight.float().contiguous(), precision)
+    _check("dx", dx, truth.dx, baseline.dx, precision)
+
+
 def test_float64_input_accumulates_in_float64():
     x = peaked_maps(2, 2, 3, 5, seed=9, dtype=torch.float64).reshape(2, 2, 15)
     templates = contract_templates(3, 5, dtype=torch.float64)
@@ -210,6 +319,20 @@ def test_default_configs_are_keyed_by_k_and_rows():
                 assert configs.candidates(kernel, kind, capability, 784)
     with pytest.raises(ValueError, match="at most 1024 pixels"):
         configs.candidates("row_stats", "bf16", (9, 0), 1025)
+
+
+def test_every_training_route_has_a_form():
+    """``configs.FUSED`` says fused or split for both training routes, every operand kind
+    and K class (Hopper and Ampere alike), and the fused form has its tiles."""
+    from ecloss_fast.triton_kernels import configs
+
+    for route, kernel in (("row_stats_grad", "row_stats_grad"),
+                          ("input_grad_prior", "input_grad_prior_fused")):
+        for kind in configs.OPERAND_KINDS:
+            for k in (196, 784):
+                assert isinstance(configs.fused(route, kind, k), bool)
+                assert configs.candidates(kernel, kind, (8, 0), k)
+    assert not configs.fused("row_stats_grad", "bf16", 196)  # its slices would cost 2x
 
 
 def test_interpreter_tiles_exercise_padding_and_dx_slices():

@@ -3,7 +3,8 @@
 ``python -m bench.kernels`` compiles each launch exactly as Triton's runtime JIT would
 (its binder's specialisation: ``tt.divisibility = 16`` on aligned pointers and on integer
 arguments that are multiples of 16; see that module) for ``GPUTarget("cuda", 90, 32)``, and
-reads the cubin with ``cuobjdump`` and the PTX with ``ptxas -v``. For every kernel, operand
+reads the cubin with ``cuobjdump`` and the PTX with ``ptxas -v``. For every kernel (the
+training sweeps in both forms, fused and split, whichever ``configs.FUSED`` picks), operand
 kind and ``K`` in 196 and 784, the configuration ``configs.default`` picks at the paper's
 ``B*C = 32,768`` rows must have:
 
@@ -82,8 +83,9 @@ def test_every_kernel_operand_kind_and_k_has_a_default(report):
     defaults, _ = report
     picked = {(r["kernel"], r["prior"], r["K"], r["input"], r["operands"]) for r in defaults}
     assert len(picked) == len(defaults), "two defaults for one launch"
-    # 5 kernels (input_grad with and without a prior) x 5 routes x 2 K.
-    assert len(picked) == 50, sorted(picked)
+    # 7 kernels (input_grad with and without a prior, the training routes' fused and split
+    # forms) x 5 routes x 2 K.
+    assert len(picked) == 70, sorted(picked)
 
 
 def test_default_configs_fit_h100(report):

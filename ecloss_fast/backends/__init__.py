@@ -28,6 +28,22 @@ custom ops (``ecloss_fast._ops``) call it, and the autograd glue composes them. 
     1. Backends that use ``exp2`` take ``exp2((s - row_max) * log2(e))``, with the shift
     formed from the rounded score and the rounded maximum (never contracted into one FMA
     with the multiply by ``tau``).
+``row_stats_with_grad(x, templates, tau, precision) -> (row_max, log_sum, neg_entropy, neg_entropy_grad)``
+    ``row_stats`` and, from the same sweep of exponentials, the gradient of each row's
+    ``neg_entropy`` by its map, ``(B, C, K)`` in the accumulation dtype::
+
+        neg_entropy_grad[b,c,:] = tau * sum_k p_k ((s_k - row_max) - E) templates[k,:]
+                                = tau * (V - (a / l) U) / l,    E = neg_entropy + log_sum
+
+    with ``l = sum e^(s-m)``, ``a = sum e^(s-m) (s-m)``, ``U = sum e^(s-m) T[t]`` and
+    ``V = sum e^(s-m) (s-m) T[t]`` over the templates, ``m`` the running maximum: when it
+    rises from ``m`` to ``m'`` the sums rescale by ``e^(m-m')`` and ``V`` and ``a`` gain
+    ``(m-m')`` times ``U`` and ``l``. Shifted by the maximum, the best template contributes
+    nothing to ``V`` or ``a``, so a peaked row does not cancel. The uniform estimator's
+    ``dx`` is then ``row_weight * neg_entropy_grad``: training costs one sweep of
+    exponentials and one template stream where ``row_stats`` + ``input_grad`` take two.
+    Its scores are bitwise ``row_stats``' (the same product routine); its statistics equal
+    ``row_stats``' to rounding.
 ``column_sums(x, templates, tau, row_max, log_sum, precision) -> (C, N)``
     ``sum_b p[b,c,t]`` with ``p = exp((s - row_max) - log_sum)`` from bitwise the scores of
     ``row_stats``; accumulation dtype, in a fixed reduction order (deterministic).
@@ -44,8 +60,13 @@ custom ops (``ecloss_fast._ops``) call it, and the autograd glue composes them. 
         dx[b,c,:] = tau * sum_k ds[b,c,k] * templates[k,:]
 
     ``D`` is taken over the recomputed mass ``sum_t p`` (1 in exact arithmetic), so that a
-    row's weights sum to 0 to rounding; with a prior it takes a sweep of its own before
-    the ``dx`` sweep. The prior ``ecloss_fast._ops`` passes, for ``mw = map_weight``:
+    row's weights sum to 0 to rounding. With a prior, ``D`` and ``dx`` come from one sweep:
+    ``dx = tau * (Z - (D - c) U)`` with ``U = sum p T[t]``, ``Z = sum p (z - c) T[t]``,
+    ``z = w log p - prior``, about a reference ``c`` that follows the running mean of ``z``
+    (after a block, ``c' = c + sum p (z - c) / sum p`` and ``Z += (c - c') U``), so that
+    nothing large cancels at the end (the one-sweep form; a backend may keep two sweeps
+    where its kernels run faster so, e.g. the Triton and CUDA ones where the second
+    accumulator costs occupancy). The prior ``ecloss_fast._ops`` passes, for ``mw = map_weight``:
     ``w_c log max(pbar, tiny)`` (marginal estimator) plus ``diversity * mw * F`` (the
     channel-diversity term, docs/design.md section 8.1), or ``None`` (uniform, no
     diversity); the marginal case is the earlier ``w p ((log p - log q) - KL(p || q))``.

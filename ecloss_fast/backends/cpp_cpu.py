@@ -2,15 +2,19 @@
 
 Each function is one call of ``torch.ops.ecloss_fast_C.*`` (schema in csrc/ops.cpp), which
 the extension ``ecloss_fast._C`` registers when imported; see ``ecloss_fast.backends`` for
-the contract. The CPU computes in full precision whatever ``precision`` says; float16 and
-bfloat16 inputs run in float32 (``"fp16"``, the resolution of ``precision=None`` for
-float16 maps, which the extension does not name, is passed as ``"ieee"``).
+the contract. ``precision="bf16"`` on float32 and bfloat16 maps uses bfloat16 products
+(``vdpbf16ps``, float32 accumulation) where the CPU has AVX-512 BF16, and full float32
+elsewhere; ``"ieee"`` and ``"tf32"`` compute in full float32 (float64 maps in float64).
+float16 inputs run in float32 (``"fp16"``, the resolution of ``precision=None`` for float16
+maps, which the extension does not name, is passed as ``"ieee"``). Packed copies of the
+template matrix are kept between calls while the matrix lives unchanged.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["availability", "supports", "row_stats", "column_sums", "input_grad", "extension_error"]
+__all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
+           "input_grad", "extension_error"]
 
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` or "
                "`python setup.py build_ext --inplace` (needs a C++ compiler)")
@@ -45,6 +49,11 @@ def extension_precision(precision: str, float16_products: str) -> str:
 def row_stats(x, templates, tau, precision):
     return torch.ops.ecloss_fast_C.row_stats(x, templates, tau,
                                              extension_precision(precision, "ieee"))
+
+
+def row_stats_with_grad(x, templates, tau, precision):
+    return torch.ops.ecloss_fast_C.row_stats_with_grad(x, templates, tau,
+                                                       extension_precision(precision, "ieee"))
 
 
 def column_sums(x, templates, tau, row_max, log_sum, precision):

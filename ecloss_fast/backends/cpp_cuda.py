@@ -19,8 +19,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ecloss_fast._templates import prepared_templates
 from ecloss_fast.backends.cpp_cpu import extension_error, extension_precision
 
-__all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
-           "input_grad", "operand_templates", "round_to_tf32"]
+__all__ = ["availability", "supports", "supports_dtype", "row_stats", "row_stats_with_grad",
+           "column_sums", "input_grad", "operand_templates", "round_to_tf32"]
 
 TEMPLATE_TILE = 32  # kBlockTemplates of csrc/cuda_kernels.cu: templates per tile
 PIXEL_MULTIPLE = 16  # the kernels pad K to the bf16 WMMA k step
@@ -101,6 +101,12 @@ def row_stats(x, templates, tau, precision):
     precision = extension_precision(precision, "tf32")
     return torch.ops.ecloss_fast_C.row_stats(x, templates, tau, precision,
                                              operand_templates(templates, precision))
+
+
+def row_stats_with_grad(x, templates, tau, precision):
+    precision = extension_precision(precision, "tf32")
+    return torch.ops.ecloss_fast_C.row_stats_with_grad(x, templates, tau, precision,
+                                                       operand_templates(templates, precision))
 
 
 def column_sums(x, templates, tau, row_max, log_sum, precision):

@@ -11,7 +11,8 @@ import contextlib
 
 import torch
 
-__all__ = ["availability", "supports", "row_stats", "column_sums", "input_grad"]
+__all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
+           "input_grad"]
 
 # 1 MB of float32 per score block: GEMMs of (rows x 196) @ (196 x chunk) stay efficient
 # while the streaming peak stays a few percent of the reference's B x C x N tensor
@@ -85,9 +86,18 @@ def _log_probabilities(rows, templates, chunk, tau, row_max, log_sum):
 
 
 def row_stats(x, templates, tau, precision):
-    batch, channels, _ = x.shape
+    return _online_sweep(x, templates, tau, precision, with_grad=False)
+
+
+def row_stats_with_grad(x, templates, tau, precision):
+    return _online_sweep(x, templates, tau, precision, with_grad=True)
+
+
+def _online_sweep(x, templates, tau, precision, with_grad):
+    """``row_stats``, and with ``with_grad`` ``neg_entropy_grad`` from the same exponentials."""
+    batch, channels, pixels = x.shape
     rows, templates = _operands(x, templates, precision)
-    running_max = sum_exp = sum_exp_shifted = None
+    running_max = sum_exp = sum_exp_shifted = weighted = weighted_shifted = None
     with _matmul_precision(precision):
         for chunk in _chunks(rows.shape[0], templates.shape[0]):
             scores = _scores(rows, templates, chunk, tau)
@@ -96,22 +106,53 @@ def row_stats(x, templates, tau, precision):
                 new_max = chunk_max
                 sum_exp = torch.zeros_like(chunk_max)
                 sum_exp_shifted = torch.zeros_like(chunk_max)
+                if with_grad:
+                    weighted = torch.zeros_like(rows)
+                    weighted_shifted = torch.zeros_like(rows)
             else:
-                # Rescale sum e^(s-m) and sum e^(s-m)(s-m) from the old max m to m'.
+                # Rescale every sum of e^(s-m) and of e^(s-m)(s-m) from the old max m to m'.
                 new_max = torch.maximum(running_max, chunk_max)
                 shift = running_max - new_max
                 decay = shift.exp()
                 sum_exp_shifted = decay * (sum_exp_shifted + shift * sum_exp)
                 sum_exp = decay * sum_exp
+                if with_grad:
+                    weighted_shifted.addcmul_(weighted, shift[:, None]).mul_(decay[:, None])
+                    weighted.mul_(decay[:, None])
             shifted = scores.sub_(new_max[:, None])
             weights = shifted.exp()
             sum_exp += weights.sum(dim=1)
-            sum_exp_shifted += weights.mul_(shifted).sum(dim=1)
+            if with_grad:
+                block = templates[chunk]
+                weighted.addmm_(_as_operand(weights, precision), block)
+                weights.mul_(shifted)
+                weighted_shifted.addmm_(_as_operand(weights, precision), block)
+                sum_exp_shifted += weights.sum(dim=1)
+            else:
+                sum_exp_shifted += weights.mul_(shifted).sum(dim=1)
             running_max = new_max
     log_sum = sum_exp.log()
-    neg_entropy = sum_exp_shifted / sum_exp - log_sum
-    return (running_max.view(batch, channels), log_sum.view(batch, channels),
-            neg_entropy.view(batch, channels))
+    mean_shift = sum_exp_shifted / sum_exp
+    neg_entropy = mean_shift - log_sum
+    statistics = (running_max.view(batch, channels), log_sum.view(batch, channels),
+                  neg_entropy.view(batch, channels))
+    if not with_grad:
+        return statistics
+    # tau (V - (a / l) U) / l: both sums shifted by the maximum, so a peaked row's best
+    # template adds nothing to V or a and the difference does not cancel.
+    grad = weighted_shifted.sub_(weighted.mul_(mean_shift[:, None])).div_(sum_exp[:, None])
+    return (*statistics, grad.mul_(tau).view(batch, channels, pixels))
+
+
+def _as_operand(weights, precision):
+    """Score-gradient weights as the matrix units take them: rounded to bfloat16 for ``bf16``.
+
+    Not for ``fp16``: a float16 weight underflows (``p * 1e-3`` near a uniform softmax), so
+    float32 weights stay.
+    """
+    if precision == "bf16" and weights.dtype == torch.float32:
+        return weights.bfloat16().float()
+    return weights
 
 
 def column_sums(x, templates, tau, row_max, log_sum, precision):
@@ -133,41 +174,47 @@ def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weig
     weight = row_weight.reshape(-1, 1).to(rows.dtype)
     with _matmul_precision(precision):
         if prior is not None:
-            # ds = p (w log p - prior - D), D = sum p (w log p - prior) / sum p: the
-            # contract's row-prior sweep. Over the recomputed mass (1 in exact arithmetic),
-            # so that the weights of a row sum to 0 to rounding.
-            divergence = torch.zeros(batch, channels, dtype=rows.dtype, device=x.device)
-            mass = torch.zeros_like(divergence)
-            for chunk in _chunks(rows.shape[0], templates.shape[0]):
-                p, factor = _prior_terms(rows, templates, chunk, tau, row_max, log_sum, weight,
-                                         prior, batch, channels)
-                divergence += factor.mul_(p).sum(-1)
-                mass += p.sum(-1)
-            offset = (divergence / mass)[..., None]
+            grad = _prior_input_grad(rows, templates, tau, row_max, log_sum, weight, prior,
+                                     batch, channels, precision)
         else:
             # ds = w p ((s - m) - E), E = sum p (s - m) = neg_entropy + log_sum.
             offset = (neg_entropy + log_sum.view_as(neg_entropy)).reshape(-1, 1)
-        grad = torch.zeros_like(rows)
-        for chunk in _chunks(rows.shape[0], templates.shape[0]):
-            if prior is None:
+            grad = torch.zeros_like(rows)
+            for chunk in _chunks(rows.shape[0], templates.shape[0]):
                 shifted = _shifted_scores(rows, templates, chunk, tau, row_max)
                 p = (shifted - log_sum).exp_()
                 grad_scores = p.mul_(shifted.sub_(offset)).mul_(weight)
-            else:
-                p, factor = _prior_terms(rows, templates, chunk, tau, row_max, log_sum, weight,
-                                         prior, batch, channels)
-                grad_scores = p.mul_(factor.sub_(offset)).view(rows.shape[0], -1)
-            if precision == "bf16" and grad_scores.dtype == torch.float32:
-                # As the bfloat16 matrix units take them. Not for fp16: a float16 weight
-                # underflows (p * 1e-3 near a uniform softmax), so float32 weights stay.
-                grad_scores = grad_scores.bfloat16().float()
-            grad.addmm_(grad_scores, templates[chunk])
+                grad.addmm_(_as_operand(grad_scores, precision), templates[chunk])
     return grad.mul_(tau).view(batch, channels, pixels).to(x.dtype)
 
 
-def _prior_terms(rows, templates, chunk, tau, row_max, log_sum, weight, prior, batch, channels):
-    """``p`` and ``w log p - prior`` of one chunk, each ``(B, C, chunk)``."""
-    log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
-    p = log_p.exp().view(batch, channels, -1)
-    factor = log_p.mul_(weight).view_as(p).sub_(prior[None, :, chunk])
-    return p, factor
+def _prior_input_grad(rows, templates, tau, row_max, log_sum, weight, prior, batch, channels,
+                      precision):
+    """``sum_k p_k (z_k - D) T[k]`` in one sweep, ``z = w log p - prior``, ``D`` its p-mean.
+
+    Accumulates ``U = sum p T`` and ``Z = sum p (z - c) T`` about a reference ``c``: the
+    mean of ``z`` over the templates seen so far, moved after every chunk
+    (``c' = c + sum p (z - c) / sum p``, ``Z += (c - c') U``), so ``Z`` holds only what
+    differs from that mean and nothing large cancels at the end; ``Z`` after the last chunk
+    is the answer (``D = c``). ``D`` is over the recomputed mass (1 in exact arithmetic), so
+    a row's weights sum to 0.
+    """
+    num_rows = rows.shape[0]
+    weighted = torch.zeros_like(rows)
+    centred = torch.zeros_like(rows)
+    mass = rows.new_zeros(num_rows)
+    reference = rows.new_zeros(num_rows)
+    for chunk in _chunks(num_rows, templates.shape[0]):
+        log_p = _log_probabilities(rows, templates, chunk, tau, row_max, log_sum)
+        terms = (log_p * weight).view(batch, channels, -1).sub_(prior[None, :, chunk])
+        p = log_p.exp_()
+        terms = terms.view(num_rows, -1).sub_(reference[:, None]).mul_(p)
+        block = templates[chunk]
+        weighted.addmm_(_as_operand(p, precision), block)
+        centred.addmm_(_as_operand(terms, precision), block)
+        mass += p.sum(dim=1)
+        # A row whose mass so far underflowed to 0 keeps its reference (its sums are 0).
+        step = torch.where(mass > 0, terms.sum(dim=1) / mass, 0.0)
+        centred.sub_(weighted * step[:, None])
+        reference += step
+    return centred

@@ -1,7 +1,8 @@
 """The ``triton`` backend: fused Triton kernels for ECLoss, forward and backward.
 
 Implements the contract of ``ecloss_fast.backends`` (``availability``, ``supports``,
-``row_stats``, ``column_sums``, ``input_grad``) plus ``supports_dtype``. The kernels, one
+``row_stats``, ``row_stats_with_grad``, ``column_sums``, ``input_grad``) plus
+``supports_dtype``. The kernels, one
 per file, are in ``ecloss_fast.triton_kernels``; this module picks the compiled or the
 interpreted copy, the operand precision, the ``K`` chunking and the launch configuration,
 and launches them.
@@ -10,12 +11,17 @@ Sweeps over the ``M x N`` scores (``M = B*C`` feature maps, ``N`` templates), as
 docs/design.md section 6 (Cost model):
 
 * ``row_stats``: 1 (online softmax; one ``2MNK`` product);
+* ``row_stats_with_grad``: fused, 1 (the same, plus two ``2MNK`` products for the online
+  sums ``U`` and ``V`` of ``neg_entropy_grad``); split, ``row_stats`` + ``input_grad``;
 * ``column_sums``: 1 (one product; each program owns all maps of its channels, or
   per-batch-block partials are summed in a fixed order afterwards);
-* ``input_grad``: 1 without a prior (two products: recompute, then ``dx += w T``), 2 with
-  one (``row_prior`` first computes the per-map offset ``D``, which every template's
-  weight needs). Where a configuration keeps ``dx`` in column slices (``dx_columns``,
-  see ``triton_kernels.configs``) each slice repeats the score product.
+* ``input_grad``: 1 without a prior (two products: recompute, then ``dx += w T``); with
+  one, fused, 1 (three products: the per-map offset ``D`` is accumulated alongside, which
+  costs the product ``U = sum p T``), split, 2 (``row_prior`` first computes ``D``).
+
+Where a configuration keeps ``dx`` in column slices (``dx_columns``, see
+``triton_kernels.configs``) each slice repeats the score product and the exponentials;
+``configs.FUSED`` picks fused or split per operand kind and ``K`` from the cost model.
 
 The kernels read the templates prepared once (``_templates.prepared_templates``: operand
 type, ``K`` padded to the chunks, rows to whole tiles) and, for half products, the maps
@@ -38,8 +44,8 @@ import torch
 
 from ecloss_fast._ops import accumulation_dtype
 
-__all__ = ["availability", "supports", "supports_dtype", "row_stats", "column_sums",
-           "input_grad"]
+__all__ = ["availability", "supports", "supports_dtype", "row_stats", "row_stats_with_grad",
+           "column_sums", "input_grad"]
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TUNED: dict[tuple, object] = {}
@@ -189,6 +195,14 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
         launch(_TUNED[key])
 
 
+def _fused(route: str, x: torch.Tensor, operands: str, interpreted: bool) -> bool:
+    """Whether a training route runs as one fused sweep (``configs.fused``); the interpreter
+    takes the fused sweeps, whose code the split routes' kernels share."""
+    from ecloss_fast.triton_kernels import configs
+
+    return interpreted or configs.fused(route, operands, x.shape[-1])
+
+
 def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
               precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``row_max``, ``log_sum`` and ``neg_entropy`` per feature map, one sweep (contract).
@@ -198,23 +212,58 @@ def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
     tensors in the accumulation dtype: ``max_t s``, ``log sum_t exp(s - row_max)`` and
     ``sum_t p (s - row_max) - log_sum``.
     """
+    return _row_stats(x, templates, tau, precision, with_grad=False)
+
+
+def row_stats_with_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, precision: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``row_stats`` and ``neg_entropy_grad`` from the same sweep of exponentials (contract).
+
+    ``neg_entropy_grad[b,c,:] = tau * sum_t p ((s - row_max) - E) T[t,:]``, ``(B, C, K)`` in
+    the accumulation dtype, from the online sums ``U = sum e^(s-m) T`` and
+    ``V = sum e^(s-m) (s-m) T`` (``row_stats_kernel`` with ``WITH_GRAD``). The statistics
+    are bitwise ``row_stats``' (the same score product). Where a configuration keeps the
+    gradient in column slices (``dx_columns``), each slice repeats the score product and
+    the exponentials; where that is predicted slower (``configs.FUSED``) the gradient is
+    ``input_grad`` with unit row weights after ``row_stats``, written in the accumulation
+    dtype: the same values, from two sweeps with one accumulator.
+    """
+    interpreted = _interpreted(x)
+    if _fused("row_stats_grad", x, _operands(x, precision, interpreted), interpreted):
+        return _row_stats(x, templates, tau, precision, with_grad=True)
+    row_max, log_sum, neg_entropy = row_stats(x, templates, tau, precision)
+    grad = _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, None,
+                       torch.ones_like(row_max), precision, output_dtype=row_max.dtype)
+    return row_max, log_sum, neg_entropy, grad
+
+
+def _row_stats(x, templates, tau, precision, with_grad):
     from ecloss_fast.triton_kernels.row_stats import row_stats_kernel
 
     interpreted, operands, constants = _common_constants(x, tau, precision)
-    batch, channels, _ = x.shape
+    batch, channels, pixels = x.shape
     rows, count = batch * channels, templates.shape[0]
     x = _operand_maps(x, operands)
-    row_max = torch.empty(batch, channels, device=x.device, dtype=accumulation_dtype(x.dtype))
+    accumulation = accumulation_dtype(x.dtype)
+    row_max = torch.empty(batch, channels, device=x.device, dtype=accumulation)
     log_sum, neg_entropy = torch.empty_like(row_max), torch.empty_like(row_max)
+    # An unread placeholder pointer for inference.
+    grad = (torch.empty(batch, channels, pixels, device=x.device, dtype=accumulation)
+            if with_grad else row_max)
 
     def launch(config):
-        _launch(row_stats_kernel, (math.ceil(rows / config.block_m),), interpreted,
+        dx_columns = config.dx_columns if with_grad else 0
+        slices = math.ceil(pixels / dx_columns) if dx_columns else 1
+        _launch(row_stats_kernel, (math.ceil(rows / config.block_m), slices), interpreted,
             x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
-            neg_entropy, rows, count, **constants,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            neg_entropy, grad, rows, count, **constants, WITH_GRAD=with_grad,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, DX_COLUMNS=dx_columns,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
-    _run("row_stats", x, operands, interpreted, rows, count, launch)
+    _run("row_stats_grad" if with_grad else "row_stats", x, operands, interpreted, rows, count,
+         launch)
+    if with_grad:
+        return row_max, log_sum, neg_entropy, grad
     return row_max, log_sum, neg_entropy
 
 
@@ -273,9 +322,17 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
                   D = sum_t p_t (w log p_t - prior[c,t]) / sum_t p_t
 
     with ``w = row_weight[b,c]``. ``prior`` is ``(C, N)`` or ``None``; the row statistics
-    and ``row_weight`` are ``(B, C)`` in the accumulation dtype. With a prior, ``D`` takes
-    a sweep of its own (``row_prior_kernel``) before the gradient sweep.
+    and ``row_weight`` are ``(B, C)`` in the accumulation dtype. With a prior ``D`` is
+    accumulated in the gradient sweep (one sweep, a second accumulator) or, where
+    ``configs.FUSED`` predicts that slower, taken by a sweep of its own
+    (``row_prior_kernel``) first.
     """
+    return _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
+                       precision, output_dtype=x.dtype)
+
+
+def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision,
+                output_dtype):
     from ecloss_fast.triton_kernels.input_grad import input_grad_kernel
     from ecloss_fast.triton_kernels.row_prior import row_prior_kernel
 
@@ -283,15 +340,17 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
     batch, channels, _ = x.shape
     rows, count = batch * channels, templates.shape[0]
     accumulation = accumulation_dtype(x.dtype)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx = torch.empty(x.shape, device=x.device, dtype=output_dtype)
     x = _operand_maps(x, operands)
     row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
     neg_entropy = neg_entropy.contiguous()
     row_weight = row_weight.to(accumulation).contiguous()
     has_prior = prior is not None
-    offset = row_max  # an unread placeholder pointer when there is no prior
+    fused = has_prior and _fused("input_grad_prior", x, operands, interpreted)
+    offset = row_max  # an unread placeholder pointer without a row_prior sweep
     if has_prior:
         prior = prior.to(accumulation).contiguous()
+    if has_prior and not fused:
         offset = torch.empty_like(row_max)
 
         def launch_prior(config):
@@ -309,9 +368,10 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
             x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
             neg_entropy, prior if has_prior else row_max, offset,
             row_weight, dx, batch, channels, count, **constants, HAS_PRIOR=has_prior,
+            FUSED_PRIOR=fused,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, DX_COLUMNS=config.dx_columns,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
-    _run("input_grad_prior" if has_prior else "input_grad", x, operands, interpreted, rows,
-         count, launch)
+    name = "input_grad_prior_fused" if fused else "input_grad_prior" if has_prior else "input_grad"
+    _run(name, x, operands, interpreted, rows, count, launch)
     return dx

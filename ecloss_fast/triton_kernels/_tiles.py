@@ -217,3 +217,73 @@ def store_chunks(ptr, row_offsets, row_mask, chunk0, chunk1, chunk2, K: tl.const
         mask = row_mask[:, None] & (columns < K)[None, :]
         tl.store(ptr + row_offsets[:, None] + columns[None, :],
                  chunk2.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def zero_accumulator(BLOCK_M: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+                     K2: tl.constexpr, DX_COLUMNS: tl.constexpr, ACC: tl.constexpr):
+    """A zero ``[BLOCK_M, K]`` accumulator: three chunks, or with ``DX_COLUMNS`` one slice.
+
+    A sliced accumulator is the first value; the other two are that value again, never read
+    (as for absent chunks).
+    """
+    if DX_COLUMNS == 0:
+        acc0 = tl.zeros((BLOCK_M, K0), dtype=ACC)
+        acc1 = acc0
+        acc2 = acc0
+        if K1 > 0:
+            acc1 = tl.zeros((BLOCK_M, K1), dtype=ACC)
+        if K2 > 0:
+            acc2 = tl.zeros((BLOCK_M, K2), dtype=ACC)
+    else:
+        acc0 = tl.zeros((BLOCK_M, DX_COLUMNS), dtype=ACC)
+        acc1 = acc0
+        acc2 = acc0
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def slice_columns(K: tl.constexpr, DX_COLUMNS: tl.constexpr):
+    """Columns of program axis 1's ``dx`` slice and their mask (``< K``); the slice is
+    ``tl.program_id(1) * DX_COLUMNS ..`` (with ``DX_COLUMNS = 0`` the caller never reads them)."""
+    if DX_COLUMNS > 0:
+        columns = tl.program_id(1) * DX_COLUMNS + tl.arange(0, DX_COLUMNS)
+    else:
+        columns = tl.arange(0, 16)
+    return columns, columns < K
+
+
+@triton.jit
+def accumulate_templates(acc0, acc1, acc2, weights, templates_ptr, templates, t0, t1, t2,
+                         columns, column_mask, K0: tl.constexpr, K1: tl.constexpr,
+                         K2: tl.constexpr, OPERANDS: tl.constexpr, DX_COLUMNS: tl.constexpr):
+    """``acc += weights @ templates``, ``weights [R, Nt]``, into all chunks or one slice.
+
+    Whole (``DX_COLUMNS = 0``): the tile ``t0, t1, t2`` of the score product is reused.
+    Sliced: the slice's columns of the prepared rows are loaded (every template row of the
+    tile exists; columns may pass ``K0 + K1 + K2`` and are masked).
+    """
+    if DX_COLUMNS == 0:
+        acc0, acc1, acc2 = accumulate_weighted(acc0, acc1, acc2, weights, t0, t1, t2, K1, K2,
+                                               OPERANDS)
+    else:
+        t_slice = to_operand(
+            tl.load(templates_ptr + templates[:, None] * (K0 + K1 + K2) + columns[None, :],
+                    mask=column_mask[None, :], other=0.0),
+            OPERANDS)
+        acc0, _, _ = accumulate_weighted(acc0, acc0, acc0, weights, t_slice, t_slice, t_slice,
+                                         0, 0, OPERANDS)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def store_accumulator(ptr, row_offsets, row_mask, acc0, acc1, acc2, columns, column_mask,
+                      K: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                      DX_COLUMNS: tl.constexpr):
+    """Write an accumulator of ``zero_accumulator`` (all chunks, or its slice) to rows
+    ``ptr[row_offsets + k]``, in ``ptr``'s dtype."""
+    if DX_COLUMNS == 0:
+        store_chunks(ptr, row_offsets, row_mask, acc0, acc1, acc2, K, K0, K1, K2)
+    else:
+        tl.store(ptr + row_offsets[:, None] + columns[None, :],
+                 acc0.to(ptr.dtype.element_ty), mask=row_mask[:, None] & column_mask[None, :])

@@ -9,7 +9,10 @@ shared memory. bench/NOTES.md ("Triton kernel resources") has the table. Measure
 and replace (``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on first use of a shape).
 
 Tables are keyed by kernel (``input_grad_prior`` is ``input_grad`` with a prior: the same
-kernel with more registers live), operand kind and the reduction length ``K``
+kernel with more registers live; ``row_stats_grad`` is ``row_stats`` with ``WITH_GRAD`` and
+``input_grad_prior_fused`` ``input_grad`` with a prior and ``FUSED_PRIOR``, the training
+sweeps' fused forms, each with two ``[rows, K]`` accumulators; ``FUSED`` below picks
+fused or split), operand kind and the reduction length ``K``
 (``k_class``: ``K <= 256``, the paper's 14x14 = 196, chunks 128 + 64 + 16; ``K <= 1024``,
 28x28 = 784, chunks 512 + 256 + 16); ``default`` then picks by rows. What bounds each, as
 compiled with triton 3.8:
@@ -49,7 +52,8 @@ import dataclasses
 
 import triton
 
-KERNELS = ("row_stats", "column_sums", "row_prior", "input_grad", "input_grad_prior")
+KERNELS = ("row_stats", "row_stats_grad", "column_sums", "row_prior", "input_grad",
+           "input_grad_prior", "input_grad_prior_fused")
 OPERAND_KINDS = ("bf16", "tf32", "ieee", "fp64")
 K_CLASSES = (256, 1024)
 
@@ -104,14 +108,62 @@ HOPPER: dict[tuple[str, str, int], tuple[LaunchConfig, ...]] = {
     ("input_grad", "tf32", 1024): (_C(32, 16, 2, 2, 128),),
     ("input_grad", "ieee", 1024): (_C(32, 16, 4, 2, 128),),
     ("input_grad", "fp64", 1024): (_C(16, 16, 4, 2, 64),),
+    ("input_grad_prior", "bf16", 1024): (_C(64, 32, 4, 2, 128),),
+    ("input_grad_prior", "tf32", 1024): (_C(32, 16, 2, 2, 128),),
+    ("input_grad_prior", "ieee", 1024): (_C(32, 16, 4, 2, 128),),
+    ("input_grad_prior", "fp64", 1024): (_C(16, 16, 4, 2, 64),),
+    # The fused sweeps keep two [rows, K] accumulators (U and V, or U and Z): half the dx
+    # slice of their single-accumulator counterparts where those are sliced or spill.
+    ("row_stats_grad", "bf16", 256): (_C(128, 64, 8, 2, 64), _C(64, 64, 4, 2, 64)),
+    ("row_stats_grad", "tf32", 256): (_C(128, 16, 8, 2, 128),),
+    ("row_stats_grad", "ieee", 256): (_C(16, 16, 4, 2),),
+    ("row_stats_grad", "fp64", 256): (_C(32, 16, 4, 2, 64),),
+    ("row_stats_grad", "bf16", 1024): (_C(64, 32, 4, 2, 128),),
+    ("row_stats_grad", "tf32", 1024): (_C(32, 16, 2, 2, 64),),
+    ("row_stats_grad", "ieee", 1024): (_C(32, 16, 4, 2, 128),),
+    ("row_stats_grad", "fp64", 1024): (_C(16, 16, 4, 2, 64),),
+    ("input_grad_prior_fused", "bf16", 256): (_C(128, 64, 8, 2, 64), _C(64, 64, 4, 2, 64)),
+    ("input_grad_prior_fused", "tf32", 256): (_C(128, 16, 8, 2, 128),),
+    ("input_grad_prior_fused", "ieee", 256): (_C(16, 16, 4, 2, 128),),
+    ("input_grad_prior_fused", "fp64", 256): (_C(16, 16, 4, 2, 64),),
+    ("input_grad_prior_fused", "bf16", 1024): (_C(64, 32, 4, 2, 64),),
+    ("input_grad_prior_fused", "tf32", 1024): (_C(32, 16, 2, 2, 64),),
+    ("input_grad_prior_fused", "ieee", 1024): (_C(16, 16, 4, 2, 128),),
+    ("input_grad_prior_fused", "fp64", 1024): (_C(16, 16, 4, 2, 64),),
 }
 for _kind in OPERAND_KINDS:
-    HOPPER[("input_grad_prior", _kind, 1024)] = HOPPER[("input_grad", _kind, 1024)]
     for _k in K_CLASSES:
         # row_prior and column_sums have row_stats' shape of work (one product per tile, a
         # row reduction).
         for _kernel in ("row_prior", "column_sums"):
             HOPPER[(_kernel, _kind, _k)] = HOPPER[("row_stats", _kind, _k)]
+
+# Whether a training route runs fused (one sweep, two [rows, K] accumulators:
+# ``row_stats_grad``, ``input_grad_prior_fused``) or split (two sweeps, one accumulator:
+# ``row_stats`` then ``input_grad``; ``row_prior`` then ``input_grad_prior``), per operand
+# kind and K class, from the cost model of bench/NOTES.md applied to the defaults above at
+# the paper's rows (predicted, not timed): fused where its bound is within 2% of the split
+# form's (a tie goes to fewer sweeps of exponentials). Where both accumulators do not fit
+# whole, the fused sweep's slices each repeat the score product and the exponentials.
+# Flops in units of 2MN (a score product at K = 196 executes 208 columns), fused against
+# split, with sweeps of exponentials: uniform bf16 1344 / 4 against 624 / 2 (dx in 4 x 64
+# columns against whole), tf32 928 / 2 against 624 / 2, ieee 624 / 1 against 624 / 2
+# (whole), fp64 1344 / 4 against 880 / 3; with a prior bf16 1344 / 4 against 880 / 3,
+# tf32 928 / 2 against 880 / 3, ieee 928 / 2 against 624 / 2, fp64 1344 / 4 against
+# 1296 / 5. At K = 784 the two forms are within 2% (the split form's dx is sliced too)
+# except tf32 uniform and bf16/tf32 with a prior, whose fused form needs 64-column
+# slices: 11856 / 13 against 7168 / 8; and ieee with a prior, whose fused tile has 16 rows
+# (32 rows spill 1952 bytes under triton 3.6), which doubles its template re-reads.
+FUSED: dict[tuple[str, str, int], bool] = {
+    ("row_stats_grad", "bf16", 256): False, ("row_stats_grad", "tf32", 256): False,
+    ("row_stats_grad", "ieee", 256): True, ("row_stats_grad", "fp64", 256): False,
+    ("row_stats_grad", "bf16", 1024): True, ("row_stats_grad", "tf32", 1024): False,
+    ("row_stats_grad", "ieee", 1024): True, ("row_stats_grad", "fp64", 1024): True,
+    ("input_grad_prior", "bf16", 256): False, ("input_grad_prior", "tf32", 256): False,
+    ("input_grad_prior", "ieee", 256): False, ("input_grad_prior", "fp64", 256): False,
+    ("input_grad_prior", "bf16", 1024): False, ("input_grad_prior", "tf32", 1024): False,
+    ("input_grad_prior", "ieee", 1024): False, ("input_grad_prior", "fp64", 1024): True,
+}
 
 # Ampere: same tiles, one pipeline stage fewer (164 KB of shared memory on A100).
 AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in value)
@@ -132,6 +184,12 @@ def candidates(kernel: str, operands: str, capability: tuple[int, int],
     """All configurations to try for a kernel on a GPU of that compute capability."""
     table = HOPPER if capability[0] >= 9 else AMPERE
     return table[(kernel, operand_kind(operands), k_class(k))]
+
+
+def fused(route: str, operands: str, k: int) -> bool:
+    """Whether ``route`` (``"row_stats_grad"`` or ``"input_grad_prior"``) runs as one fused
+    sweep on a GPU (``FUSED``; Ampere, whose register file per thread is Hopper's, too)."""
+    return FUSED[(route, operand_kind(operands), k_class(k))]
 
 
 def default(kernel: str, operands: str, capability: tuple[int, int], rows: int,
