@@ -1,4 +1,4 @@
-"""``python -m bench``: time every ECLoss backend, the reference and the SDPA route.
+"""``python -m bench``: time every ECLoss backend, the reference and the baselines.
 
     python -m bench                       # the gpu grid on CUDA, else the cpu grid
     python -m bench --grid tiny --out /tmp/b --backends reference torch sdpa
@@ -24,19 +24,18 @@ import torch
 import ecloss_fast as ef
 from ecloss_fast._dispatch import BACKENDS
 from bench.grids import GRIDS
+from bench.peak import measure_peaks
 from bench.report import enrich, markdown, write_json, write_plot
-from bench.routes import BASELINES, ESTIMATORS, routes_for, skipped_routes
+from bench.routes import AUTO, BASELINES, ESTIMATORS, routes_for, skipped_routes
 from bench.runner import run_cases
-from bench.timing import CLOCKS, TimingPlan, matmul_peak_tflops
+from bench.timing import CLOCKS
 from bench.train_step import run_train_steps
-
-_PEAK_PLAN = TimingPlan(warmup=2, min_repeats=5, max_repeats=20, budget_s=0.3)
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Time every ECLoss backend, the reference and the SDPA route.")
+        description="Time every ECLoss backend, the reference and the baselines.")
     parser.add_argument("--grid", choices=sorted(GRIDS),
                         help="problem sizes (default: gpu when CUDA is available, else cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
@@ -45,7 +44,8 @@ def _parse(argv):
                         help="output folder (default: bench/results/<grid>-<UTC date>)")
     parser.add_argument("--backends", nargs="+",
                         help="routes to time (default: every available backend, "
-                             f"{' and '.join(BASELINES)})")
+                             f"{', '.join(BASELINES)} and {AUTO}; the last two run only in "
+                             "the cases that name them)")
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="stop starting new measurements after this long (recorded as skipped)")
@@ -66,7 +66,7 @@ def _parse(argv):
         parser.error("--clock cpu times CPU runs only; CUDA runs are timed with CUDA events")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
-    known = {*BACKENDS, *BASELINES}
+    known = {*BACKENDS, *BASELINES, AUTO}
     unknown = sorted(set(args.backends or ()) - known)
     if unknown:
         parser.error(f"--backends: unknown {unknown}; choose from {sorted(known)}")
@@ -78,7 +78,7 @@ def _parse(argv):
     problem = _unwritable(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
-    args.backends = args.backends or [*ef.available_backends(), *BASELINES]
+    args.backends = args.backends or [*ef.available_backends(), *BASELINES, AUTO]
     dtypes = sorted({case.dtype for case in GRIDS[args.grid].cases})
     args.skipped = skipped_routes(args.backends, args.estimators, args.device, dtypes)
     if not any(routes_for(args.backends, args.estimators, args.device, getattr(torch, dtype))
@@ -116,12 +116,6 @@ def _triton_version() -> str | None:
     import triton
 
     return triton.__version__
-
-
-def _matmul_peaks(device: torch.device, clock: str) -> dict:
-    """TFLOP/s of a large matmul at each precision the device's matrix units offer."""
-    precisions = ("bf16", "tf32", "ieee") if device.type == "cuda" else ("ieee",)
-    return {p: matmul_peak_tflops(device, p, _PEAK_PLAN, clock) for p in precisions}
 
 
 def _install_sigterm_handler():
@@ -169,7 +163,7 @@ def main(argv=None) -> int:
         return on_record
 
     try:
-        document["meta"]["matmul_peak_tflops"] = _matmul_peaks(device, clock)
+        document["meta"].update(measure_peaks(device, clock))
         save()
         split = len(grid.cases) if grid.train_step_after is None else grid.train_step_after
         measure_cases = functools.partial(

@@ -71,6 +71,10 @@ class Workload:
         """Bytes of ``x``: ``M*K`` elements."""
         return self.rows * self.pixels * element_size
 
+    def template_bytes(self, element_size: int = 4) -> int:
+        """Bytes of the ``N x K`` template matrix (965 MB in float32 for 28x28 maps)."""
+        return self.templates * self.pixels * element_size
+
     def score_tensor_bytes(self, element_size: int = 4) -> int:
         """Bytes of one materialised ``B x C x N`` tensor (what the reference keeps several of)."""
         return self.rows * self.templates * element_size

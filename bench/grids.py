@@ -1,13 +1,18 @@
 """The benchmark grids: which problem sizes, dtypes and timing effort each one runs.
 
 ``paper``: the paper setting alone (B=64, C=512, 14x14, full set) at every precision, the
-first benchmark of bench/gpu_check.sh. ``gpu``: the paper setting (B=64, C=512, 14x14 maps) with 400, 1,226 and 19,307 templates
-and a sweep of ``N`` between them, 7x7 maps (1,226), a large batch (B=256) and float32 at
-TF32 beside bfloat16. ``cpu``: the same shapes scaled down so that the reference runs in
-seconds on two cores. ``tiny``: the CI smoke run.
+first benchmark of bench/gpu_check.sh; the compiled reference last (its compilation takes
+tens of seconds, which must not crowd out the fused backends within the script's cap).
+``gpu``: the paper setting (B=64, C=512, 14x14 maps) with 400, 1,226 and 19,307 templates
+and a sweep of ``N`` between them, 7x7 maps (1,226), a large batch (B=256), float32 at
+TF32 beside bfloat16, and 28x28 maps (N = 307,721, K = 784) through ``auto`` and the fused
+backends. ``cpu``: the same shapes scaled down so that the reference runs in seconds on
+two cores, the full set at bf16 beside ieee for the ``cpu`` backend, and 28x28 maps at
+B=2, C=8. ``tiny``: the CI smoke run.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import ecloss_fast as ef
@@ -23,7 +28,10 @@ class Case:
 
     ``templates`` is ``"full"`` or the size ``k`` of the evenly spaced subset
     (docs/design.md, section 1). ``sweep`` marks the cases on the time-versus-templates
-    curve.
+    curve. ``backends``: the only routes this case runs (of those requested); None: every
+    requested route but those that run on request only (``bench.routes.ON_REQUEST``), plus
+    the ones of these named in ``extra_routes``. ``plan``: the case's own timing effort
+    instead of the grid's.
     """
 
     name: str
@@ -35,6 +43,9 @@ class Case:
     dtype: str
     precision: str
     sweep: bool = False
+    backends: tuple[str, ...] | None = None
+    extra_routes: tuple[str, ...] = ()
+    plan: TimingPlan | None = None
 
     @property
     def num_templates(self) -> int:
@@ -58,20 +69,28 @@ class Grid:
     train_step_after: int | None = None
 
 
-def _sweep(prefix, batch, channels, side, sizes, dtype, precision):
+def _sweep(prefix, batch, channels, side, sizes, dtype, precision, **fields):
     return tuple(Case(f"{prefix}-N{k}", batch, channels, side, side,
-                      "full" if k == ef.num_templates(side) else k, dtype, precision, sweep=True)
+                      "full" if k == ef.num_templates(side) else k, dtype, precision, sweep=True,
+                      **fields)
                  for k in sizes)
 
 
 _FULL_14 = ef.num_templates(14)
+_COMPILED = ("reference-compiled",)
+# 28x28 maps, the moonshot: N = 307,721 templates of K = 784 pixels, 965 MB in float32.
+# Its calls take seconds on a GPU's torch route: fewer repeats than the rest of the grid.
+_MAPS_28_PLAN = TimingPlan(warmup=1, min_repeats=3, max_repeats=10, budget_s=0.5)
 
 _GPU_SWEEP = _sweep("paper", 64, 512, 14, (_FULL_14, 400, 1226, 4000, 100), "bfloat16", "bf16")
 _GPU = Grid(
-    cases=(_GPU_SWEEP[:3]
+    cases=((dataclasses.replace(_GPU_SWEEP[0], extra_routes=_COMPILED),)
+           + _GPU_SWEEP[1:3]
            + (Case("paper-fp32-tf32", 64, 512, 14, 14, "full", "float32", "tf32"),
               Case("maps7x7", 64, 512, 7, 7, "full", "bfloat16", "bf16"),
-              Case("batch256", 256, 512, 14, 14, "full", "bfloat16", "bf16"))
+              Case("batch256", 256, 512, 14, 14, "full", "bfloat16", "bf16"),
+              Case("maps28x28", 64, 512, 28, 28, "full", "bfloat16", "bf16",
+                   backends=("auto", "triton", "cuda", "torch"), plan=_MAPS_28_PLAN))
            + _GPU_SWEEP[3:]),
     plan=TimingPlan(warmup=3, min_repeats=5, max_repeats=50, budget_s=0.15),
     train_step={"arch": "vgg16", "batch": 64, "input_size": 224, "steps": 10,
@@ -79,26 +98,39 @@ _GPU = Grid(
     train_step_after=4,
 )
 
+_PAPER_BF16 = Case("paper-bf16", 64, 512, 14, 14, "full", "bfloat16", "bf16")
 _PAPER = Grid(
-    cases=(Case("paper-bf16", 64, 512, 14, 14, "full", "bfloat16", "bf16"),
+    cases=(_PAPER_BF16,
            Case("paper-fp32-tf32", 64, 512, 14, 14, "full", "float32", "tf32"),
-           Case("paper-fp32-ieee", 64, 512, 14, 14, "full", "float32", "ieee")),
+           Case("paper-fp32-ieee", 64, 512, 14, 14, "full", "float32", "ieee"),
+           # Same name: its rows join paper-bf16's table and speedups (bench/report.py).
+           dataclasses.replace(_PAPER_BF16, backends=_COMPILED)),
     plan=TimingPlan(warmup=2, min_repeats=3, max_repeats=20, budget_s=0.1),
     train_step=None,
 )
 
-# Sized for two (shared) cores: the full set's forward+backward takes about a second.
-_CPU_SWEEP = _sweep("small", 8, 64, 14, (_FULL_14, 400, 1226, 4000, 100), "float32", "ieee")
+# Sized for two cores: the full set's forward+backward takes a fraction of a second. The
+# whole grid: about 6 minutes predicted from the flops (bench/NOTES.md, how to run).
+_CPU_SWEEP = _sweep("small", 8, 64, 14, (_FULL_14, 400, 1226, 4000, 100), "float32", "ieee",
+                    extra_routes=_COMPILED)
 _CPU = Grid(
-    cases=(_CPU_SWEEP
-           + (Case("maps7x7", 8, 64, 7, 7, "full", "float32", "ieee"),
-              Case("batch32", 32, 64, 14, 14, 4000, "float32", "ieee"))),
+    cases=(_CPU_SWEEP[:1]
+           # The cpu backend's bfloat16 products beside its float32 ones (report.py's ratio).
+           + (dataclasses.replace(_CPU_SWEEP[0], name="small-N19307-bf16", precision="bf16",
+                                  sweep=False, backends=("cpu",), extra_routes=()),)
+           + _CPU_SWEEP[1:]
+           + (Case("maps7x7", 8, 64, 7, 7, "full", "float32", "ieee", extra_routes=_COMPILED),
+              Case("batch32", 32, 64, 14, 14, 4000, "float32", "ieee", extra_routes=_COMPILED),
+              Case("maps28x28", 2, 8, 28, 28, "full", "float32", "ieee",
+                   backends=("auto", "cpu", "torch", "reference", "reference-compiled")))),
     plan=TimingPlan(warmup=1, min_repeats=3, max_repeats=15, budget_s=1.0),
     train_step=None,
 )
 
+_TINY_SWEEP = _sweep("tiny", 2, 8, 7, (ef.num_templates(7), 100), "float32", "ieee")
 _TINY = Grid(
-    cases=_sweep("tiny", 2, 8, 7, (ef.num_templates(7), 100), "float32", "ieee"),
+    cases=(dataclasses.replace(_TINY_SWEEP[0], extra_routes=("auto", "reference-compiled")),
+           *_TINY_SWEEP[1:]),
     plan=TimingPlan(warmup=1, min_repeats=1, max_repeats=1, budget_s=0.0),
     train_step={"arch": "vgg16", "width": 1 / 16, "batch": 2, "input_size": 112, "steps": 1,
                 "warmup": 1,

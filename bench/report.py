@@ -4,9 +4,12 @@ The document is ``{"meta": {...}, "cases": [record, ...], "train_step": [record,
 A case record holds the case's fields, ``backend``, ``estimator``, ``status`` ("ok",
 "oom", "skipped: ..." or "error: ..."), ``timings[pass] = {median_ms, q1_ms, q3_ms,
 repeats}`` for the passes of ``bench.cost.PASSES``, ``peak_bytes``, and the derived
-``tflops[pass]``, ``peak_fraction[pass]`` (of the matrix-unit rate measured on the same
-device at the case's precision) and ``speedup_vs_reference[pass]`` (reference time over
-this route's time, same case, estimator and run).
+``tflops[pass]``, ``peak_fraction[pass]`` (of ``meta.peak_tflops`` at the case's precision,
+measured in the same run, see bench/peak.py) and ``speedup_vs_reference[pass]`` (reference
+time over this route's time, same case, estimator and run). ``precision_ratios`` pairs
+each route of a case at a precision other than ieee with the same route on the same
+shape, dtype and templates at ieee: ``time_ratio[pass]`` is this precision's time over
+ieee's.
 """
 from __future__ import annotations
 
@@ -32,9 +35,33 @@ def _case_key(record) -> tuple:
     return (record["case"]["name"], record["estimator"])
 
 
+def _shape_key(record) -> tuple:
+    case = record["case"]
+    return (case["batch"], case["channels"], case["height"], case["width"], case["templates"],
+            case["dtype"], record["backend"], record["estimator"])
+
+
+def _precision_ratios(records) -> list[dict]:
+    at_ieee = {_shape_key(r): r for r in records
+               if r["case"]["precision"] == "ieee" and "timings" in r}
+    ratios = []
+    for record in records:
+        ieee = at_ieee.get(_shape_key(record))
+        if record["case"]["precision"] == "ieee" or "timings" not in record or ieee is None:
+            continue
+        ratios.append({
+            "case": record["case"]["name"], "versus": ieee["case"]["name"],
+            "precision": record["case"]["precision"], "backend": record["backend"],
+            "estimator": record["estimator"],
+            "time_ratio": {p: t["median_ms"] / ieee["timings"][p]["median_ms"]
+                           for p, t in record["timings"].items() if p in ieee["timings"]}})
+    return ratios
+
+
 def enrich(document: dict) -> dict:
-    """Add the derived rates and ratios to every measured case record (in place)."""
-    peaks = document["meta"].get("matmul_peak_tflops", {})
+    """Add the derived rates and ratios to every measured case record and the
+    ``precision_ratios`` to the document (in place)."""
+    peaks = document["meta"].get("peak_tflops", {})
     reference = {_case_key(r): r["timings"] for r in document["cases"]
                  if r["backend"] == "reference" and "timings" in r}
     for record in document["cases"]:
@@ -52,6 +79,7 @@ def enrich(document: dict) -> dict:
             if baseline:
                 record["speedup_vs_reference"][pass_name] = (
                     baseline["median_ms"] / timing["median_ms"])
+    document["precision_ratios"] = _precision_ratios(document["cases"])
     return document
 
 
@@ -73,19 +101,62 @@ def _case_title(case, templates) -> str:
             f"precision {case['precision']}")
 
 
+def _rates(rates: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in rates.items())
+
+
+def _route_name(record) -> str:
+    backend = record["backend"]
+    if "resolved_backend" in record:
+        backend += f" ({record['resolved_backend']})"
+    return f"{backend}/{record['estimator']}"
+
+
+def _headline(document: dict) -> list[str]:
+    """One line per pair of precisions on the same problem: the fwd+bwd time ratios, then
+    the same routes' speedups over the reference at ieee."""
+    by_pair = defaultdict(list)
+    for ratio in document.get("precision_ratios", []):
+        by_pair[(ratio["case"], ratio["versus"], ratio["precision"])].append(ratio)
+    ieee_records = {(r["case"]["name"], r["backend"], r["estimator"]): r
+                    for r in document["cases"]}
+    lines = []
+    for (case, versus, precision), ratios in by_pair.items():
+        both = "forward_backward"
+        lines.append(f"- fwd+bwd time, {precision} over ieee ({case} / {versus}): "
+                     + ", ".join(f"{r['backend']}/{r['estimator']} "
+                                 f"{r['time_ratio'][both]:.2f}" for r in ratios
+                                 if both in r["time_ratio"]))
+        speedups = []
+        for r in ratios:
+            ieee = ieee_records.get((versus, r["backend"], r["estimator"]), {})
+            speedup = ieee.get("speedup_vs_reference", {}).get(both)
+            if speedup:
+                speedups.append(f"{r['backend']}/{r['estimator']} {speedup:.2f}x")
+        if speedups:
+            lines.append(f"- fwd+bwd speedup over the reference at ieee ({versus}): "
+                         + ", ".join(speedups))
+    return ["", *lines] if lines else []
+
+
 def markdown(document: dict) -> str:
     """A table per case: medians in ms, fwd+bwd TFLOP/s and share of peak, speedup, memory."""
     meta = document["meta"]
+    peaks = meta.get("peak_tflops", {})
+    sources = meta.get("peak_source", {})
     lines = [f"# ECLoss benchmark, grid `{meta['grid']}` on {meta['device_name']}",
              "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
              f"python {meta['python']}, {meta['threads']} CPU threads, clock: "
-             f"{meta['clock']}. Matrix-unit peaks "
-             "measured here (TFLOP/s): "
-             + ", ".join(f"{k} {v:.3g}" for k, v in meta.get("matmul_peak_tflops", {}).items())
+             f"{meta['clock']}. `% peak` divides by (TFLOP/s): "
+             + "; ".join(f"{p} {v:.3g} ({sources.get(p, '?')})" for p, v in peaks.items())
+             + ". GEMM rates measured here: " + _rates(meta.get("matmul_peak_tflops", {}))
+             + (f"; FMA rates: {_rates(meta['fma_peak_tflops'])}"
+                if meta.get("fma_peak_tflops") else "")
              + ". Times are medians in ms; speedup is the reference's time over the route's "
              "(same run); TFLOP/s counts the useful flops of docs/design.md section 6; memory is the "
              "peak beyond the inputs for one forward+backward."]
+    lines += _headline(document)
     if meta.get("interrupted"):
         lines += ["", "**The run was interrupted; cases after the last one listed are missing.**"]
     by_case = defaultdict(list)
@@ -103,7 +174,7 @@ def markdown(document: dict) -> str:
             fraction = record.get("peak_fraction", {}).get(both)
             memory = record.get("peak_bytes")
             lines.append(
-                f"| {record['backend']}/{record['estimator']} | "
+                f"| {_route_name(record)} | "
                 + " | ".join(_milliseconds(record, p) for p in PASSES)
                 + f" | {f'{speedup:.2f}x' if speedup else '-'}"
                 + f" | {f'{rate:.3g}' if rate else '-'}"

@@ -1,10 +1,17 @@
-"""What is measured: a *route* is one backend of ``ecloss_fast`` (or the SDPA baseline) with
-one estimator; this module builds its loss callable and the inputs it runs on."""
+"""What is measured: a *route* is one backend of ``ecloss_fast``, ``auto`` or a baseline,
+with one estimator; this module builds its loss callable and the inputs it runs on.
+
+Baselines: ``sdpa`` and ``sdpa-flash`` (PyTorch's fused attention, uniform only, see
+bench/sdpa_route.py) and ``reference-compiled``, the reference under ``torch.compile``
+(Inductor), compiled afresh for each case and estimator. ``auto`` is what ``ecloss`` runs
+with ``backend="auto"``. These two run only in the cases that name them (``ON_REQUEST``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
 
 import ecloss_fast as ef
 from ecloss_fast._dispatch import resolve_backend
@@ -12,18 +19,25 @@ from bench.grids import Case
 from bench.sdpa_route import sdpa_ecloss
 from ecloss_fast.testing import peaked_maps
 
-__all__ = ["SDPA", "SDPA_FLASH", "BASELINES", "ESTIMATORS", "Route", "routes_for", "make_loss",
-           "make_inputs", "runs_on", "why_not", "skipped_routes"]
+__all__ = ["SDPA", "SDPA_FLASH", "REFERENCE_COMPILED", "AUTO", "BASELINES", "ON_REQUEST",
+           "ESTIMATORS", "Route", "case_backends", "routes_for", "make_loss", "make_inputs",
+           "runs_on", "why_not", "skipped_routes"]
 
 SDPA = "sdpa"  # PyTorch's memory-efficient attention (on the CPU: its fused CPU kernel)
 SDPA_FLASH = "sdpa-flash"  # PyTorch's FlashAttention-2 kernel: CUDA, float16/bfloat16 only
-BASELINES = (SDPA, SDPA_FLASH)
+REFERENCE_COMPILED = "reference-compiled"  # the reference under torch.compile (Inductor)
+AUTO = "auto"  # the backend ecloss picks with backend="auto"
+BASELINES = (SDPA, SDPA_FLASH, REFERENCE_COMPILED)
+_UNIFORM_ONLY = (SDPA, SDPA_FLASH)
+# Routes that run only in the cases that name them: auto repeats another backend; the
+# compiled reference takes seconds to minutes to compile per case and estimator.
+ON_REQUEST = (AUTO, REFERENCE_COMPILED)
 ESTIMATORS = ("uniform", "marginal")
 
 
 @dataclass(frozen=True)
 class Route:
-    """``backend``: an ``ecloss_fast`` backend name or one of ``BASELINES``."""
+    """``backend``: an ``ecloss_fast`` backend name, ``AUTO`` or one of ``BASELINES``."""
 
     backend: str
     estimator: str
@@ -41,6 +55,8 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | Non
         if dtype not in (torch.float16, torch.bfloat16):
             return f"PyTorch's FlashAttention kernel takes float16 and bfloat16 only, not {dtype}"
         return None
+    if backend == REFERENCE_COMPILED:
+        return None  # a failed compilation is recorded as the route's error
     try:
         resolve_backend(backend, device, dtype)
     except (ValueError, TypeError, ef.BackendUnavailableError) as error:
@@ -54,7 +70,15 @@ def runs_on(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _computes(backend: str, estimator: str) -> bool:
-    return backend not in BASELINES or estimator == "uniform"
+    return backend not in _UNIFORM_ONLY or estimator == "uniform"
+
+
+def case_backends(case: Case, backends) -> list[str]:
+    """The requested ``backends`` that ``case`` runs: those of ``case.backends``, or when it
+    names none all but the ``ON_REQUEST`` ones that it does not list in ``extra_routes``."""
+    if case.backends is not None:
+        return [b for b in backends if b in case.backends]
+    return [b for b in backends if b not in ON_REQUEST or b in case.extra_routes]
 
 
 def routes_for(backends, estimators, device: torch.device, dtype: torch.dtype) -> list[Route]:
@@ -82,13 +106,35 @@ def skipped_routes(backends, estimators, device: torch.device, dtype_names) -> l
     return lines
 
 
+def _case_templates(case: Case, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    subset = None if case.templates == "full" else case.templates
+    return ef.make_templates(case.height, case.width, subset=subset, device=device, dtype=dtype)
+
+
+def _compiled_reference(case: Case, estimator: str, device: torch.device):
+    # The backward is timed as autograd.grad(..., retain_graph=True) on one forward's graph,
+    # which AOTAutograd refuses when its backward reuses ("donates") the saved tensors. Its
+    # on-disk cache does not key on that setting (a graph cached with donation fails the
+    # same way), so it is off too; Inductor's kernel cache still spares recompiling kernels.
+    torch._functorch.config.donated_buffer = False
+    torch._functorch.config.enable_autograd_cache = False
+    # A fresh compile per case and estimator: shapes static, as a user compiling one model
+    # gets, and no route falls back to eager by reaching Dynamo's recompile limit.
+    torch._dynamo.reset()
+    accumulate = torch.float64 if case.dtype == "float64" else torch.float32
+    templates = _case_templates(case, device, accumulate)
+    return torch.compile(lambda x: ef.ecloss(x, templates=templates, estimator=estimator,
+                                             backend="reference"))
+
+
 def make_loss(case: Case, route: Route, device: torch.device):
     """``x -> scalar loss`` (mean over channels) for this case and route."""
-    if route.backend in BASELINES:
-        subset = None if case.templates == "full" else case.templates
-        templates = ef.make_templates(case.height, case.width, subset=subset, device=device)
+    if route.backend in _UNIFORM_ONLY:
+        templates = _case_templates(case, device)
         kernel = "flash" if route.backend == SDPA_FLASH else "efficient"
         return lambda x: sdpa_ecloss(x, templates, kernel=kernel)
+    if route.backend == REFERENCE_COMPILED:
+        return _compiled_reference(case, route.estimator, device)
     return lambda x: ef.ecloss(x, templates=case.templates, estimator=route.estimator,
                                backend=route.backend, precision=case.precision)
 

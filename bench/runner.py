@@ -12,15 +12,20 @@ from tqdm import tqdm
 
 from bench.grids import Case
 from bench.memory import peak_bytes
-from bench.routes import Route, make_inputs, make_loss, routes_for
+from bench.routes import (AUTO, REFERENCE_COMPILED, Route, case_backends, make_inputs,
+                          make_loss, routes_for)
 from bench.timing import TimingPlan, measure
+from ecloss_fast._dispatch import resolve_backend
 
 __all__ = ["run_cases", "input_set_count", "cpu_memory_guard"]
 
 # The reference's peak is about this many B x C x N float tensors (7 to 9 measured on the
-# CPU: scores, log p, p, the KL terms and their gradients). Used only to skip CPU cases
-# that would exhaust RAM, where the kernel's OOM killer, not an exception, ends the run.
+# CPU: scores, log p, p, the KL terms and their gradients), plus the template matrix and a
+# copy (the compiled route's own). Used only to skip CPU cases that would exhaust RAM,
+# where the kernel's OOM killer, not an exception, ends the run.
 _REFERENCE_SCORE_COPIES = 10
+_REFERENCE_TEMPLATE_COPIES = 2
+_REFERENCES = ("reference", REFERENCE_COMPILED)
 # Input sets cycled by the timed repeats (input_set_count).
 _MAX_INPUT_SETS = 4
 
@@ -30,7 +35,7 @@ def input_set_count(case: Case, route: Route, device: torch.device) -> int:
     cache (so no repeat finds its input cached), between 2 and ``_MAX_INPUT_SETS``; one for
     the reference, whose materialised scores dwarf any cache and whose retained graphs are
     gigabytes each."""
-    if route.backend == "reference":
+    if route.backend in _REFERENCES:
         return 1
     if device.type == "cuda":
         cache = torch.cuda.get_device_properties(device).L2_cache_size
@@ -51,10 +56,11 @@ def _available_ram_bytes() -> int:
 
 def cpu_memory_guard(case: Case, route: Route) -> str | None:
     """Why the route must not run this case on this machine's RAM, or None when it may."""
-    if route.backend != "reference":
+    if route.backend not in _REFERENCES:
         return None
     element = 8 if case.dtype == "float64" else 4
-    need = _REFERENCE_SCORE_COPIES * case.workload.score_tensor_bytes(element)
+    need = (_REFERENCE_SCORE_COPIES * case.workload.score_tensor_bytes(element)
+            + _REFERENCE_TEMPLATE_COPIES * case.workload.template_bytes(element))
     have = _available_ram_bytes()
     if need > have // 2:
         return f"skipped: needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available"
@@ -88,7 +94,9 @@ def _measure_route(case: Case, route: Route, inputs, device: torch.device, plan:
         return {"status": why}
     loss = make_loss(case, route, device)
     try:
+        started = time.perf_counter()
         torch.autograd.grad(loss(inputs[0]), inputs[0])  # compile, autotune, build caches
+        record["first_call_s"] = time.perf_counter() - started
         if memory:
             x = inputs[0]
             record["peak_bytes"] = peak_bytes(lambda: torch.autograd.grad(loss(x), x), device)
@@ -112,12 +120,15 @@ def run_cases(cases, plan: TimingPlan, device: torch.device, backends, estimator
     ``bench.timing.measure``."""
     work = []
     for case in cases:
-        for route in routes_for(backends, estimators, device, getattr(torch, case.dtype)):
+        for route in routes_for(case_backends(case, backends), estimators, device,
+                                getattr(torch, case.dtype)):
             work.append((case, route))
     inputs_case, inputs = None, []  # one case's inputs on the device at a time
     for case, route in tqdm(work, desc="bench", unit="route", file=sys.stderr, disable=not work):
         base = {"case": asdict(case), "num_templates": case.num_templates,
                 "backend": route.backend, "estimator": route.estimator}
+        if route.backend == AUTO:
+            base["resolved_backend"] = resolve_backend(AUTO, device, getattr(torch, case.dtype))
         if time.monotonic() > deadline:
             on_record({**base, "status": "skipped: time budget"})
             continue
@@ -125,5 +136,6 @@ def run_cases(cases, plan: TimingPlan, device: torch.device, backends, estimator
             inputs = []  # free the previous case's inputs before making these
             inputs_case, inputs = case, make_inputs(case, device, _MAX_INPUT_SETS)
         count = input_set_count(case, route, device)
-        record = _measure_route(case, route, inputs[:count], device, plan, clock, memory)
+        record = _measure_route(case, route, inputs[:count], device, case.plan or plan, clock,
+                                memory)
         on_record({**base, **record})

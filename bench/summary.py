@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["summary"]
 
-_SHORT_BACKEND = {"reference": "ref"}
+_SHORT_BACKEND = {"reference": "ref", "reference-compiled": "refc"}
 _NO_TIME = {"oom": "oom", "skipped": "skip", "error": "err"}
 
 

@@ -13,7 +13,8 @@ import torch
 
 import ecloss_fast as ef
 from bench.grids import GRIDS
-from bench.routes import BASELINES, ESTIMATORS, make_inputs, make_loss, routes_for
+from bench.routes import (AUTO, BASELINES, ESTIMATORS, case_backends, make_inputs, make_loss,
+                          routes_for)
 from bench.runner import cpu_memory_guard
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,8 +24,8 @@ PASSES = ("forward", "backward", "forward_backward")
 
 def _parameters():
     for case in GRID.cases:
-        for route in routes_for([*ef.available_backends(), *BASELINES], ESTIMATORS, DEVICE,
-                                getattr(torch, case.dtype)):
+        backends = case_backends(case, [*ef.available_backends(), *BASELINES, AUTO])
+        for route in routes_for(backends, ESTIMATORS, DEVICE, getattr(torch, case.dtype)):
             for pass_name in PASSES:
                 yield pytest.param(case, route, pass_name,
                                    id=f"{case.name}-{route.backend}-{route.estimator}-{pass_name}")

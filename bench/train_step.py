@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import ecloss_fast as ef
-from bench.routes import BASELINES, runs_on
+from bench.routes import BASELINES, ON_REQUEST, runs_on
 from bench.timing import TimingPlan, measure
 
 __all__ = ["run_train_steps", "NO_ECLOSS"]
@@ -80,7 +80,8 @@ def run_train_steps(config: dict, device: torch.device, backends, *, deadline: f
                 "flush_denormal": flush_denormal}
         without = None
         variants = [NO_ECLOSS] + [b for b in backends
-                                  if b not in BASELINES and runs_on(b, device, maps_dtype)]
+                                  if b not in (*BASELINES, *ON_REQUEST)
+                                  and runs_on(b, device, maps_dtype)]
         for backend in variants:
             record = {**base, "backend": backend, "status": "ok"}
             if time.monotonic() > deadline:

@@ -1,8 +1,10 @@
-"""The benchmark suite: the SDPA route against the reference, the cost model against
-docs/design.md section 6, ``python -m bench --grid tiny`` end to end on the CPU, and the
-command's errors."""
+"""The benchmark suite: the SDPA and compiled-reference routes against the reference, the
+FMA microbenchmark against numpy, the cost model against docs/design.md section 6, the
+precision ratios of the report, ``python -m bench --grid tiny`` end to end on the CPU, and
+the command's errors."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -10,12 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import bench.peak
 import ecloss_fast as ef
 from bench.__main__ import main as bench_main
 from bench.cost import Workload, gemm_count
+from bench.grids import GRIDS, Case
+from bench.peak import FmaPeakUnavailable, build_fma_library, fma_rate_tflops
+from bench.report import enrich, markdown
+from bench.routes import REFERENCE_COMPILED, Route, case_backends, make_loss
 from bench.sdpa_route import sdpa_ecloss
 from bench.summary import summary
 from ecloss_fast.testing import peaked_maps, random_maps
@@ -63,6 +71,120 @@ def test_sdpa_route_reductions_and_errors():
         sdpa_ecloss(x[0], templates)
 
 
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+def test_compiled_reference_route_matches_the_eager_reference(estimator):
+    """Inductor's code for the reference: loss and gradient against the eager reference in
+    float64 on fresh maps; as the runner does, a first call compiles, then backwards with
+    retain_graph=True (the backward timing) on one forward's graph."""
+    case = Case("compiled", 3, 4, 5, 6, 37, "float64", "ieee")
+    loss = make_loss(case, Route(REFERENCE_COMPILED, estimator), torch.device("cpu"))
+    x = peaked_maps(3, 4, 5, 6, dtype=torch.float64, seed=5).requires_grad_()
+    torch.autograd.grad(loss(x), x)
+    value = loss(x)
+    (grad,) = torch.autograd.grad(value, x, retain_graph=True)
+    (again,) = torch.autograd.grad(value, x)
+
+    x_ref = x.detach().requires_grad_()
+    expected = ef.ecloss(x_ref, templates=37, estimator=estimator, backend="reference")
+    (expected_grad,) = torch.autograd.grad(expected, x_ref)
+    assert abs(value.item() - expected.item()) <= 1e-10 * abs(expected.item())
+    assert (grad - expected_grad).norm() <= 1e-9 * expected_grad.norm()
+    assert torch.equal(grad, again)
+
+
+def _fma_library():
+    try:
+        return build_fma_library()
+    except FmaPeakUnavailable as why:
+        pytest.skip(f"no FMA microbenchmark here: {why}")
+
+
+def test_fma_microbenchmark_computes_what_it_counts():
+    """Every chain of every thread ran the iterations it is charged for: the final
+    accumulators against numpy's float32 recurrence (``acc * 0.5 + 0.25`` is exact for
+    these few iterations, before it converges to 0.5; bf16 ``acc + 1.5*2 + 1.5*2`` is
+    exact), and a positive rate."""
+    library = _fma_library()
+    kernels = bench.peak._fma_kernels(library)
+    assert "float32" in kernels
+    threads, iterations = 2, 9
+    for operands, kernel in kernels.items():
+        if operands == "float32":
+            out = library.run(kernel, threads, iterations, 0.5, 0.25)
+            expected = np.arange(1, kernel.chains + 1, dtype=np.float32)
+            for _ in range(iterations):
+                expected = expected * np.float32(0.5) + np.float32(0.25)
+        else:
+            out = library.run(kernel, threads, iterations, 1.5, 2.0)
+            expected = np.arange(1, kernel.chains + 1, dtype=np.float32) + 6 * iterations
+        assert out.shape == (threads, kernel.chains, kernel.lanes)
+        np.testing.assert_array_equal(out, np.broadcast_to(expected[:, None], out.shape))
+        assert fma_rate_tflops(library, kernel, 1, seconds=0.005, repeats=1) > 0
+
+
+def test_peak_falls_back_to_the_gemm_rates_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(bench.peak, "_compiler", lambda: None)
+    peaks = bench.peak._cpu_peaks(1, "wall", {"ieee": 0.1, "bf16": 0.3})
+    assert peaks["peak_tflops"] == {"ieee": 0.1, "tf32": 0.1, "bf16": 0.3}
+    assert "no C compiler" in peaks["fma_peak"]["error"]
+    assert all(source.startswith("fallback, no FMA microbenchmark") and "torch.matmul" in source
+               for source in peaks["peak_source"].values())
+    assert "bfloat16" in peaks["peak_source"]["bf16"]
+
+
+def _record(name, precision, backend, estimator, ms, speedup=None):
+    record = {"case": {"name": name, "batch": 8, "channels": 64, "height": 14, "width": 14,
+                       "templates": "full", "dtype": "float32", "precision": precision,
+                       "sweep": False},
+              "num_templates": 19_307, "backend": backend, "estimator": estimator,
+              "status": "ok", "peak_bytes": 1 << 20,
+              "timings": {p: {"median_ms": ms, "q1_ms": ms, "q3_ms": ms, "repeats": 3}
+                          for p in ("forward", "backward", "forward_backward")}}
+    return record
+
+
+def test_report_pairs_precisions_and_prints_the_headline():
+    """bf16 against ieee for the same backend, estimator and problem; the reference's times
+    set the speedups. Hand-picked times: 60/80 = 0.75, 100/80 = 1.25, 120/160 = 0.75."""
+    cases = [_record("full", "ieee", "reference", "uniform", 100.0),
+             _record("full", "ieee", "reference", "marginal", 120.0),
+             _record("full", "ieee", "cpu", "uniform", 80.0),
+             _record("full", "ieee", "cpu", "marginal", 160.0),
+             _record("full-bf16", "bf16", "cpu", "uniform", 60.0),
+             _record("full-bf16", "bf16", "cpu", "marginal", 120.0)]
+    cases[-1]["case"]["batch"] = 4  # another problem: no partner at ieee
+    document = enrich({"meta": {"grid": "cpu", "device_name": "cpu", "date": "d", "torch": "t",
+                                "triton": None, "python": "p", "threads": 2, "clock": "wall",
+                                "peak_tflops": {"ieee": 0.2, "bf16": 0.4}},
+                       "cases": copy.deepcopy(cases), "train_step": []})
+    ratios = document["precision_ratios"]
+    assert [(r["case"], r["versus"], r["backend"], r["estimator"]) for r in ratios] \
+        == [("full-bf16", "full", "cpu", "uniform")]
+    assert ratios[0]["time_ratio"]["forward_backward"] == pytest.approx(0.75)
+    table = markdown(document)
+    assert "- fwd+bwd time, bf16 over ieee (full-bf16 / full): cpu/uniform 0.75" in table
+    assert "- fwd+bwd speedup over the reference at ieee (full): cpu/uniform 1.25x" in table
+    fraction = document["cases"][2]["peak_fraction"]["forward_backward"]
+    assert fraction == pytest.approx(3 * 2 * 512 * 19_307 * 196 / 80e-3 / 0.2e12)
+
+
+def test_grids_carry_the_baselines_the_bf16_pair_and_28x28_maps():
+    available = [*ef.available_backends(), "sdpa", "sdpa-flash", "reference-compiled", "auto"]
+    for name in ("cpu", "gpu", "paper", "tiny"):
+        assert any(REFERENCE_COMPILED in case_backends(case, available)
+                   for case in GRIDS[name].cases), name
+    cpu = {case.name: case for case in GRIDS["cpu"].cases}
+    full, bf16 = cpu["small-N19307"], cpu["small-N19307-bf16"]
+    assert (bf16.batch, bf16.channels, bf16.height, bf16.templates, bf16.dtype) \
+        == (full.batch, full.channels, full.height, full.templates, full.dtype) \
+        == (8, 64, 14, "full", "float32")
+    assert (full.precision, bf16.precision) == ("ieee", "bf16") and bf16.backends == ("cpu",)
+    for grid, backends in (("cpu", {"auto", "cpu", "torch"}), ("gpu", {"auto", "triton"})):
+        (moonshot,) = [c for c in GRIDS[grid].cases if (c.height, c.width) == (28, 28)]
+        assert moonshot.num_templates == 307_721 and backends <= set(moonshot.backends)
+    assert [c for c in GRIDS["gpu"].cases if c.height == 28][0].batch == 64
+
+
 def test_cost_model_matches_the_paper_setting():
     """docs/design.md, section 6: B=64, C=512, K=196, N=19,307."""
     paper = Workload(batch=64, channels=512, pixels=196, templates=19_307)
@@ -85,11 +207,24 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads((tmp_path / "results.json").read_text())
 
-    assert document["meta"]["grid"] == "tiny" and document["meta"]["torch"] == torch.__version__
-    assert document["meta"]["matmul_peak_tflops"]["ieee"] > 0
+    meta = document["meta"]
+    assert meta["grid"] == "tiny" and meta["torch"] == torch.__version__
+    assert all(meta["matmul_peak_tflops"][p] > 0 for p in ("ieee", "bf16"))
+    assert all(meta["peak_tflops"][p] > 0 for p in ("ieee", "tf32", "bf16"))
+    if "error" in meta["fma_peak"]:  # no compiler: the GEMM rates, said so
+        assert meta["peak_source"]["ieee"].startswith("fallback")
+    else:
+        assert meta["fma_peak_tflops"]["float32"] == meta["peak_tflops"]["ieee"] > 0
+        assert meta["peak_source"]["ieee"].startswith("FMA microbenchmark")
     routes = {(r["backend"], r["estimator"]) for r in document["cases"]}
-    expected = {(b, e) for b in ef.available_backends() for e in ("uniform", "marginal")}
-    assert routes == expected | {("sdpa", "uniform")}
+    expected = {(b, e) for b in [*ef.available_backends(), "reference-compiled"]
+                for e in ("uniform", "marginal")}
+    assert routes == expected | {("sdpa", "uniform"), ("auto", "uniform"), ("auto", "marginal")}
+    on_request = {r["case"]["name"] for r in document["cases"]
+                  if r["backend"] in ("auto", "reference-compiled")}
+    assert on_request == {"tiny-N1226"}
+    assert {r["resolved_backend"] for r in document["cases"] if r["backend"] == "auto"} \
+        <= set(ef.available_backends())
     skipped = document["meta"]["skipped_routes"]
     flash = "sdpa-flash (float32 on cpu): PyTorch's FlashAttention kernel runs on CUDA only"
     assert flash in skipped
@@ -99,7 +234,7 @@ def test_tiny_grid_end_to_end(tmp_path):
         for pass_name in ("forward", "backward", "forward_backward"):
             assert record["timings"][pass_name]["median_ms"] > 0
             assert record["tflops"][pass_name] > 0
-        assert record["peak_bytes"] >= 0
+        assert record["peak_bytes"] >= 0 and record["first_call_s"] > 0
         if record["backend"] == "reference":
             assert record["speedup_vs_reference"]["forward_backward"] == 1.0
     steps = document["train_step"]
@@ -109,10 +244,16 @@ def test_tiny_grid_end_to_end(tmp_path):
     table = (tmp_path / "results.md").read_text()
     for name in {r["case"]["name"] for r in document["cases"]}:
         assert f"### {name}:" in table
+    rows = [line for line in table.splitlines() if line.startswith("| reference-compiled/")
+            or line.startswith("| auto (")]
+    assert len(rows) == 4
+    memory_column = [line.split("|")[8].strip() for line in table.splitlines()
+                     if line.startswith("| ") and "/" in line.split("|")[1]]
+    assert len(memory_column) == len(document["cases"]) and "-" not in memory_column
     assert "### Training step" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     compact = summary(document)
-    assert "ref/u" in compact and "sdpa/u" in compact
+    assert "ref/u" in compact and "sdpa/u" in compact and "refc/m" in compact
 
 
 def test_gpu_check_script_parses_and_rejects_bad_usage(tmp_path):
