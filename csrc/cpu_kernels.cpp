@@ -295,10 +295,11 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
   using S = Simd<scalar_t, kBytes>;
   const scalar_t* row_panels = scratch.row_panels.data();
   const int64_t pixels = problem.pixels;
-  for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
-    const scalar_t* rows = row_panels + i0 * pixels;
-    for (int64_t j0 = 0; j0 < width; j0 += S::kTileWidth) {
-      const scalar_t* panel = problem.panels + (t0 + j0) * pixels;
+  // Template panel outermost: it stays in L1 while every row tile of the block reads it.
+  for (int64_t j0 = 0; j0 < width; j0 += S::kTileWidth) {
+    const scalar_t* panel = problem.panels + (t0 + j0) * pixels;
+    for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
+      const scalar_t* rows = row_panels + i0 * pixels;
       typename S::Vector accumulators[kRowTile][kTileVectors] = {};
       for (int64_t k = 0; k < pixels; ++k) {
         typename S::Vector templates[kTileVectors];
@@ -322,43 +323,62 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
   }
 }
 
-// dx[i, :] += sum_j grads[i, j] * T[t0 + j, :] over the block's rows (rounded up to whole
-// tiles: rows past count hold stale gradients and are never written out).
-template <typename scalar_t, int kBytes, bool kBf16>
-ECLOSS_HOST void accumulate_input_grad(const Problem<scalar_t>& problem, const RowBlock& block,
-                                       Scratch<scalar_t>& scratch, const scalar_t* grads,
-                                       int64_t t0, int64_t width, scalar_t* dx) {
+// dx[s][i, :] += sum_j grads[s][i, j] * T[t0 + j, :] for kSets weight sets at once (one
+// stream of the templates for U and V, or U and Z), over the block's rows rounded up to
+// whole tiles: rows past count hold stale weights and are never written out.
+template <typename scalar_t, int kBytes, bool kBf16, int kSets>
+ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const RowBlock& block,
+                                        Scratch<scalar_t>& scratch,
+                                        const scalar_t* const (&grads)[kSets], int64_t t0,
+                                        int64_t width, scalar_t* const (&dx)[kSets]) {
   if constexpr (kBf16) {
-    accumulate_input_grad_bf16(grads, block.count, width, scratch.grad_pairs.data(),
-                               problem.padded_pairs, problem.padded_pixels, t0, dx);
+    for (int set = 0; set < kSets; ++set) {
+      accumulate_input_grad_bf16(grads[set], block.count, width, scratch.grad_pairs.data(),
+                                 problem.padded_pairs, problem.padded_pixels, t0, dx[set]);
+    }
     return;
   }
   using S = Simd<scalar_t, kBytes>;
   const int64_t padded_pixels = problem.padded_pixels;
-  for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
-    for (int64_t k0 = 0; k0 < padded_pixels; k0 += S::kTileWidth) {
-      typename S::Vector accumulators[kRowTile][kTileVectors] = {};
+  // Pixel slice outermost: its templates stay in L1 while every row tile reads them.
+  for (int64_t k0 = 0; k0 < padded_pixels; k0 += S::kTileWidth) {
+    for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
+      typename S::Vector accumulators[kSets][kRowTile][kTileVectors] = {};
       const scalar_t* templates = problem.padded + t0 * padded_pixels + k0;
       for (int64_t j = 0; j < width; ++j) {
         typename S::Vector row[kTileVectors];
         for (int64_t v = 0; v < kTileVectors; ++v) {
           row[v] = S::load(templates + j * padded_pixels + v * S::kLanes);
         }
+        for (int set = 0; set < kSets; ++set) {
 #pragma GCC unroll 6
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          const scalar_t grad = grads[(i0 + i) * kTemplateBlock + j];
-          for (int64_t v = 0; v < kTileVectors; ++v) accumulators[i][v] += row[v] * grad;
+          for (int64_t i = 0; i < kRowTile; ++i) {
+            const scalar_t grad = grads[set][(i0 + i) * kTemplateBlock + j];
+            for (int64_t v = 0; v < kTileVectors; ++v) {
+              accumulators[set][i][v] += row[v] * grad;
+            }
+          }
         }
       }
+      for (int set = 0; set < kSets; ++set) {
 #pragma GCC unroll 6
-      for (int64_t i = 0; i < kRowTile; ++i) {
-        for (int64_t v = 0; v < kTileVectors; ++v) {
-          scalar_t* target = dx + (i0 + i) * padded_pixels + k0 + v * S::kLanes;
-          S::store(target, S::load(target) + accumulators[i][v]);
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          for (int64_t v = 0; v < kTileVectors; ++v) {
+            scalar_t* target = dx[set] + (i0 + i) * padded_pixels + k0 + v * S::kLanes;
+            S::store(target, S::load(target) + accumulators[set][i][v]);
+          }
         }
       }
     }
   }
+}
+
+template <typename scalar_t, int kBytes, bool kBf16>
+ECLOSS_HOST void accumulate_input_grad(const Problem<scalar_t>& problem, const RowBlock& block,
+                                       Scratch<scalar_t>& scratch, const scalar_t* grads,
+                                       int64_t t0, int64_t width, scalar_t* dx) {
+  accumulate_input_grads<scalar_t, kBytes, kBf16, 1>(problem, block, scratch, {grads}, t0,
+                                                     width, {dx});
 }
 
 // The largest score of a block row (a select of values: with std::max(best, scores[j]), a
@@ -474,10 +494,9 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
           }
         }
       }
-      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.grads.data(), t0, width,
-                                              scratch.dx.data());
-      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.shifted_grads.data(), t0,
-                                              width, scratch.shifted_dx.data());
+      accumulate_input_grads<scalar_t, kBytes, kBf16, 2>(
+          problem, block, scratch, {scratch.grads.data(), scratch.shifted_grads.data()}, t0,
+          width, {scratch.dx.data(), scratch.shifted_dx.data()});
     }
     for (int64_t i = 0; i < block.count; ++i) {
       const SoftmaxState<scalar_t>& state = scratch.states[i];
@@ -513,7 +532,7 @@ ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t beg
                            std::min(kRowBlock, problem.batch - b0)};
       pack_rows<scalar_t, kBf16>(problem, block, scratch);
       score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
-                                  scratch.scores.data());
+                                           scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
         const int64_t row = block.first + i * block.stride;
         const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
@@ -564,11 +583,9 @@ ECLOSS_HOST void prior_input_grad_sweep(const Problem<scalar_t>& problem, const 
       scratch.centres[i] = sum_centred;
       scratch.masses[i] += mass;
     }
-    accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.grads.data(),
-                                                   t0, width, scratch.dx.data());
-    accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch,
-                                                   scratch.shifted_grads.data(), t0, width,
-                                                   scratch.shifted_dx.data());
+    accumulate_input_grads<scalar_t, kBytes, kBf16, 2>(
+        problem, block, scratch, {scratch.grads.data(), scratch.shifted_grads.data()}, t0, width,
+        {scratch.dx.data(), scratch.shifted_dx.data()});
     for (int64_t i = 0; i < block.count; ++i) {
       // A row whose mass so far underflowed to 0 keeps its reference (and its sums are 0).
       if (!(scratch.masses[i] > scalar_t(0))) continue;
@@ -621,8 +638,9 @@ ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begi
           grads[j] = score_grad(probability(shifted, log_sum), shifted, centre);
         }
       }
-      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch, scratch.grads.data(), t0, width,
-                                              scratch.dx.data());
+      accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch,
+                                                     scratch.grads.data(), t0, width,
+                                                     scratch.dx.data());
     }
     for (int64_t i = 0; i < block.count; ++i) {
       const scalar_t scale = tau * problem.row_weight[first + i];
