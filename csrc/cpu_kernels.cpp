@@ -87,6 +87,12 @@ struct Problem {
   int64_t pixel_pairs;  // ceil(K / 2)
   scalar_t tau;
   int64_t rows_per_block;  // a multiple of kRowTile, at most kRowBlock
+  // row_stats and row_stats_with_grad with few rows: the templates split into this many
+  // parts, each task one (row block, part), the parts' partial sums merged in part order
+  // afterwards (template_parts). 1: whole rows per task.
+  int64_t template_parts;
+  SoftmaxState<scalar_t>* part_states;  // (B*C, parts)
+  scalar_t* part_sums;                  // (B*C, parts, 2, padded_pixels): U and V
   const scalar_t* row_max;      // (B, C), input of column_sums and input_grad
   const scalar_t* log_sum;      // (B, C), input of column_sums and input_grad
   const scalar_t* neg_entropy;  // (B, C), input of input_grad
@@ -392,13 +398,37 @@ ECLOSS_HOST scalar_t block_max_of(const scalar_t* scores, int64_t width) {
   return best;
 }
 
-// Online-softmax state of the block's rows, merged over all templates.
+// The templates of one part of a row_stats task (template_parts): whole template blocks,
+// so every score is formed in the same tile as without parts.
+struct TemplateRange {
+  int64_t begin, end;
+};
+
+template <typename scalar_t>
+ECLOSS_HOST TemplateRange template_range(const Problem<scalar_t>& problem, int64_t part) {
+  const int64_t blocks = (problem.num_templates + kTemplateBlock - 1) / kTemplateBlock;
+  const int64_t per_part = (blocks + problem.template_parts - 1) / problem.template_parts;
+  return {std::min(problem.num_templates, part * per_part * kTemplateBlock),
+          std::min(problem.num_templates, (part + 1) * per_part * kTemplateBlock)};
+}
+
+// The rows and templates of task `task` of row_stats or row_stats_with_grad.
+template <typename scalar_t>
+ECLOSS_HOST std::pair<RowBlock, TemplateRange> row_stats_task(const Problem<scalar_t>& problem,
+                                                              int64_t task) {
+  const int64_t rows = problem.batch * problem.channels;
+  const int64_t first = task / problem.template_parts * problem.rows_per_block;
+  return {{first, 1, std::min(problem.rows_per_block, rows - first)},
+          template_range(problem, task % problem.template_parts)};
+}
+
+// Online-softmax state of the block's rows, merged over the range's templates.
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlock& block,
-                                  Scratch<scalar_t>& scratch) {
+                                  const TemplateRange& range, Scratch<scalar_t>& scratch) {
   for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
-  for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
-    const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+  for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
+    const int64_t width = std::min(kTemplateBlock, range.end - t0);
     score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                   scratch.scores.data());
     for (int64_t i = 0; i < block.count; ++i) {
@@ -420,15 +450,18 @@ ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlo
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
   Scratch<scalar_t> scratch(problem);
-  const int64_t rows = problem.batch * problem.channels;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t first = task * problem.rows_per_block;
-    const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
+    const auto [block, range] = row_stats_task(problem, task);
+    const int64_t first = block.first, part = task % problem.template_parts;
     pack_rows<scalar_t, kBf16>(problem, block, scratch);
-    sweep_row_states<scalar_t, kBytes, kBf16>(problem, block, scratch);
+    sweep_row_states<scalar_t, kBytes, kBf16>(problem, block, range, scratch);
     for (int64_t i = 0; i < block.count; ++i) {
-      finish(scratch.states[i], problem.row_max_out[first + i], problem.log_sum_out[first + i],
-             problem.neg_entropy_out[first + i]);
+      if (problem.template_parts > 1) {
+        problem.part_states[(first + i) * problem.template_parts + part] = scratch.states[i];
+      } else {
+        finish(scratch.states[i], problem.row_max_out[first + i],
+               problem.log_sum_out[first + i], problem.neg_entropy_out[first + i]);
+      }
     }
   }
 }
@@ -440,21 +473,48 @@ ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin
 // loops differently); the block's weights e^(s-b) and e^(s-b)(s-b), about the
 // block's max b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only
 // when the block does not hold it, and U, V are moved the same way when m rises.
+// U and V about a max m moved to m' = m - shift (shift <= 0): V = e^shift (V + shift U),
+// U = e^shift U.
+template <typename scalar_t>
+ECLOSS_HOST void rebase(scalar_t* sum_weighted, scalar_t* sum_shifted, int64_t count,
+                        scalar_t shift) {
+  const scalar_t decay = host_exp(shift);
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) {
+    sum_shifted[k] = decay * (sum_shifted[k] + shift * sum_weighted[k]);
+    sum_weighted[k] *= decay;
+  }
+}
+
+// A row's statistics and d neg_entropy / dx = tau (V - (a/l) U) / l from its final state.
+template <typename scalar_t>
+ECLOSS_HOST void finish_with_grad(const Problem<scalar_t>& problem, int64_t row,
+                                  const SoftmaxState<scalar_t>& state,
+                                  const scalar_t* sum_weighted, const scalar_t* sum_shifted) {
+  finish(state, problem.row_max_out[row], problem.log_sum_out[row],
+         problem.neg_entropy_out[row]);
+  const scalar_t mean_shift = state.sum_exp_shift / state.sum_exp;
+  const scalar_t scale = problem.tau / state.sum_exp;
+  scalar_t* target = problem.neg_entropy_grad_out + row * problem.pixels;
+  for (int64_t k = 0; k < problem.pixels; ++k) {
+    target[k] = scale * (sum_shifted[k] - mean_shift * sum_weighted[k]);
+  }
+}
+
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int64_t begin,
                                            int64_t end) {
   Scratch<scalar_t> scratch(problem);
-  const int64_t rows = problem.batch * problem.channels;
   const int64_t padded_pixels = problem.padded_pixels;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t first = task * problem.rows_per_block;
-    const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
+    const auto [block, range] = row_stats_task(problem, task);
+    const int64_t first = block.first, part = task % problem.template_parts;
     pack_rows<scalar_t, kBf16>(problem, block, scratch);
     for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
     std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
     std::fill(scratch.shifted_dx.begin(), scratch.shifted_dx.end(), scalar_t(0));
-    for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
-      const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+    for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
+      const int64_t width = std::min(kTemplateBlock, range.end - t0);
       score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                     scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
@@ -476,14 +536,9 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
         scratch.states[i] = merge(previous, {block_max, sum_exp, sum_exp_shift});
         const scalar_t max = scratch.states[i].max;
         if (previous.sum_exp != scalar_t(0) && previous.max != max) {
-          const scalar_t shift = previous.max - max, decay = host_exp(shift);
-          scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
-          scalar_t* sum_shifted = scratch.shifted_dx.data() + i * padded_pixels;
-#pragma omp simd
-          for (int64_t k = 0; k < padded_pixels; ++k) {
-            sum_shifted[k] = decay * (sum_shifted[k] + shift * sum_weighted[k]);
-            sum_weighted[k] *= decay;
-          }
+          rebase(scratch.dx.data() + i * padded_pixels,
+                 scratch.shifted_dx.data() + i * padded_pixels, padded_pixels,
+                 previous.max - max);
         }
         if (block_max != max) {
           const scalar_t shift = block_max - max, decay = host_exp(shift);
@@ -499,20 +554,55 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
           width, {scratch.dx.data(), scratch.shifted_dx.data()});
     }
     for (int64_t i = 0; i < block.count; ++i) {
-      const SoftmaxState<scalar_t>& state = scratch.states[i];
-      finish(state, problem.row_max_out[first + i], problem.log_sum_out[first + i],
-             problem.neg_entropy_out[first + i]);
-      const scalar_t mean_shift = state.sum_exp_shift / state.sum_exp;
-      const scalar_t scale = problem.tau / state.sum_exp;
       const scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
       const scalar_t* sum_shifted = scratch.shifted_dx.data() + i * padded_pixels;
-      scalar_t* target = problem.neg_entropy_grad_out + (first + i) * problem.pixels;
-      for (int64_t k = 0; k < problem.pixels; ++k) {
-        target[k] = scale * (sum_shifted[k] - mean_shift * sum_weighted[k]);
+      if (problem.template_parts > 1) {
+        const int64_t slot = (first + i) * problem.template_parts + part;
+        problem.part_states[slot] = scratch.states[i];
+        scalar_t* sums = problem.part_sums + slot * 2 * padded_pixels;
+        std::copy(sum_weighted, sum_weighted + padded_pixels, sums);
+        std::copy(sum_shifted, sum_shifted + padded_pixels, sums + padded_pixels);
+      } else {
+        finish_with_grad(problem, first + i, scratch.states[i], sum_weighted, sum_shifted);
       }
     }
   }
 }
+
+// The parts of row_stats (with_grad: and of its U and V) merged in part order, one row
+// each: the states as merge() joins them, U and V moved to the merged max as in the sweep.
+template <typename scalar_t>
+void merge_template_parts(const Problem<scalar_t>& problem, bool with_grad, int64_t row) {
+  const int64_t padded_pixels = problem.padded_pixels;
+  std::vector<scalar_t> sum_weighted(with_grad ? padded_pixels : 0);
+  std::vector<scalar_t> sum_shifted(with_grad ? padded_pixels : 0);
+  SoftmaxState<scalar_t> state = empty_state<scalar_t>();
+  for (int64_t part = 0; part < problem.template_parts; ++part) {
+    const int64_t slot = row * problem.template_parts + part;
+    const SoftmaxState<scalar_t>& next = problem.part_states[slot];
+    const SoftmaxState<scalar_t> merged = merge(state, next);
+    if (with_grad && next.sum_exp != scalar_t(0)) {
+      if (state.sum_exp != scalar_t(0) && state.max != merged.max) {
+        rebase(sum_weighted.data(), sum_shifted.data(), padded_pixels, state.max - merged.max);
+      }
+      const scalar_t shift = next.max - merged.max, decay = host_exp(shift);
+      const scalar_t* part_weighted = problem.part_sums + slot * 2 * padded_pixels;
+      const scalar_t* part_shifted = part_weighted + padded_pixels;
+      for (int64_t k = 0; k < padded_pixels; ++k) {
+        sum_shifted[k] += decay * (part_shifted[k] + shift * part_weighted[k]);
+        sum_weighted[k] += decay * part_weighted[k];
+      }
+    }
+    state = merged;
+  }
+  if (with_grad) {
+    finish_with_grad(problem, row, state, sum_weighted.data(), sum_shifted.data());
+  } else {
+    finish(state, problem.row_max_out[row], problem.log_sum_out[row],
+           problem.neg_entropy_out[row]);
+  }
+}
+
 
 // One task is one (channel, template block): the column sums of that block over the
 // channel's B rows, added in batch order.
@@ -875,6 +965,49 @@ int64_t rows_per_block(int64_t rows) {
   return std::max(kRowTile, std::min(kRowBlock, rounded));
 }
 
+// Template parts of row_stats (Problem::template_parts) for `rows` rows: with few row blocks
+// there are too few tasks for the threads, and each task streams every template once for at
+// most kRowBlock rows (at 28x28, B*C = 16, a 965 MB panel per 6-row task). Parts give every
+// thread work and every task up to kRowBlock rows. Chosen from the shape alone, so the
+// results do not depend on the number of threads.
+int64_t template_parts(int64_t rows, int64_t num_templates) {
+  constexpr int64_t kWantedTasks = 8, kMinBlocksPerPart = 4;
+  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  if (2 * row_blocks >= kWantedTasks) return 1;
+  const int64_t template_blocks = (num_templates + kTemplateBlock - 1) / kTemplateBlock;
+  return std::max<int64_t>(1, std::min((kWantedTasks + row_blocks - 1) / row_blocks,
+                                       template_blocks / kMinBlocksPerPart));
+}
+
+// Runs row_stats or row_stats_with_grad (`run`) over every task, in template parts where
+// template_parts asks for them (their partial results in part_states and part_sums, then
+// merged per row).
+template <typename scalar_t>
+void run_row_stats(Problem<scalar_t>& problem, bool with_grad,
+                   void (*run)(const Problem<scalar_t>&, int64_t, int64_t)) {
+  const int64_t rows = problem.batch * problem.channels;
+  problem.template_parts = template_parts(rows, problem.num_templates);
+  at::Tensor part_states, part_sums;
+  if (problem.template_parts > 1) {
+    problem.rows_per_block = std::min(kRowBlock, (rows + kRowTile - 1) / kRowTile * kRowTile);
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+    part_states = at::empty({rows, problem.template_parts, 3}, options);
+    problem.part_states = reinterpret_cast<SoftmaxState<scalar_t>*>(part_states.data_ptr());
+    if (with_grad) {
+      part_sums = at::empty({rows, problem.template_parts, 2, problem.padded_pixels}, options);
+      problem.part_sums = part_sums.data_ptr<scalar_t>();
+    }
+  }
+  const int64_t row_blocks = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
+  at::parallel_for(0, row_blocks * problem.template_parts, 1,
+                   [&](int64_t begin, int64_t end) { run(problem, begin, end); });
+  if (problem.template_parts > 1) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) merge_template_parts(problem, with_grad, row);
+    });
+  }
+}
+
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& templates, double tau,
                                const Tasks<scalar_t>& chosen) {
@@ -897,6 +1030,7 @@ Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& templates,
   problem.padded_pixels = padded.size(1);
   problem.tau = static_cast<scalar_t>(tau);
   problem.rows_per_block = rows_per_block(problem.batch * problem.channels);
+  problem.template_parts = 1;
   return problem;
 }
 
@@ -923,11 +1057,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x
     problem.row_max_out = row_max.data_ptr<scalar_t>();
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
-    const int64_t rows = problem.batch * problem.channels;
-    const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      chosen.row_stats(problem, begin, end);
-    });
+    run_row_stats(problem, false, chosen.row_stats);
   });
   return {row_max, log_sum, neg_entropy};
 }
@@ -950,11 +1080,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_c
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
     problem.neg_entropy_grad_out = neg_entropy_grad.data_ptr<scalar_t>();
-    const int64_t rows = problem.batch * problem.channels;
-    const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      chosen.row_stats_with_grad(problem, begin, end);
-    });
+    run_row_stats(problem, true, chosen.row_stats_with_grad);
   });
   return {row_max, log_sum, neg_entropy, neg_entropy_grad};
 }

@@ -335,10 +335,12 @@ def test_half_inputs_run_in_float32(dtype):
 
 
 @needs_extension
-def test_results_are_deterministic_and_independent_of_threads():
-    x = peaked_maps(13, 4, 5, 5, dtype=torch.float32, seed=11).reshape(13, 4, 25)
-    templates = contract_templates(5, 5, torch.float32)
-    channel_weight = torch.rand(4)
+@pytest.mark.parametrize("shape", [(13, 4, 5, 5), (2, 3, 14, 14)])  # few rows: template parts
+def test_results_are_deterministic_and_independent_of_threads(shape):
+    batch, channels, height, width = shape
+    x = peaked_maps(*shape, dtype=torch.float32, seed=11).reshape(batch, channels, -1)
+    templates = contract_templates(height, width, torch.float32)
+    channel_weight = torch.rand(channels)
     threads = torch.get_num_threads()
 
     def run():
@@ -346,8 +348,9 @@ def test_results_are_deterministic_and_independent_of_threads():
         sums = cpp_cpu.column_sums(x, templates, TAU, row_max, log_sum, "ieee")
         dx = cpp_cpu.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy,
                                 _marginal_prior(sums, channel_weight),
-                                channel_weight.expand(13, 4).contiguous(), "ieee")
-        return row_max, log_sum, neg_entropy, sums, dx
+                                channel_weight.expand(batch, channels).contiguous(), "ieee")
+        with_grad = cpp_cpu.row_stats_with_grad(x, templates, TAU, "ieee")
+        return row_max, log_sum, neg_entropy, sums, dx, *with_grad
 
     try:
         torch.set_num_threads(1)
