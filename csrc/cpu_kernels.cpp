@@ -192,6 +192,31 @@ ECLOSS_HOST void pack_rows(const Problem<scalar_t>& problem, const RowBlock& blo
 constexpr int64_t kBf16Lanes = 16;
 constexpr int64_t kBf16TileWidth = kTileVectors * kBf16Lanes;
 
+// accumulators[i][v] += sum over the pairs p of rows[i * row_stride + 2p .. +1] . the two
+// templates' vector v of pair p (at vectors + p * vector_stride + v * 2 * kBf16Lanes): one
+// tile of either micro-kernel below.
+ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_bf16_tile(
+    __m512 (&accumulators)[kRowTile][kTileVectors], const uint16_t* vectors,
+    int64_t vector_stride, const uint16_t* rows, int64_t row_stride, int64_t pairs) {
+  for (auto& row : accumulators) for (auto& value : row) value = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    __m512bh templates[kTileVectors];
+    for (int64_t v = 0; v < kTileVectors; ++v) {
+      templates[v] = (__m512bh)_mm512_loadu_si512(vectors + pair * vector_stride +
+                                                  v * 2 * kBf16Lanes);
+    }
+#pragma GCC unroll 6
+    for (int64_t i = 0; i < kRowTile; ++i) {
+      int32_t both;
+      std::memcpy(&both, rows + i * row_stride + 2 * pair, sizeof both);
+      const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
+      for (int64_t v = 0; v < kTileVectors; ++v) {
+        accumulators[i][v] = _mm512_dpbf16_ps(accumulators[i][v], value, templates[v]);
+      }
+    }
+  }
+}
+
 // scores[i, j] = tau * <x[row i], T[t0 + j]> from bfloat16 rows (row i at rows + i * 2 pairs)
 // and panels of kBf16TileWidth templates ((t / 32) pairs 32 2 layout: template t, pixel k at
 // [((t / 32) * pairs + k / 2) * 32 + t % 32] * 2 + k % 2).
@@ -203,23 +228,8 @@ ECLOSS_BF16_TARGET void score_block_bf16(const uint16_t* rows, int64_t count,
     for (int64_t j0 = 0; j0 < width; j0 += kBf16TileWidth) {
       const uint16_t* panel = panels + (t0 + j0) / kBf16TileWidth * pairs * 2 * kBf16TileWidth;
       __m512 accumulators[kRowTile][kTileVectors];
-      for (auto& row : accumulators) for (auto& value : row) value = _mm512_setzero_ps();
-      for (int64_t pair = 0; pair < pairs; ++pair) {
-        __m512bh templates[kTileVectors];
-        for (int64_t v = 0; v < kTileVectors; ++v) {
-          templates[v] = (__m512bh)_mm512_loadu_si512(
-              panel + (pair * kBf16TileWidth + v * kBf16Lanes) * 2);
-        }
-#pragma GCC unroll 6
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          int32_t both;
-          std::memcpy(&both, rows + ((i0 + i) * pairs + pair) * 2, sizeof both);
-          const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
-          for (int64_t v = 0; v < kTileVectors; ++v) {
-            accumulators[i][v] = _mm512_dpbf16_ps(accumulators[i][v], value, templates[v]);
-          }
-        }
-      }
+      accumulate_bf16_tile(accumulators, panel, 2 * kBf16TileWidth, rows + i0 * 2 * pairs,
+                           2 * pairs, pairs);
       for (int64_t i = 0; i < kRowTile; ++i) {
         for (int64_t v = 0; v < kTileVectors; ++v) {
           _mm512_storeu_ps(scores + (i0 + i) * kTemplateBlock + j0 + v * kBf16Lanes,
@@ -249,23 +259,8 @@ ECLOSS_BF16_TARGET void accumulate_input_grad_bf16(const float* grads, int64_t c
   for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
     for (int64_t k0 = 0; k0 < padded_pixels; k0 += kBf16TileWidth) {
       __m512 accumulators[kRowTile][kTileVectors];
-      for (auto& row : accumulators) for (auto& value : row) value = _mm512_setzero_ps();
-      for (int64_t pair = 0; pair < pairs; ++pair) {
-        __m512bh templates[kTileVectors];
-        for (int64_t v = 0; v < kTileVectors; ++v) {
-          templates[v] = (__m512bh)_mm512_loadu_si512(
-              first_pair + (pair * padded_pixels + k0 + v * kBf16Lanes) * 2);
-        }
-#pragma GCC unroll 6
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          int32_t both;
-          std::memcpy(&both, grad_pairs + (i0 + i) * kTemplateBlock + 2 * pair, sizeof both);
-          const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
-          for (int64_t v = 0; v < kTileVectors; ++v) {
-            accumulators[i][v] = _mm512_dpbf16_ps(accumulators[i][v], value, templates[v]);
-          }
-        }
-      }
+      accumulate_bf16_tile(accumulators, first_pair + k0 * 2, padded_pixels * 2,
+                           grad_pairs + i0 * kTemplateBlock, kTemplateBlock, pairs);
       for (int64_t i = 0; i < kRowTile; ++i) {
         for (int64_t v = 0; v < kTileVectors; ++v) {
           float* target = dx + (i0 + i) * padded_pixels + k0 + v * kBf16Lanes;
