@@ -599,29 +599,32 @@ void merge_template_parts(const Problem<scalar_t>& problem, bool with_grad, int6
 }
 
 
-// One task is one (channel, template block): the column sums of that block over the
-// channel's B rows, added in batch order.
+// One task is one template block: its column sums over every row, the rows in blocks of
+// kRowBlock in flat order (b * C + c), so each channel's sums are added in batch order and
+// each block of the templates is read once per kRowBlock rows (a task per channel would read
+// it once per B rows: 8 GB of panels per sweep at 28x28 with C = 8).
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t begin,
                                    int64_t end) {
   Scratch<scalar_t> scratch(problem);
-  const int64_t template_blocks = (problem.num_templates + kTemplateBlock - 1) / kTemplateBlock;
+  const int64_t rows = problem.batch * problem.channels;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t channel = task / template_blocks;
-    const int64_t t0 = (task % template_blocks) * kTemplateBlock;
+    const int64_t t0 = task * kTemplateBlock;
     const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
-    scalar_t* sums = problem.column_sums + channel * problem.num_templates + t0;
-    std::fill(sums, sums + width, scalar_t(0));
-    for (int64_t b0 = 0; b0 < problem.batch; b0 += kRowBlock) {
-      const RowBlock block{b0 * problem.channels + channel, problem.channels,
-                           std::min(kRowBlock, problem.batch - b0)};
+    for (int64_t channel = 0; channel < problem.channels; ++channel) {
+      scalar_t* sums = problem.column_sums + channel * problem.num_templates + t0;
+      std::fill(sums, sums + width, scalar_t(0));
+    }
+    for (int64_t first = 0; first < rows; first += kRowBlock) {
+      const RowBlock block{first, 1, std::min(kRowBlock, rows - first)};
       pack_rows<scalar_t, kBf16>(problem, block, scratch);
       score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                            scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
-        const int64_t row = block.first + i * block.stride;
+        const int64_t row = first + i;
         const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
         const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
+        scalar_t* sums = problem.column_sums + (row % problem.channels) * problem.num_templates + t0;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) sums[j] += probability(scores[j] - row_max, log_sum);
       }
@@ -1098,7 +1101,7 @@ at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& template
     problem.log_sum = log_sum.data_ptr<scalar_t>();
     problem.column_sums = sums.data_ptr<scalar_t>();
     const int64_t template_blocks = (problem.num_templates + kTemplateBlock - 1) / kTemplateBlock;
-    at::parallel_for(0, problem.channels * template_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, template_blocks, 1, [&](int64_t begin, int64_t end) {
       chosen.column_sums(problem, begin, end);
     });
   });
