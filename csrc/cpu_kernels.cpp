@@ -417,57 +417,6 @@ ECLOSS_HOST std::pair<RowBlock, TemplateRange> row_stats_task(const Problem<scal
           template_range(problem, task % problem.template_parts)};
 }
 
-// Online-softmax state of the block's rows, merged over the range's templates.
-template <typename scalar_t, int kBytes, bool kBf16>
-ECLOSS_HOST void sweep_row_states(const Problem<scalar_t>& problem, const RowBlock& block,
-                                  const TemplateRange& range, Scratch<scalar_t>& scratch) {
-  for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
-  for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
-    const int64_t width = std::min(kTemplateBlock, range.end - t0);
-    score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
-                                  scratch.scores.data());
-    for (int64_t i = 0; i < block.count; ++i) {
-      const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
-      const scalar_t block_max = block_max_of(scores, width);
-      scalar_t sum_exp = 0, sum_exp_shift = 0;
-#pragma omp simd reduction(+ : sum_exp, sum_exp_shift)
-      for (int64_t j = 0; j < width; ++j) {
-        const scalar_t shifted = scores[j] - block_max;
-        const scalar_t weight = host_exp(shifted);
-        sum_exp += weight;
-        sum_exp_shift += weight * shifted;
-      }
-      scratch.states[i] = merge(scratch.states[i], {block_max, sum_exp, sum_exp_shift});
-    }
-  }
-}
-
-template <typename scalar_t, int kBytes, bool kBf16>
-ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
-  Scratch<scalar_t> scratch(problem);
-  for (int64_t task = begin; task < end; ++task) {
-    const auto [block, range] = row_stats_task(problem, task);
-    const int64_t first = block.first, part = task % problem.template_parts;
-    pack_rows<scalar_t, kBf16>(problem, block, scratch);
-    sweep_row_states<scalar_t, kBytes, kBf16>(problem, block, range, scratch);
-    for (int64_t i = 0; i < block.count; ++i) {
-      if (problem.template_parts > 1) {
-        problem.part_states[(first + i) * problem.template_parts + part] = scratch.states[i];
-      } else {
-        finish(scratch.states[i], problem.row_max_out[first + i],
-               problem.log_sum_out[first + i], problem.neg_entropy_out[first + i]);
-      }
-    }
-  }
-}
-
-// row_stats and, from the same exponentials, d neg_entropy / dx = tau (V - (a/l) U) / l with
-// U = sum e^(s-m) T and V = sum e^(s-m) (s-m) T about the running max m (ecloss_math.h's
-// state holds l and a). Per block the softmax state merges as in row_stats, from bitwise the
-// same scores (the statistics agree to rounding: the compiler may order the sums of the two
-// loops differently); the block's weights e^(s-b) and e^(s-b)(s-b), about the
-// block's max b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only
-// when the block does not hold it, and U, V are moved the same way when m rises.
 // U and V about a max m moved to m' = m - shift (shift <= 0): V = e^shift (V + shift U),
 // U = e^shift U.
 template <typename scalar_t>
@@ -496,9 +445,16 @@ ECLOSS_HOST void finish_with_grad(const Problem<scalar_t>& problem, int64_t row,
   }
 }
 
-template <typename scalar_t, int kBytes, bool kBf16>
-ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int64_t begin,
-                                           int64_t end) {
+// row_stats: the online-softmax state of each task's rows over its templates. With kWithGrad
+// (row_stats_with_grad), from the same exponentials, d neg_entropy / dx = tau (V - (a/l) U) / l
+// with U = sum e^(s-m) T and V = sum e^(s-m) (s-m) T about the running max m (ecloss_math.h's
+// state holds l and a): the block's weights e^(s-b) and e^(s-b)(s-b), about the block's max
+// b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only when the block
+// does not hold it, and U, V are moved the same way when m rises. With template parts, each
+// part's state (and U, V) goes to part_states (part_sums) for merge_template_parts.
+template <typename scalar_t, int kBytes, bool kBf16, bool kWithGrad>
+ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t begin,
+                                    int64_t end) {
   Scratch<scalar_t> scratch(problem);
   const int64_t padded_pixels = problem.padded_pixels;
   for (int64_t task = begin; task < end; ++task) {
@@ -506,8 +462,10 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
     const int64_t first = block.first, part = task % problem.template_parts;
     pack_rows<scalar_t, kBf16>(problem, block, scratch);
     for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
-    std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
-    std::fill(scratch.shifted_dx.begin(), scratch.shifted_dx.end(), scalar_t(0));
+    if constexpr (kWithGrad) {
+      std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
+      std::fill(scratch.shifted_dx.begin(), scratch.shifted_dx.end(), scalar_t(0));
+    }
     for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
       const int64_t width = std::min(kTemplateBlock, range.end - t0);
       score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
@@ -522,13 +480,16 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
         for (int64_t j = 0; j < width; ++j) {
           const scalar_t shifted = scores[j] - block_max;
           const scalar_t weight = host_exp(shifted);
-          weights[j] = weight;
-          shifted_weights[j] = weight * shifted;
+          if constexpr (kWithGrad) {
+            weights[j] = weight;
+            shifted_weights[j] = weight * shifted;
+          }
           sum_exp += weight;
           sum_exp_shift += weight * shifted;
         }
         const SoftmaxState<scalar_t> previous = scratch.states[i];
         scratch.states[i] = merge(previous, {block_max, sum_exp, sum_exp_shift});
+        if constexpr (!kWithGrad) continue;
         const scalar_t max = scratch.states[i].max;
         if (previous.sum_exp != scalar_t(0) && previous.max != max) {
           rebase(scratch.dx.data() + i * padded_pixels,
@@ -544,9 +505,11 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
           }
         }
       }
-      accumulate_input_grads<scalar_t, kBytes, kBf16, 2>(
+      if constexpr (kWithGrad) {
+        accumulate_input_grads<scalar_t, kBytes, kBf16, 2>(
           problem, block, scratch, {scratch.grads.data(), scratch.shifted_grads.data()}, t0,
-          width, {scratch.dx.data(), scratch.shifted_dx.data()});
+            width, {scratch.dx.data(), scratch.shifted_dx.data()});
+      }
     }
     for (int64_t i = 0; i < block.count; ++i) {
       const scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
@@ -554,14 +517,30 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
       if (problem.template_parts > 1) {
         const int64_t slot = (first + i) * problem.template_parts + part;
         problem.part_states[slot] = scratch.states[i];
-        scalar_t* sums = problem.part_sums + slot * 2 * padded_pixels;
-        std::copy(sum_weighted, sum_weighted + padded_pixels, sums);
-        std::copy(sum_shifted, sum_shifted + padded_pixels, sums + padded_pixels);
-      } else {
+        if constexpr (kWithGrad) {
+          scalar_t* sums = problem.part_sums + slot * 2 * padded_pixels;
+          std::copy(sum_weighted, sum_weighted + padded_pixels, sums);
+          std::copy(sum_shifted, sum_shifted + padded_pixels, sums + padded_pixels);
+        }
+      } else if constexpr (kWithGrad) {
         finish_with_grad(problem, first + i, scratch.states[i], sum_weighted, sum_shifted);
+      } else {
+        finish(scratch.states[i], problem.row_max_out[first + i],
+               problem.log_sum_out[first + i], problem.neg_entropy_out[first + i]);
       }
     }
   }
+}
+
+template <typename scalar_t, int kBytes, bool kBf16>
+ECLOSS_HOST void row_stats_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
+  online_sweep_tasks<scalar_t, kBytes, kBf16, false>(problem, begin, end);
+}
+
+template <typename scalar_t, int kBytes, bool kBf16>
+ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int64_t begin,
+                                           int64_t end) {
+  online_sweep_tasks<scalar_t, kBytes, kBf16, true>(problem, begin, end);
 }
 
 // The parts of row_stats (with_grad: and of its U and V) merged in part order, one row
