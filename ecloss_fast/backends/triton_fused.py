@@ -91,16 +91,20 @@ def _operands(x: torch.Tensor, precision: str, interpreted: bool) -> str:
     """The kernels' ``OPERANDS`` value: what the matrix unit multiplies (see ``_tiles``).
 
     ``precision`` is ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"`` (the resolution of
-    ``precision=None`` for float16 maps). The one place that routes half-precision products
-    to float32 products of half-rounded operands under the interpreter, whose bfloat16
-    ``tl.dot`` is wrong (triton 3.8).
+    ``precision=None`` for float16 maps). The one place that routes products to their
+    emulated kinds under the interpreter: half-precision products to float32 products of
+    half-rounded operands, since its bfloat16 ``tl.dot`` is wrong (triton 3.8), and float32
+    products to float64 sums (``"ieee_emulated"``), since its float32 ``tl.dot`` (numpy's
+    matmul) sums in an order that depends on the tile shape and the CPU, so two kernels
+    would round the same score differently (docs/design.md section 4.1). The interpreter
+    has no TF32: ``"tf32"`` is emulated as ``"ieee"``.
     """
     if x.dtype == torch.float64:
         return "fp64"
     if precision not in ("ieee", "tf32", "bf16", "fp16"):
         raise ValueError(f"precision must be 'ieee', 'tf32', 'bf16' or 'fp16', got {precision!r}")
-    if precision in ("bf16", "fp16") and interpreted:
-        return f"{precision}_emulated"
+    if interpreted:
+        return "ieee_emulated" if precision in ("ieee", "tf32") else f"{precision}_emulated"
     return precision
 
 

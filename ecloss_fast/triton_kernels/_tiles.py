@@ -35,7 +35,14 @@ compiler drops it).
   templates): a float16 weight ``p * (s - E)`` underflows near a uniform softmax (``p`` near
   ``1/N``, ``s - E`` near 1e-3 at ``tau = 1e-3``: about 5e-8, float16's smallest subnormal);
 * ``"fp16_emulated"``: the float16 rounding, then float32 products, in the interpreter;
-* ``"fp64"``: float64 operands and accumulation (float64 inputs).
+* ``"fp64"``: float64 operands and accumulation (float64 inputs);
+* ``"ieee_emulated"``: float32 operands whose products (exact in float64) are summed in
+  float64 and rounded once to float32 per chunk. Only the interpreter uses it (for
+  ``"ieee"`` and ``"tf32"``): its float32 ``tl.dot`` is numpy's matmul, whose order of
+  summation per element depends on the tile shape and on the CPU's SIMD kernels, so two
+  kernels with different tiles could round the same score differently, which a GPU's
+  fixed ``k`` order never does. Summed in float64, two orders give the same float32 score
+  unless the sum lies within about ``K * 2^-29`` (relative) of a float32 rounding boundary.
 
 Every ``tl.dot`` names its ``out_dtype``, the accumulator's: triton 3.6 defaults it to
 float32 and rejects a float64 accumulator otherwise.
@@ -133,6 +140,8 @@ def _dot(a, b, acc, OPERANDS: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
     elif OPERANDS == "bf16" or OPERANDS == "fp16":
         return tl.dot(a, b, acc, out_dtype=acc.dtype)
+    elif OPERANDS == "ieee_emulated":
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(acc.dtype)
     else:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
