@@ -24,6 +24,7 @@ import torch
 import ecloss_fast as ef
 from ecloss_fast._dispatch import BACKENDS
 from bench.grids import GRIDS
+from bench.cpu import cpu_model, describe_cpu
 from bench.peak import measure_peaks
 from bench.report import enrich, markdown, write_json, write_plot
 from bench.routes import AUTO, BASELINES, ESTIMATORS, routes_for, skipped_routes
@@ -101,13 +102,7 @@ def _unwritable(out: Path) -> str | None:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def _triton_version() -> str | None:
@@ -148,6 +143,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
         "clock": "cuda events" if device.type == "cuda" else clock,
         "date": now.isoformat(timespec="seconds"), "available_backends": ef.available_backends(),
+        "cpu": describe_cpu(),
         "command": " ".join(sys.argv), "timing_plan": grid.plan.__dict__,
         "skipped_routes": args.skipped,
     }, "cases": [], "train_step": []}

@@ -102,7 +102,18 @@ def _case_title(case, templates) -> str:
 
 
 def _rates(rates: dict) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in rates.items())
+    return ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} not measured (no bfloat16 "
+                     "arithmetic on this CPU)" for k, v in rates.items())
+
+
+def _cpu_line(meta: dict) -> list[str]:
+    """The CPU beside the figures: its model, its kernel flags and the cpu backend's path."""
+    cpu = meta.get("cpu")
+    if not cpu:
+        return []
+    path = cpu.get("cpu_backend_path") or "none (no extension)"
+    return ["", f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags']) or 'none of note'}; "
+                f"cpu backend path: {path}."]
 
 
 def _route_name(record) -> str:
@@ -156,6 +167,7 @@ def markdown(document: dict) -> str:
              + ". Times are medians in ms; speedup is the reference's time over the route's "
              "(same run); TFLOP/s counts the useful flops of docs/design.md section 6; memory is the "
              "peak beyond the inputs for one forward+backward."]
+    lines += _cpu_line(meta)
     lines += _headline(document)
     if meta.get("interrupted"):
         lines += ["", "**The run was interrupted; cases after the last one listed are missing.**"]

@@ -22,15 +22,18 @@
 //
 // The micro-kernels use GCC/Clang vector extensions of the instruction set's native width;
 // the hot functions are compiled three times (x86-64 baseline with 16-byte vectors, AVX2+FMA
-// with 32, AVX-512 with 64) and picked at run time, so the shipped build stays portable
-// without -march=native. (A vector wider than the instruction set's registers compiles to
+// with 32, AVX-512 with 64; plus the AVX-512 BF16 products) and picked at run time, the best
+// the CPU has unless ECLOSS_FAST_CPU_ISA caps it (set_cpu_isa), so the shipped build stays
+// portable without -march=native and every path can be tested on a CPU that has it. (A vector wider than the instruction set's registers compiles to
 // stack traffic, hence one width per copy.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
@@ -765,25 +768,52 @@ ECLOSS_DEFINE_TASKS(avx512, 64, __attribute__((target("avx512f,avx512vl,avx512dq
 #endif
 #undef ECLOSS_DEFINE_TASKS
 
-template <typename scalar_t>
-Tasks<scalar_t> select_tasks() {
+// The instruction-set paths, lowest first (names as ECLOSS_FAST_CPU_ISA spells them). The
+// kernels run the path that the ceiling allows (set_cpu_isa; the best this CPU has unless
+// told otherwise), so that every path can be run and tested on a CPU that has it.
+enum class Isa : int { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
+constexpr int kIsaCount = 4;
+
+// The highest path this CPU and this build have.
+Isa best_isa() {
+  static const Isa best = [] {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return tasks_avx512<scalar_t>();
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return tasks_avx2<scalar_t>();
-  }
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+#if ECLOSS_BF16_KERNELS
+      if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")) {
+        return Isa::kAvx512Bf16;
+      }
 #endif
-  return tasks_baseline<scalar_t>();
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+    return Isa::kBaseline;
+  }();
+  return best;
+}
+
+// The path in use: set_cpu_isa's choice, -1 until then (the best).
+std::atomic<int> isa_choice{-1};
+
+Isa isa_in_use() {
+  const int chosen = isa_choice.load(std::memory_order_relaxed);
+  return chosen < 0 ? best_isa() : static_cast<Isa>(chosen);
 }
 
 template <typename scalar_t>
-const Tasks<scalar_t>& tasks() {
-  static const Tasks<scalar_t> selected = select_tasks<scalar_t>();
-  return selected;
+const Tasks<scalar_t>& tasks_at(Isa isa) {
+  static const Tasks<scalar_t> baseline = tasks_baseline<scalar_t>();
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const Tasks<scalar_t> avx2 = tasks_avx2<scalar_t>();
+  static const Tasks<scalar_t> avx512 = tasks_avx512<scalar_t>();
+  if (isa >= Isa::kAvx512) return avx512;
+  if (isa == Isa::kAvx2) return avx2;
+#endif
+  return baseline;
 }
 
 #if ECLOSS_BF16_KERNELS
@@ -797,30 +827,24 @@ ECLOSS_DEFINE_BF16_TASK(row_stats_with_grad)
 ECLOSS_DEFINE_BF16_TASK(column_sums)
 ECLOSS_DEFINE_BF16_TASK(input_grad)
 #undef ECLOSS_DEFINE_BF16_TASK
-
-bool cpu_has_bf16_products() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
 #endif
 
-// The tasks of one call: bfloat16 products for precision "bf16" on float32 maps where the CPU
-// has them (AVX-512 BF16), else full precision (float64 maps always compute in float64).
+// The tasks of one call on the path in use: bfloat16 products for precision "bf16" on float32
+// maps on the avx512_bf16 path, else full precision (float64 maps always compute in float64).
 template <typename scalar_t>
 const Tasks<scalar_t>& tasks_for(c10::string_view precision) {
-  const bool bf16 = parse_precision(precision) == Precision::kBf16;
+  const Isa isa = isa_in_use();
 #if ECLOSS_BF16_KERNELS
   if constexpr (std::is_same_v<scalar_t, float>) {
-    static const bool supported = cpu_has_bf16_products();
     static const Tasks<float> bf16_tasks{kBf16TileWidth, true, &row_stats_bf16,
                                          &row_stats_with_grad_bf16, &column_sums_bf16,
                                          &input_grad_bf16};
-    if (bf16 && supported) return bf16_tasks;
+    if (isa == Isa::kAvx512Bf16 && parse_precision(precision) == Precision::kBf16) {
+      return bf16_tasks;
+    }
   }
 #endif
-  (void)bf16;
-  return tasks<scalar_t>();
+  return tasks_at<scalar_t>(isa);
 }
 
 // The template matrix in the two layouts the micro-kernels read (see Problem), for tiles
@@ -1125,6 +1149,36 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
 
 }  // namespace
 }  // namespace ecloss
+
+namespace ecloss {
+namespace {
+
+std::vector<std::string> cpu_isa_paths() {
+  return std::vector<std::string>(kIsaNames, kIsaNames + static_cast<int>(best_isa()) + 1);
+}
+
+std::string cpu_isa() { return kIsaNames[static_cast<int>(isa_in_use())]; }
+
+void set_cpu_isa(c10::string_view name) {
+  const auto found = std::find(kIsaNames, kIsaNames + kIsaCount, name);
+  TORCH_CHECK_VALUE(found != kIsaNames + kIsaCount, "unknown instruction-set path '", name,
+                    "'; the paths are baseline, avx2, avx512, avx512_bf16");
+  const int chosen = static_cast<int>(found - kIsaNames);
+  TORCH_CHECK_VALUE(chosen <= static_cast<int>(best_isa()), "this CPU has no '", name,
+                    "' path; it has: ", c10::Join(", ", cpu_isa_paths()));
+  isa_choice.store(chosen, std::memory_order_relaxed);
+}
+
+}  // namespace
+}  // namespace ecloss
+
+// The instruction-set path of the CPU kernels (ecloss_fast/backends/cpp_cpu.py sets it from
+// ECLOSS_FAST_CPU_ISA): process-wide, no tensor arguments, so registered for every key.
+TORCH_LIBRARY_FRAGMENT(ecloss_fast_C, m) {
+  m.def("cpu_isa_paths() -> str[]", &ecloss::cpu_isa_paths);
+  m.def("cpu_isa() -> str", &ecloss::cpu_isa);
+  m.def("set_cpu_isa(str isa) -> ()", &ecloss::set_cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, CPU, m) {
   m.impl("row_stats", &ecloss::row_stats_cpu);

@@ -2,12 +2,14 @@
 
 Prints the versions (ecloss-fast, Python, torch, triton, CUDA), every backend with
 "available" or why not and how to get it, what ``precision=None`` resolves to for float32,
-bfloat16 and float16 maps under the current ``torch.get_float32_matmul_precision()``, and the GPU
+bfloat16 and float16 maps under the current ``torch.get_float32_matmul_precision()``, the
+``cpu`` backend's instruction-set path (and the paths this CPU has), and the GPU
 architectures the built extension ``ecloss_fast._C`` carries code for.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import re
 import shutil
@@ -73,6 +75,21 @@ def _extension_architectures() -> str:
     return f"{path}: CUDA kernels for {', '.join(listed['elf']) or 'none'}{ptx}"
 
 
+def _cpu_path() -> str:
+    """The cpu backend's instruction-set path in use and the paths this CPU has."""
+    if _dispatch._load("cpu")[1] is not None:
+        return "none: the C++ extension is not built"
+    from ecloss_fast.backends import cpp_cpu
+
+    try:
+        in_use = cpp_cpu.isa_in_use()
+    except ValueError as error:
+        return str(error)
+    cap = os.environ.get(cpp_cpu.ISA_VARIABLE)
+    why = f"set by {cpp_cpu.ISA_VARIABLE}={cap}" if cap else "the best this CPU has"
+    return f"{in_use} ({why}); this CPU has: {', '.join(cpp_cpu.isa_paths())}"
+
+
 def report() -> str:
     """The report ``python -m ecloss_fast`` prints."""
     lines = [
@@ -89,6 +106,7 @@ def report() -> str:
         lines.append((f"precision=None, {str(dtype).removeprefix('torch.')}",
                       _dispatch.resolve_precision("", dtype)))
     lines.append(("float32 matmul precision", repr(torch.get_float32_matmul_precision())))
+    lines.append(("cpu backend path", _cpu_path()))
     lines.append(("extension", _extension_architectures()))
     width = max(len(key) for key, _ in lines)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)

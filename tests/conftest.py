@@ -132,3 +132,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _cpu_isa_paths() -> list[str]:
+    """The ``cpu`` backend's instruction-set paths this CPU has (none without the extension)."""
+    from ecloss_fast.backends import cpp_cpu
+
+    return cpp_cpu.isa_paths() if cpp_cpu.availability() is None else []
+
+
+CPU_ISA_PATHS = _cpu_isa_paths()
+
+
+@pytest.fixture(params=CPU_ISA_PATHS or [None])
+def cpu_isa(request):
+    """Runs the test once per instruction-set path of the ``cpu`` backend that this CPU has
+    (``ECLOSS_FAST_CPU_ISA``): an AVX-512 BF16 machine runs all four, an AVX2 one two, so a
+    path that breaks is caught on any machine that has it. ``None`` without the extension
+    (the test's own skip then applies). The environment is restored after the test."""
+    if request.param is not None:
+        os.environ["ECLOSS_FAST_CPU_ISA"] = request.param
+    return request.param

@@ -29,6 +29,8 @@ import ecloss_fast as ef
 from ecloss_fast.backends import cpp_cpu, cpp_cuda, streaming
 from ecloss_fast.testing import peaked_maps, random_maps
 from _contract import contract_templates, evaluate_contract
+from bench import cpu as bench_cpu
+from conftest import CPU_ISA_PATHS
 
 TAU = 1e-3
 RELATIVE = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -204,7 +206,7 @@ def test_cuda_kernels_are_built_when_the_toolkit_is_present():
 @pytest.mark.parametrize("marginal", [False, True])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 7, 7), (5, 2, 1, 9), (1, 3, 3, 2)])
-def test_contract_matches_einsum(shape, maps, marginal, dtype):
+def test_contract_matches_einsum(shape, maps, marginal, dtype, cpu_isa):
     b, c, h, w = shape
     x = maps(b, c, h, w, dtype=dtype, seed=b * 100 + c).reshape(b, c, h * w)
     _check_contract(cpp_cpu, x, (h, w), marginal, seed=h * w)
@@ -223,36 +225,29 @@ def test_streaming_backend_meets_the_same_contract(shape, maps, marginal, dtype)
 @needs_extension
 @pytest.mark.parametrize("marginal", [False, True])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
-def test_contract_full_14x14_set(maps, marginal):
+def test_contract_full_14x14_set(maps, marginal, cpu_isa):
     x = maps(2, 3, 14, 14, dtype=torch.float32, seed=7).reshape(2, 3, 196)
     _check_contract(cpp_cpu, x, (14, 14), marginal)
 
 
 @needs_extension
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 9), channels=st.integers(1, 8), height=st.integers(1, 5),
        width=st.integers(1, 6), peaked=st.booleans(), marginal=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_contract_random_shapes(batch, channels, height, width, peaked, marginal, seed):
+def test_contract_random_shapes(batch, channels, height, width, peaked, marginal, seed,
+                                cpu_isa):
     maps = peaked_maps if peaked else random_maps
     x = maps(batch, channels, height, width, dtype=torch.float32, seed=seed)
     _check_contract(cpp_cpu, x.reshape(batch, channels, -1), (height, width), marginal, seed=seed)
-
-
-def _cpu_has_bf16_products() -> bool:
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = info.read()
-    except OSError:
-        return False
-    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
 
 
 @needs_extension
 @pytest.mark.parametrize("marginal", [False, True])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 7, 7), (2, 3, 14, 14), (7, 2, 3, 3)])
-def test_bfloat16_products_meet_the_bf16_bound(shape, maps, marginal):
+def test_bfloat16_products_meet_the_bf16_bound(shape, maps, marginal, cpu_isa):
     b, c, h, w = shape
     x = maps(b, c, h, w, dtype=torch.float32, seed=b * 10 + c).reshape(b, c, h * w)
     _check_contract(cpp_cpu, x, (h, w), marginal, precision="bf16", seed=h * w)
@@ -260,7 +255,7 @@ def test_bfloat16_products_meet_the_bf16_bound(shape, maps, marginal):
 
 @needs_extension
 @pytest.mark.parametrize("precision", ["ieee", "bf16"])
-def test_packed_templates_are_reused_only_while_the_matrix_is_unchanged(precision):
+def test_packed_templates_are_reused_only_while_the_matrix_is_unchanged(precision, cpu_isa):
     # The kernels keep packed copies of recent template matrices: an in-place change, or a
     # new matrix, must be seen (float64 truth for each).
     x = random_maps(2, 3, 4, 5, dtype=torch.float32, seed=4).reshape(2, 3, 20)
@@ -283,10 +278,11 @@ def _assert_packed_templates_current(x, templates, precision, tolerance):
 
 
 @needs_extension
-@pytest.mark.skipif(not _cpu_has_bf16_products(), reason="this CPU has no AVX-512 BF16")
-def test_bfloat16_products_are_used_where_the_cpu_has_them():
+@pytest.mark.skipif("avx512_bf16" not in CPU_ISA_PATHS, reason="this CPU has no AVX-512 BF16")
+def test_bfloat16_products_are_used_on_the_avx512_bf16_path():
     # The scores of bfloat16 operands: those of the rounded maps and templates (exact
     # products, float32 sums), not the float32 ones.
+    os.environ[cpp_cpu.ISA_VARIABLE] = "avx512_bf16"
     x = random_maps(3, 4, 7, 7, dtype=torch.float32, seed=3).reshape(3, 4, 49)
     templates = contract_templates(7, 7, torch.float32)
     row_max = cpp_cpu.row_stats(x, templates, TAU, "bf16")[0]
@@ -296,9 +292,70 @@ def test_bfloat16_products_are_used_where_the_cpu_has_them():
 
 
 @needs_extension
+def test_bfloat16_precision_computes_in_float32_on_the_other_paths(cpu_isa):
+    if cpu_isa == "avx512_bf16":
+        pytest.skip("the avx512_bf16 path has bfloat16 products")
+    x = random_maps(3, 4, 7, 7, dtype=torch.float32, seed=3).reshape(3, 4, 49)
+    templates = contract_templates(7, 7, torch.float32)
+    for full, bf16 in zip(cpp_cpu.row_stats(x, templates, TAU, "ieee"),
+                          cpp_cpu.row_stats(x, templates, TAU, "bf16")):
+        assert torch.equal(full, bf16)
+
+
+@needs_extension
+def test_the_instruction_set_path_is_the_one_asked_for(cpu_isa):
+    assert cpp_cpu.isa_in_use() == cpu_isa
+    assert torch.ops.ecloss_fast_C.cpu_isa() == cpu_isa
+    del os.environ[cpp_cpu.ISA_VARIABLE]
+    assert cpp_cpu.isa_in_use() == CPU_ISA_PATHS[-1]  # unset: the best this CPU has
+
+
+@needs_extension
+def test_instruction_set_paths_this_cpu_has():
+    flags = bench_cpu.cpu_flags()
+    expected = ["baseline"]
+    if {"avx2", "fma"} <= flags:
+        expected.append("avx2")
+    if {"avx512f", "avx512vl", "avx512dq"} <= flags:
+        expected.append("avx512")
+        if {"avx512bw", "avx512_bf16"} <= flags:
+            expected.append("avx512_bf16")
+    assert CPU_ISA_PATHS == expected
+
+
+@needs_extension
+@pytest.mark.parametrize("value, says", [
+    ("avx1024", "is not an instruction-set path (the paths are baseline, avx2, avx512, "
+                "avx512_bf16)"),
+    ("AVX2", "is not an instruction-set path")])
+def test_an_unknown_instruction_set_path_is_a_clear_error(value, says):
+    os.environ[cpp_cpu.ISA_VARIABLE] = value
+    x = random_maps(2, 2, 3, 3).reshape(2, 2, 9)
+    with pytest.raises(ValueError) as raised:
+        cpp_cpu.row_stats(x, contract_templates(3, 3, torch.float32), TAU, "ieee")
+    message = str(raised.value)
+    assert message.startswith(f"ECLOSS_FAST_CPU_ISA={value!r} {says}")
+    assert message.endswith(f"this CPU has: {', '.join(CPU_ISA_PATHS)} (unset it for the "
+                            f"best, {CPU_ISA_PATHS[-1]!r})")
+
+
+@needs_extension
+@pytest.mark.skipif(CPU_ISA_PATHS[-1:] == ["avx512_bf16"], reason="this CPU has every path")
+def test_a_path_this_cpu_lacks_is_a_clear_error():
+    lacking = cpp_cpu.ISA_PATHS[len(CPU_ISA_PATHS)]
+    os.environ[cpp_cpu.ISA_VARIABLE] = lacking
+    with pytest.raises(ValueError, match=f"ECLOSS_FAST_CPU_ISA={lacking!r} names a path this "
+                                         f"CPU does not have; this CPU has: "
+                                         f"{', '.join(CPU_ISA_PATHS)}"):
+        cpp_cpu.isa_in_use()
+    with pytest.raises(ValueError, match=f"this CPU has no '{lacking}' path"):
+        torch.ops.ecloss_fast_C.set_cpu_isa(lacking)
+
+
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
-def test_input_grad_with_a_general_prior(maps, dtype):
+def test_input_grad_with_a_general_prior(maps, dtype, cpu_isa):
     # Any (C, N) prior, as the channel-diversity term passes one: dx against float64.
     batch, channels, size = 5, 3, (4, 6)
     x = maps(batch, channels, *size, dtype=dtype, seed=4).reshape(batch, channels, -1)
@@ -319,7 +376,7 @@ def test_input_grad_with_a_general_prior(maps, dtype):
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_run_in_float32(dtype):
+def test_half_inputs_run_in_float32(dtype, cpu_isa):
     x = peaked_maps(2, 3, 4, 5, dtype=dtype, seed=3).reshape(2, 3, 20)
     templates = contract_templates(4, 5, torch.float32)
     row_max, log_sum, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "ieee")
@@ -336,7 +393,7 @@ def test_half_inputs_run_in_float32(dtype):
 
 @needs_extension
 @pytest.mark.parametrize("shape", [(13, 4, 5, 5), (2, 3, 14, 14)])  # few rows: template parts
-def test_results_are_deterministic_and_independent_of_threads(shape):
+def test_results_are_deterministic_and_independent_of_threads(shape, cpu_isa):
     batch, channels, height, width = shape
     x = peaked_maps(*shape, dtype=torch.float32, seed=11).reshape(batch, channels, -1)
     templates = contract_templates(height, width, torch.float32)
@@ -365,7 +422,7 @@ def test_results_are_deterministic_and_independent_of_threads(shape):
 
 @needs_extension
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_gives_non_finite_statistics(bad):
+def test_non_finite_input_gives_non_finite_statistics(bad, cpu_isa):
     x = random_maps(2, 2, 3, 3, seed=1).reshape(2, 2, 9)
     x[1, 0, 4] = bad
     statistics = cpp_cpu.row_stats(x, contract_templates(3, 3, torch.float32), TAU, "ieee")
@@ -431,7 +488,7 @@ def _template_maps(batch, size, value, index=1000):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("maps", ["constant", "peaked"])
 @pytest.mark.parametrize("score_scale", [10.0, 1e4, 1e7, 1e9, 1e12, 1e30])
-def test_probabilities_of_every_sweep_sum_to_one(score_scale, maps, dtype):
+def test_probabilities_of_every_sweep_sum_to_one(score_scale, maps, dtype, cpu_isa):
     # The cause of marginal losses above 0: p recomputed from a rounded lse = max + log l
     # do not sum to 1 once the ulp of the max exceeds log l. Formed from (row_max, log_sum)
     # and bitwise the forward's scores, each row's p sum to 1 to rounding at every magnitude.
@@ -451,7 +508,7 @@ def test_probabilities_of_every_sweep_sum_to_one(score_scale, maps, dtype):
 @needs_extension
 @pytest.mark.parametrize("size", [7, 14])
 @pytest.mark.parametrize("value", [3e10, 1e11, 1e15])
-def test_huge_maps_give_finite_results_within_their_near_tie_bound(value, size):
+def test_huge_maps_give_finite_results_within_their_near_tie_bound(value, size, cpu_isa):
     # Past scores of ~1.5e9 an FMA-contracted shift tau * <x, T> - max exceeds the range of
     # exp, and the loss of such maps was NaN (the reference gives -6.07 for 1e11 at 7x7).
     x = _constant_maps(2, size, value)
@@ -488,7 +545,7 @@ def test_huge_maps_give_finite_results_within_their_near_tie_bound(value, size):
 @pytest.mark.parametrize("maps, batch, value", [
     (_constant_maps, 4, 2e9), (_template_maps, 1, 1e9), (_constant_maps, 2, 3e10),
     (_template_maps, 8, 1e8), (_constant_maps, 3, 1e4), (_template_maps, 5, 10.0)])
-def test_marginal_loss_of_identical_maps_is_zero(maps, batch, value):
+def test_marginal_loss_of_identical_maps_is_zero(maps, batch, value, cpu_isa):
     # The maps of the channel are equal (or B = 1), so pbar = p and the loss is exactly 0 for
     # any scores; it came out +3.46 (constant 2e9, B = 4) and +0.457 (template 1e9, B = 1).
     x = maps(batch, 7, value).requires_grad_()
@@ -514,7 +571,8 @@ def _maps_sharing_templates(seed):
 @needs_extension
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("score_scale", [30.0, 1e8, 1e14, 1e30, 1e34])
-def test_marginal_loss_of_peaked_maps_matches_float64_at_every_score_scale(score_scale, seed):
+def test_marginal_loss_of_peaked_maps_matches_float64_at_every_score_scale(score_scale, seed,
+                                                                           cpu_isa):
     # At 1e8 the loss came out up to +18 and below -log B. Above scores of ~1e3 the input is
     # checked to be decided: every row has one template ahead of the rest by more than
     # float32 rounding can move (then float32 and float64 pick the same ones).
@@ -542,7 +600,8 @@ def test_marginal_loss_of_peaked_maps_matches_float64_at_every_score_scale(score
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 7, 7), (4, 6, 7, 7), (8, 4, 14, 14)])
-def test_float32_loss_and_dx_of_peaked_maps_within_1e5_of_float64(shape, estimator, seed):
+def test_float32_loss_and_dx_of_peaked_maps_within_1e5_of_float64(shape, estimator, seed,
+                                                                  cpu_isa):
     # docs/design.md section 4, with no allowance for near-uniform softmaxes: relative to the
     # result itself. The recomputed p were not the forward's and dx missed by up to 8e-5.
     x = peaked_maps(*shape, seed=seed * 31 + shape[1]).requires_grad_()
@@ -565,7 +624,7 @@ def test_float32_loss_and_dx_of_peaked_maps_within_1e5_of_float64(shape, estimat
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 3), (2, 3, 14, 14)])
-def test_ecloss_cpu_matches_reference(shape, maps, reduction, estimator):
+def test_ecloss_cpu_matches_reference(shape, maps, reduction, estimator, cpu_isa):
     x = maps(*shape, dtype=torch.float32, seed=sum(shape)).requires_grad_()
     reference_x = x.detach().double().requires_grad_()
     kwargs = dict(estimator=estimator, reduction=reduction)
@@ -587,7 +646,7 @@ def test_ecloss_cpu_matches_reference(shape, maps, reduction, estimator):
 
 @needs_extension
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
-def test_gradcheck_float64(estimator):
+def test_gradcheck_float64(estimator, cpu_isa):
     x = peaked_maps(3, 2, 3, 3, dtype=torch.float64, seed=2, scale=300.0).requires_grad_()
 
     def loss(maps):

@@ -94,3 +94,17 @@ def test_extension_lists_the_architectures_it_was_built_for():
     expected = ", ".join(f"sm_{arch.split('+')[0].replace('.', '')}"
                          for arch in re.split(r"[;\s]+", asked.strip()))
     assert f"CUDA kernels for {expected};" in fields["extension"], fields["extension"]
+
+
+@pytest.mark.skipif(cpp_cpu.extension_error is not None, reason="the C++ extension is not built")
+def test_cpu_backend_path_in_use_and_the_paths_this_cpu_has():
+    paths = cpp_cpu.isa_paths()
+    fields = _run_info(ECLOSS_FAST_CPU_ISA="")
+    assert fields["cpu backend path"] == (f"{paths[-1]} (the best this CPU has); this CPU "
+                                          f"has: {', '.join(paths)}")
+    fields = _run_info(ECLOSS_FAST_CPU_ISA="baseline")
+    assert fields["cpu backend path"] == (f"baseline (set by ECLOSS_FAST_CPU_ISA=baseline); "
+                                          f"this CPU has: {', '.join(paths)}")
+    fields = _run_info(ECLOSS_FAST_CPU_ISA="sse9")
+    assert fields["cpu backend path"].startswith(
+        "ECLOSS_FAST_CPU_ISA='sse9' is not an instruction-set path")

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 import ecloss_fast as ef
 from ecloss_fast import _dispatch
+from ecloss_fast.backends import cpp_cpu
 from ecloss_fast.testing import peaked_maps
 from _numpy_ecloss import loss_and_grad
 
@@ -53,20 +54,28 @@ def _cpu_backends():
 
 
 CPU_BACKENDS = _cpu_backends()
+# The cpu backend's instruction-set paths below the best (which "cpu" runs), as "cpu@path".
+OTHER_CPU_PATHS = ([f"cpu@{path}" for path in cpp_cpu.isa_paths()[:-1]]
+                   if "cpu" in CPU_BACKENDS else [])
 FUSED_CPU_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
 
 
 @contextlib.contextmanager
 def runnable(backend):
-    """For ``triton``: Triton's interpreter for CPU tensors, as the dispatcher requires."""
-    if backend != "triton":
-        yield
+    """The backend's name for ``ecloss``, made runnable: ``cpu@path`` is the cpu backend on
+    that instruction-set path (``ECLOSS_FAST_CPU_ISA``; conftest restores the environment);
+    ``triton`` runs CPU tensors in Triton's interpreter, as the dispatcher requires."""
+    name, _, path = backend.partition("@")
+    if path:
+        os.environ[cpp_cpu.ISA_VARIABLE] = path
+    if name != "triton":
+        yield name
         return
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     _dispatch._load.cache_clear()
     try:
-        yield
+        yield name
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -123,7 +132,7 @@ def score_error(x):
     return (pixels + 1) * eps * TAU * largest_row
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + OTHER_CPU_PATHS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(MAP_KINDS), exponent=st.floats(-6.0, 8.0),
        batch=st.integers(1, 8), channels=st.integers(1, 3), height=st.integers(1, 4),
@@ -145,9 +154,9 @@ def test_loss_in_range_finite_and_exact_at_every_magnitude(backend, kind, expone
     x = make_maps(kind, batch, channels, height, width, 10.0 ** exponent, seed).to(dtype)
     num_templates = ef.num_templates(height, width)
     leaf = x.clone().requires_grad_()
-    with runnable(backend):
+    with runnable(backend) as name:
         loss = ef.ecloss(leaf, tau=TAU, estimator=estimator, reduction="none",
-                         backend=backend, precision="ieee")
+                         backend=name, precision="ieee")
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
     want, _ = loss_and_grad(x.double().numpy(), TAU, estimator)
     loss = loss.detach().double()
@@ -165,7 +174,7 @@ def test_loss_in_range_finite_and_exact_at_every_magnitude(backend, kind, expone
     assert error <= allowed, (error, allowed)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + OTHER_CPU_PATHS)
 def test_issue_examples_huge_scores_give_zero_information(backend):
     """Maps that carry no information about the batch: the marginal loss is exactly 0."""
     templates = ef.make_templates(7)
@@ -173,13 +182,13 @@ def test_issue_examples_huge_scores_give_zero_information(backend):
              templates[1000].clamp_min(0)[None, None] * 1e9,      # B = 1
              peaked_maps(1, 1, 7, 7, seed=3).expand(8, 3, -1, -1) * 1e5]
     rounding = rounding_allowance(torch.float32, templates.shape[0])
-    with runnable(backend):
+    with runnable(backend) as name:
         for x in cases:
-            loss = ef.ecloss(x, estimator="marginal", backend=backend, reduction="none")
+            loss = ef.ecloss(x, estimator="marginal", backend=name, reduction="none")
             assert loss.abs().max().item() <= rounding, (x.shape, loss)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + OTHER_CPU_PATHS)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(MAP_KINDS), exponent=st.floats(-6.0, 8.0),
        batch=st.integers(1, 6), channels=st.integers(1, 4), height=st.integers(1, 4),
@@ -198,9 +207,9 @@ def test_diversity_in_range_finite_and_exact_at_every_magnitude(backend, kind, e
     x = make_maps(kind, batch, channels, height, width, 10.0 ** exponent, seed).float()
     num_templates = ef.num_templates(height, width)
     leaf = x.clone().requires_grad_()
-    with runnable(backend):
+    with runnable(backend) as name:
         loss = ef.ecloss(leaf, tau=TAU, estimator=estimator, reduction="none",
-                         backend=backend, precision="ieee", diversity=diversity)
+                         backend=name, precision="ieee", diversity=diversity)
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
     want = ef.ecloss(x.double(), tau=TAU, estimator=estimator, reduction="none",
                      backend="reference", diversity=diversity)
@@ -221,7 +230,7 @@ DX_SHAPES = [(4, 3, 7, 7), (3, 2, 5, 5), (6, 2, 4, 6), (2, 2, 14, 14)]
 
 
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
-@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS + OTHER_CPU_PATHS)
 def test_dx_of_peaked_maps_within_1e5_of_float64(backend, estimator):
     """docs/design.md section 4's bound, float32 ``ieee``, on maps built from templates."""
     worst = 0.0
@@ -236,9 +245,9 @@ def test_dx_of_peaked_maps_within_1e5_of_float64(backend, estimator):
                              backend="reference")
             (want_grad,) = torch.autograd.grad(want, truth64, upstream)
             leaf = x.clone().requires_grad_()
-            with runnable(backend):
+            with runnable(backend) as name:
                 loss = ef.ecloss(leaf, tau=TAU, estimator=estimator, reduction="none",
-                                 backend=backend, precision="ieee")
+                                 backend=name, precision="ieee")
                 (grad,) = torch.autograd.grad(loss, leaf, upstream.float())
             error = ((grad.double() - want_grad).norm() / want_grad.norm()).item()
             worst = max(worst, error)

@@ -8,13 +8,24 @@ elsewhere; ``"ieee"`` and ``"tf32"`` compute in full float32 (float64 maps in fl
 float16 inputs run in float32 (``"fp16"``, the resolution of ``precision=None`` for float16
 maps, which the extension does not name, is passed as ``"ieee"``). Packed copies of the
 template matrix are kept between calls while the matrix lives unchanged.
+
+The kernels are compiled for four instruction-set paths, ``ISA_PATHS``, and run the best
+one this CPU has; the environment variable ``ECLOSS_FAST_CPU_ISA`` caps it (read at every
+call, so a test or a user can force each path the CPU has). ``"avx512_bf16"`` differs from
+``"avx512"`` only for ``precision="bf16"``.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 __all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
-           "input_grad", "extension_error"]
+           "input_grad", "extension_error", "ISA_PATHS", "ISA_VARIABLE", "isa_paths",
+           "isa_in_use"]
+
+ISA_VARIABLE = "ECLOSS_FAST_CPU_ISA"
+ISA_PATHS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` or "
                "`python setup.py build_ext --inplace` (needs a C++ compiler)")
@@ -40,6 +51,38 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def isa_paths() -> list[str]:
+    """The instruction-set paths this CPU (and build) has, lowest first."""
+    return list(torch.ops.ecloss_fast_C.cpu_isa_paths())
+
+
+_applied_isa: str | None = None  # the ECLOSS_FAST_CPU_ISA value the extension was last given
+
+
+def _apply_isa_variable() -> None:
+    """Give the extension the path ``ECLOSS_FAST_CPU_ISA`` names (unset or empty: the best),
+    when the variable changed since the last call; a ``ValueError`` names the variable, its
+    value and this CPU's paths for an unknown path or one this CPU lacks."""
+    global _applied_isa
+    requested = os.environ.get(ISA_VARIABLE, "")
+    if requested == _applied_isa:
+        return
+    paths = isa_paths()
+    if requested and requested not in paths:
+        problem = (f"is not an instruction-set path (the paths are {', '.join(ISA_PATHS)})"
+                   if requested not in ISA_PATHS else "names a path this CPU does not have")
+        raise ValueError(f"{ISA_VARIABLE}={requested!r} {problem}; this CPU has: "
+                         f"{', '.join(paths)} (unset it for the best, {paths[-1]!r})")
+    torch.ops.ecloss_fast_C.set_cpu_isa(requested or paths[-1])
+    _applied_isa = requested
+
+
+def isa_in_use() -> str:
+    """The path the kernels run: ``ECLOSS_FAST_CPU_ISA`` if set, else the best this CPU has."""
+    _apply_isa_variable()
+    return torch.ops.ecloss_fast_C.cpu_isa()
+
+
 def extension_precision(precision: str, float16_products: str) -> str:
     """The extension's name for ``precision``: it knows ``"ieee"``, ``"tf32"`` and ``"bf16"``,
     and ``"fp16"`` takes ``float16_products``."""
@@ -47,21 +90,25 @@ def extension_precision(precision: str, float16_products: str) -> str:
 
 
 def row_stats(x, templates, tau, precision):
+    _apply_isa_variable()
     return torch.ops.ecloss_fast_C.row_stats(x, templates, tau,
                                              extension_precision(precision, "ieee"))
 
 
 def row_stats_with_grad(x, templates, tau, precision):
+    _apply_isa_variable()
     return torch.ops.ecloss_fast_C.row_stats_with_grad(x, templates, tau,
                                                        extension_precision(precision, "ieee"))
 
 
 def column_sums(x, templates, tau, row_max, log_sum, precision):
+    _apply_isa_variable()
     return torch.ops.ecloss_fast_C.column_sums(x, templates, tau, row_max, log_sum,
                                                extension_precision(precision, "ieee"))
 
 
 def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision):
+    _apply_isa_variable()
     return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, row_max, log_sum, neg_entropy,
                                               prior, row_weight,
                                               extension_precision(precision, "ieee"))
