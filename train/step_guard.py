@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from train.checkpoint import NonFiniteError
+from train.logs import record_error
 
 __all__ = ["StepGuard", "NonFiniteError", "diverged"]
 
@@ -89,5 +90,5 @@ class StepGuard:
         if self.streak >= self.limit:
             error = diverged(f"{self.streak} consecutive non-finite steps up to step {step}; "
                              "stopping", last_checkpoint)
-            self.log.error("%s", error)
+            record_error(self.log, error)  # the command line prints it as its error line
             raise error

@@ -396,7 +396,7 @@ class RecordIODataset(torch.utils.data.Dataset):
             header, _ = self.record(key)
             found = header.label[position] if header.flag >= 2 else None
             if found != expected:
-                what = "first" if position == 0 else "end"
+                what = "start" if position == 0 else "end"
                 return (f"{announced}, but record {key} is not an identity record whose images "
                         f"{what} at key {expected} (its labels: {header.label})")
         return None
