@@ -98,13 +98,14 @@ def _count_host_reads(monkeypatch, trainer, methods, excluded):
 
 
 @pytest.mark.parametrize("head", [{}, {"kind": "arcface", "partial_fc": True, "sample_rate": 0.5}])
-def test_training_steps_read_nothing_on_the_host(tmp_path, monkeypatch, head):
-    # Everything a step does (_train_step), adds to the log interval (_accumulate) and asks
-    # before the next (_should_stop) stays on the device; the logged step's row
-    # (_log_row) reads the interval once. Measured on the CPU, where a host read costs
-    # nothing, by counting the calls that would wait for a GPU. Not counted: the gradient
-    # norms that beta measures every beta.update_every steps (by design a read; here at
-    # the first step only).
+def test_training_steps_read_one_flag_on_the_host(tmp_path, monkeypatch, head):
+    # A step (_train_step) reads one thing on the host: its finite flag, before the
+    # optimizer step (train/step_guard.py). Everything else it does, adds to the log
+    # interval (_accumulate) and asks before the next (_should_stop) stays on the device;
+    # the logged step's row (_log_row) reads the interval once. Measured on the CPU, where
+    # a host read costs nothing, by counting the calls that would wait for a GPU. Not
+    # counted: the gradient norms that beta measures every beta.update_every steps (by
+    # design a read; here at the first step only).
     config = config_from_dict(tiny(tmp_path, head=head, beta={"update_every": 1000},
                                    data={"num_identities": 40, "images_per_identity": 1},
                                    train={"epochs": 1, "log_every": 100}))
@@ -116,14 +117,14 @@ def test_training_steps_read_nothing_on_the_host(tmp_path, monkeypatch, head):
     log_reads = _count_host_reads(monkeypatch, trainer, ["_log_row"], excluded=[])
     trainer.run()
     assert trainer.step == 10
-    assert step_reads == {name: 0 for name in HOST_READS}
+    assert step_reads == {name: 10 * (name == "__bool__") for name in HOST_READS}
     # The one logged step (the epoch's last) read its row once.
     assert log_reads == {name: int(name == "tolist") for name in HOST_READS}
 
 
-def test_nonfinite_streak_stops_the_run_at_the_next_logged_step(tmp_path):
-    # Skips are decided on the device; the streak is read at the logged step (here the
-    # epoch's last, step 6), which names the step where the limit was reached.
+def test_nonfinite_streak_stops_the_run_at_the_step_that_reaches_the_limit(tmp_path):
+    # Each step's flag is read before its optimizer step, so the run stops at the step that
+    # makes the limit (step 3), not at the next logged step (here the epoch's last, 6).
     config = config_from_dict(tiny(tmp_path, train={"epochs": 1, "log_every": 100,
                                                     "max_nonfinite_steps": 3}))
     trainer = Trainer(config, distributed.setup("cpu"))
@@ -133,7 +134,7 @@ def test_nonfinite_streak_stops_the_run_at_the_next_logged_step(tmp_path):
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps up to step 3"):
         trainer.run()
     trainer.close()
-    assert trainer.step == 6 and trainer.skipped_steps == 3
+    assert trainer.step == 2 and trainer.skipped_steps == 3  # stopped inside step 3
     assert all(torch.equal(a, b) for a, b in zip(initial, trainer.module.parameters()))
 
 

@@ -4,10 +4,13 @@ Under ``torchrun --nproc_per_node=N -m train ...`` the same command trains data-
 With ``--resume`` and no ``--config`` the checkpoint's own config is used; overrides still
 apply (e.g. ``train.epochs=20`` to extend a finished run). A resumed run goes on to its end:
 the ``train.stop_at_step`` that stopped it is not taken from the checkpoint, only from this
-command line or ``--config``. ``--print-config`` prints the resolved config and exits.
+command line or ``--config``; nor is ``train.allow_data_change`` (``--allow-data-change``:
+resume although the data set changed). ``--print-config`` prints the resolved config and
+exits.
 
 Exit status: 0 when done; 2 after a user error (bad key or value, missing file or folder,
-unreadable checkpoint, bad data), printed as one ``error: ...`` line before the run
+unreadable or damaged checkpoint, bad data, a run directory in use, a checkpoint that
+cannot be saved, a run that diverged), printed as one ``error: ...`` line before the run
 directory is created where it can be found then; 130 or 143 after a run stopped by SIGINT
 or SIGTERM (its checkpoint saved).
 """
@@ -29,16 +32,21 @@ def _resolve(args) -> Config:
     is created."""
     base = state = None
     if args.resume:
-        state = read_checkpoint(args.resume)
+        state = read_checkpoint(args.resume, resume=True)
         if args.config is None:
-            # The stop step stopped the run being resumed; it is not a setting of the run.
-            base = {**state["config"], "train": {**state["config"]["train"], "stop_at_step": None}}
+            # The stop step stopped the run being resumed, and a data change was allowed
+            # once: neither is a setting of the run.
+            base = {**state["config"], "train": {**state["config"]["train"], "stop_at_step": None,
+                                                 "allow_data_change": False}}
     config = load_config(args.config, args.overrides, base=base)
     if args.resume:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train,
                                                                        resume=str(args.resume)))
     elif config.train.resume:
-        state = read_checkpoint(config.train.resume)
+        state = read_checkpoint(config.train.resume, resume=True)
+    if args.allow_data_change:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                       allow_data_change=True))
     stop_at = config.train.stop_at_step
     if state is not None and stop_at is not None and stop_at <= state["step"]:
         raise ValueError(f"train.stop_at_step={stop_at} is not after the checkpoint's step "
@@ -59,6 +67,9 @@ def main(argv=None) -> int:
                "key, default, (type)\n" + config_help())
     parser.add_argument("--config", help="YAML or Python config file (train/configs/ has examples)")
     parser.add_argument("--resume", help="a run directory or a checkpoint file to continue")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume although the data set differs from the checkpoint's "
+                             "(image count or sample list; the classes must stay)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (defaults, checkpoint, file, overrides) "
                              "as YAML and exit")

@@ -7,29 +7,41 @@ as ``error: ...`` on stderr, without a traceback, and the exit status is 2, as
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 
-from train.checkpoint import load_checkpoint, resolve_checkpoint
+from train.checkpoint import NonFiniteError, load_checkpoint, resolve_checkpoint
 from train.data.image import BadDataError
 
 __all__ = ["USER_ERRORS", "USER_ERROR_STATUS", "report_user_error", "read_checkpoint"]
 
-USER_ERRORS = (ValueError, OSError, BadDataError)
+# NonFiniteError: the run diverged (its settings, e.g. the learning rate, are the cause).
+USER_ERRORS = (ValueError, OSError, BadDataError, NonFiniteError)
 USER_ERROR_STATUS = 2
+# How a DataLoader worker's exception reaches the main process: the worker's traceback in
+# the message (torch.utils.data's ExceptionWrapper).
+_WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process (\d+)\.\n"
+                               r"Original Traceback", re.S)
 
 
 def report_user_error(error: BaseException) -> int:
-    """Print ``error: <message>`` to stderr; returns the exit status for it."""
-    print(f"error: {error}", file=sys.stderr)
+    """Print ``error: <message>`` to stderr, in one line (an error raised in a DataLoader
+    worker without the worker's traceback); returns the exit status for it."""
+    message = str(error)
+    worker = _WORKER_TRACEBACK.match(message)
+    if worker:
+        last = message.rstrip().splitlines()[-1]  # "module.Type: the error's own message"
+        message = f"{last.split(': ', 1)[-1]} (in DataLoader worker {worker.group(1)})"
+    print(f"error: {message}", file=sys.stderr)
     return USER_ERROR_STATUS
 
 
-def read_checkpoint(path, map_location="cpu") -> dict:
+def read_checkpoint(path, map_location="cpu", *, resume: bool = False) -> dict:
     """:func:`train.checkpoint.load_checkpoint`, with a file torch cannot read (truncated,
     not a checkpoint) raised as ``ValueError`` naming it."""
     checkpoint = resolve_checkpoint(path)
     try:
-        return load_checkpoint(checkpoint, map_location)
+        return load_checkpoint(checkpoint, map_location, resume=resume)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
         if str(checkpoint) in str(error):  # load_checkpoint's own message names the file
             raise

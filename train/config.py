@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import runpy
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ class RunConfig:
     output_dir: str = "runs"
     run_name: Optional[str] = None  # None: <arch>-<source>-<date>-<time>
     resume: Optional[str] = None  # a checkpoint file or a run directory
+    allow_data_change: bool = False  # resume on a data set other than the checkpoint's
     stop_at_step: Optional[int] = None  # save and stop there, as if interrupted
     log_every: int = 10
     checkpoint_every: int = 500  # steps between kept checkpoints; last.pt is also rewritten
@@ -201,6 +203,10 @@ def _unknown(key: str, known) -> ValueError:
     return ValueError(f"unknown config key {key!r}{hint} (known: {', '.join(known)})")
 
 
+# A number as people write it: 3, 0.5, .5, 1e-4, 1.0e6, -2E+3.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value, hint, key: str):
     """``value`` checked against the type ``hint``, with ints accepted for floats."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -234,6 +240,8 @@ def _coerce(value, hint, key: str):
             raise ValueError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 and 1.0e6 as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -297,20 +305,40 @@ def parse_overrides(overrides) -> dict:
         if not sep or "." not in key:
             raise ValueError(f"override {item!r} must look like section.key=value")
         section, name = key.strip().split(".", 1)
-        nested.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}{_yaml_problem(error)}") from error
+        nested.setdefault(section, {})[name] = value
     return nested
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``:line:column: not valid YAML: problem`` of a parser error, in one line."""
+    mark = getattr(error, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{where}: not valid YAML: {problem}"
 
 
 def _read_file(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".py":
-        loaded = runpy.run_path(str(path)).get("config")
+        try:
+            loaded = runpy.run_path(str(path)).get("config")
+        except SyntaxError as error:
+            raise ValueError(f"{path}:{error.lineno}: {error.msg}") from error
+        except Exception as error:  # the file's own code failed: a user error all the same
+            raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
         if loaded is None:
             raise ValueError(f"{path} must define a variable named 'config'")
         return config_to_dict(loaded) if isinstance(loaded, Config) else loaded
     if path.suffix in (".yaml", ".yml"):
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}{_yaml_problem(error)}") from error
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of sections")
         return loaded

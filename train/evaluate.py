@@ -472,7 +472,7 @@ def evaluate_checkpoint(checkpoint, out, data=None, settings=None, device="auto"
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path, map_location=device)
-    model, config = model_from_state(state, device)
+    model, config = model_from_state(state, device, path)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return evaluate_model(model, config, out, data, settings, device, run_dir=run_dir,
                           calibrated_tau=state.get("calibrated_tau"))

@@ -1,12 +1,21 @@
-"""Run logs: ``log.csv`` (one row per logged step) and TensorBoard events, rank 0 only."""
+"""Run logs: ``log.csv`` (one row per logged step) and TensorBoard events, rank 0 only; the
+console and ``train.log``; the progress bar's summary of a row.
+
+A row's ``loss``, ``ce``, ``ecloss`` and ``grad_norm`` are means over the interval's steps
+that were applied; when every step of the interval was skipped as non-finite they are
+blank (``None``: an empty field in ``log.csv``, no TensorBoard point), never 0.
+``skipped_steps`` counts the run's skipped steps so far.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import sys
 from pathlib import Path
 
-__all__ = ["RunLog", "CSV_FIELDS", "console_logger", "release_console_logger"]
+__all__ = ["RunLog", "CSV_FIELDS", "console_logger", "release_console_logger", "record_error",
+           "interval_means", "progress_postfix"]
 
 CSV_FIELDS = ("step", "epoch", "lr", "loss", "ce", "ecloss", "beta", "grad_ratio", "accuracy",
               "images_per_s", "grad_norm", "amp_scale", "skipped_steps", "skipped_images",
@@ -43,13 +52,47 @@ def release_console_logger() -> None:
     logger.propagate = True
 
 
+def record_error(logger: logging.Logger, error: BaseException) -> None:
+    """Write ``error`` to the run's ``train.log`` only: the command line prints it to the
+    console itself, as its one ``error:`` line."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def interval_means(sums: dict, applied_steps: float) -> dict:
+    """``sums`` (over an interval's applied steps) divided by their count; ``None`` for
+    each when no step was applied."""
+    if applied_steps == 0:
+        return {key: None for key in sums}
+    return {key: total / applied_steps for key, total in sums.items()}
+
+
+def progress_postfix(row: dict) -> dict:
+    """The progress bar's summary of a row: losses, accuracy, speed, the ECLoss diagnostics
+    and verification scores (short names); "skipped" when no step of the interval was applied."""
+    if row["loss"] is None:
+        losses = {"skipped": f"all steps since the last row, {row['skipped_steps']} in the run"}
+    else:
+        losses = dict(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", ecl=f"{row['ecloss']:.3g}")
+    names = {"mi_over_log_n": "mi", "max_p": "max_p", "score_std": "s_std"}
+    diagnostics = {short: f"{row[name]:.3g}" for name, short in names.items() if name in row}
+    verification = {name[7:]: f"{value:.3f}" for name, value in row.items()
+                    if name.startswith("verify_")}
+    return (losses | dict(acc=f"{row['accuracy']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+            | diagnostics | verification)
+
+
 class RunLog:
     """Appends rows to ``log.csv`` and scalars to TensorBoard under ``<run dir>/tensorboard``.
 
     The columns are :data:`CSV_FIELDS` and then ``extra_fields`` (the run's verification
     sets, ``verify_<name>``: blank in the rows that did not score them). On resume from
     step ``k``, rows after ``k`` (written by the interrupted run after its last checkpoint)
-    are dropped and TensorBoard purges its events after ``k``.
+    are dropped and TensorBoard purges its events after ``k``; so is a last line that a
+    killed run left unfinished (with a warning), and any other line that is not a row is a
+    ``ValueError`` naming the file and the line.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None,
@@ -62,8 +105,7 @@ class RunLog:
         self.path = run_dir / "log.csv"
         rows = []
         if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+            rows = [row for row in self._rows() if int(row["step"]) <= resume_step]
         with open(self.path, "w", newline="") as handle:
             # A resumed run may score other sets: their old columns go.
             writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
@@ -78,6 +120,21 @@ class RunLog:
             else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"),
                                             purge_step=None if resume_step is None else resume_step + 1)
+
+    def _rows(self) -> list[dict]:
+        """The rows of the existing ``log.csv``, without an unfinished last line."""
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            partial = text[text.rfind("\n") + 1:]
+            logging.getLogger("train").warning("%s: dropped its unfinished last line %r (the "
+                                               "run was killed while writing it)", self.path, partial)
+            text = text[:len(text) - len(partial)]
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        for number, row in enumerate(rows, start=2):
+            if not (row.get("step") or "").isdigit() or None in row.values():
+                raise ValueError(f"{self.path}:{number}: not a row of this log ({row}); "
+                                 "remove the line or the file to resume")
+        return rows
 
     def log(self, row: dict) -> None:
         if not self.enabled:

@@ -18,15 +18,20 @@ ECLoss on the maps outside autocast (the core picks its own precision; with
 ``ecloss.tau=auto`` the first step calibrates tau on these maps first), every
 ``beta.update_every`` steps the two gradient norms at the maps (train/beta.py), backward
 through the (fp16-only) GradScaler, unscale, clip, and skip the update if the gradient is
-not finite. SIGINT and SIGTERM finish the current step (in several processes: the next
-logged step, where they agree), save ``last.pt`` and return.
+not finite, or if the BatchNorm statistics the forward pass updated are not: then the
+model, the BatchNorm statistics and the optimizer state are exactly as before the step
+(train/step_guard.py). SIGINT and SIGTERM finish the current step (in several processes:
+the next logged step, where they agree), save ``last.pt`` and return.
 
-Host synchronisation: one per logged step (the row's all-reduce, read with ``tolist``),
-which also reads the steps' non-finite flags: the skip itself is decided on the device
-(:meth:`Trainer._step_if`), so consecutive non-finite steps are counted, reported and
-limited (``train.max_nonfinite_steps``) at the next logged step or checkpoint. Beyond it:
-the automatic beta's measurement every ``beta.update_every`` steps, and PyTorch's fp16
-GradScaler, which reads its found-inf flag every step.
+The run directory is locked for the run's life (``.lock``, train/checkpoint.py): a second
+trainer or resume there stops with "in use by process N". A resumed run checks that the
+data set is the one it was trained on (image and class counts, a hash of the sample list)
+unless ``train.allow_data_change``.
+
+Host synchronisation: one per step, the step's finite flag, read before the optimizer step
+(train/step_guard.py), and one per logged step (the row's all-reduce, read with
+``tolist``). Beyond them: the automatic beta's measurement every ``beta.update_every``
+steps, and PyTorch's fp16 GradScaler, which reads its found-inf flag every step.
 """
 from __future__ import annotations
 
@@ -52,14 +57,17 @@ import ecloss_fast
 from models import build_head, build_model
 from train import distributed
 from train.beta import BetaSchedule
-from train.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, resolve_checkpoint,
-                              save_checkpoint)
+from train.checkpoint import (CHECKPOINT_VERSION, NonFiniteError, RunLock, check_writable,
+                              load_checkpoint, load_weights, remove_temporaries,
+                              resolve_checkpoint, save_checkpoint)
 from train.config import Config, config_from_dict, config_to_dict
-from train.data import BadDataError, build_dataset, collate_faces
+from train.data import BadDataError, build_dataset, check_same_data, collate_faces, data_identity
 from train.data.sampler import GlobalBatchSampler
-from train.logs import RunLog, console_logger, release_console_logger
+from train.logs import (RunLog, console_logger, interval_means, progress_postfix, record_error,
+                        release_console_logger)
 from train.optim import build_optimizer, build_scheduler
 from train.partial_fc import PartialFC
+from train.step_guard import StepGuard, diverged
 from train.verification import VerificationPairs, pair_accuracy, read_bin
 
 __all__ = ["Recognizer", "Trainer", "fit", "train"]
@@ -132,11 +140,13 @@ class Trainer:
         # In every intra-op thread: set_flush_denormal alone reaches the calling thread only.
         self._cpu_switches = contextlib.ExitStack()
         self._cpu_switches.enter_context(ecloss_fast.flush_subnormals(self.device.type == "cpu"))
+        self._lock: RunLock | None = None
         try:
             self._build()
         except BaseException:
             # Left set, the OpenMP threads' flush switch hung the process at exit.
             self._restore_switches()
+            self._release_lock()
             raise
 
     def _build(self) -> None:
@@ -144,14 +154,20 @@ class Trainer:
         config, ctx, run = self.config, self.ctx, self.config.train
         _seed_everything(_mix(run.seed, self.ctx.rank))
 
-        state = load_checkpoint(run.resume) if run.resume else None
+        state = load_checkpoint(run.resume, resume=True) if run.resume else None
         if state is not None:
             self._check_compatible(state)
-        self.run_dir = self._run_dir(state)
-        self.log = console_logger(self.run_dir, self.ctx.is_main)
-
+        # The data before the run directory: a data set that cannot be read leaves none.
         self.dataset = build_dataset(config.data, config.model.input_size)
         self.num_classes = self.dataset.num_classes
+        self.data_identity = data_identity(self.dataset)
+        self.run_dir = self._run_dir(state)
+        self.log = console_logger(self.run_dir, self.ctx.is_main)
+        if getattr(self, "_leftovers", None):
+            self.log.warning("removed %d temporary file(s) of an interrupted checkpoint save: %s",
+                             len(self._leftovers), ", ".join(map(str, self._leftovers)))
+        if state is not None:
+            check_same_data(state.get("data"), self.data_identity, run.allow_data_change, self.log)
         m, h = config.model, config.head
         backbone = build_model(m.arch, batch_norm=m.batch_norm, width=m.width,
                                input_size=m.input_size, embedding_dim=m.embedding_dim,
@@ -166,8 +182,8 @@ class Trainer:
             backbone = distributed.sync_batchnorm(backbone, ctx)
         self.module = Recognizer(backbone, head).to(self.device)
         if state is not None:
-            self.module.backbone.load_state_dict(state["model"])
-            self.module.head.load_state_dict(self._head_rows(state["head"], "load"))
+            load_weights(self.module.backbone, state["model"], run.resume, "model")
+            load_weights(self.module.head, self._head_rows(state["head"], "load"), run.resume, "head")
         self.network = self.module  # what the forward pass calls: DDP-wrapped when distributed
         if self.ctx.distributed:
             ddp = functools.partial(nn.parallel.DistributedDataParallel,
@@ -191,10 +207,10 @@ class Trainer:
         self.criterion = self._criterion()
         self.beta = BetaSchedule(config.beta, h.alpha)
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.skipped_steps = self.skipped_images = 0
-        # Steps not logged yet: (finite, loss, ce, ecloss) on the device (_settle_steps).
-        self._pending: list[tuple] = []
-        self._streak = 0  # consecutive non-finite steps, as of the last settled step
+        self.skipped_images = 0
+        self.guard = StepGuard(self.module, run.max_nonfinite_steps, self.log)
+        # The newest checkpoint written (or resumed from), (path, step): a diverged run names it.
+        self._last_checkpoint = (resolve_checkpoint(run.resume), state["step"]) if state else None
         self._stop_agreed = False  # a signal seen by some rank, agreed at a logged step
         if state is not None:
             self._restore(state)
@@ -202,6 +218,11 @@ class Trainer:
                              resume_step=self.step if state is not None else None,
                              extra_fields=tuple(f"verify_{Path(p).stem}" for p in run.verify))
         self._verified_at = self.step  # the step of the last verification (or the start)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Non-finite steps skipped in the run (resumed runs included)."""
+        return self.guard.skipped
 
     # -- setup -------------------------------------------------------------------------
 
@@ -259,17 +280,33 @@ class Trainer:
                 f"{self.config.model.arch}-{self.config.data.source}-"
                 f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
             run_dir = Path(run.output_dir) / name
-            if (run_dir / "checkpoints" / "last.pt").exists():
-                raise FileExistsError(f"{run_dir} already holds a run: resume it with "
-                                      f"--resume {run_dir} or choose another train.run_name")
         resolved = config_to_dict(self.config)
         resolved["train"]["run_name"] = run_dir.name
         self.config = config_from_dict(resolved)
+        error = None
         if self.ctx.is_main:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        self.ctx.barrier()
+            try:
+                self._claim(run_dir, fresh=state is None)
+                (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            except OSError as problem:
+                error = problem
+        error = self.ctx.broadcast_object(error)  # every rank stops on rank 0's error
+        if error is not None:
+            raise error
         return run_dir
+
+    def _claim(self, run_dir: Path, fresh: bool) -> None:
+        """Lock ``run_dir`` for this run (rank 0), then check it: a new run's must not hold
+        one, and its checkpoint folder must take a file; leftovers of a save that was
+        killed are removed (under the lock, so never a live run's)."""
+        checkpoints = run_dir / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(run_dir)
+        if fresh and (checkpoints / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: resume it with "
+                                  f"--resume {run_dir} or choose another train.run_name")
+        check_writable(checkpoints)
+        self._leftovers = remove_temporaries(checkpoints)
 
     # Keys of the model, head and data sections that a resumed run may change; the others
     # define the parameters and the samples and must match the checkpoint.
@@ -357,7 +394,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.beta.load_state_dict(state["beta"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self.skipped_steps, self.skipped_images = state["skipped_steps"], state["skipped_images"]
+        self.guard.skipped, self.skipped_images = state["skipped_steps"], state["skipped_images"]
         if state["world_size"] == self.ctx.world_size:
             self.batch_in_epoch = state["batch_in_epoch"]
             _set_rng_state(state["rng"][self.ctx.rank], self.device)
@@ -380,12 +417,16 @@ class Trainer:
     # -- checkpoints and signals -------------------------------------------------------
 
     def save(self, periodic: bool = False) -> Path:
-        """Write ``checkpoints/last.pt`` (and ``step_<n>.pt`` when ``periodic``); all ranks call it."""
-        self._settle_pending()  # skipped_steps as of this step
+        """Write ``checkpoints/last.pt`` (and ``step_<n>.pt`` when ``periodic``); all ranks call it.
+
+        A failed write or a non-finite model stops the run (rank 0's error on every rank),
+        named in ``train.log``; the previous ``last.pt`` is left as it was.
+        """
         rng = self.ctx.all_gather_object(_rng_state(self.device))
         head, optimizer = self._head_rows(self.module.head.state_dict(), "save",
                                           self.optimizer.state_dict())
         path = self.run_dir / "checkpoints" / "last.pt"
+        error = None
         if self.ctx.is_main:
             state = {"version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch,
                      "batch_in_epoch": self.batch_in_epoch, "world_size": self.ctx.world_size,
@@ -394,16 +435,29 @@ class Trainer:
                      "head": head, "optimizer": optimizer,
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "beta": self.beta.state_dict(), "calibrated_tau": self.calibrated_tau,
-                     "rng": rng,
+                     "rng": rng, "data": self.data_identity,
                      "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
-            save_checkpoint(state, path)
-            if periodic and self.config.train.keep_checkpoints > 0:
-                save_checkpoint(state, path.with_name(f"step_{self.step:09d}.pt"))
-                kept = sorted(path.parent.glob("step_*.pt"))
-                for old in kept[:-self.config.train.keep_checkpoints]:
-                    old.unlink()
-        self.ctx.barrier()
+            try:
+                self._write(state, path, periodic)
+            except NonFiniteError as problem:
+                error = diverged(str(problem), self._last_checkpoint)
+            except OSError as problem:
+                error = problem
+        error = self.ctx.broadcast_object(error if self.ctx.is_main else None)
+        if error is not None:
+            if self.ctx.is_main:
+                record_error(self.log, error)
+            raise error
+        self._last_checkpoint = (path, self.step)
         return path
+
+    def _write(self, state: dict, path: Path, periodic: bool) -> None:
+        save_checkpoint(state, path)
+        if periodic and self.config.train.keep_checkpoints > 0:
+            save_checkpoint(state, path.with_name(f"step_{self.step:09d}.pt"))
+            kept = sorted(path.parent.glob("step_*.pt"))
+            for old in kept[:-self.config.train.keep_checkpoints]:
+                old.unlink()
 
     def _on_signal(self, signum, frame):
         if os.getpid() != self._handler_pid:
@@ -460,6 +514,7 @@ class Trainer:
                                f"({batch['skipped']} skipped); check the data")
         images = self._flip(batch["image"].to(self.device, non_blocking=True))
         labels = batch["label"].to(self.device, non_blocking=True)
+        self.guard.before_forward()
         with self._autocast():
             logits, out = self.network(images, labels)
             if self.config.head.partial_fc:
@@ -478,14 +533,19 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
-        finite = torch.isfinite(grad_norm)
+        finite = self.guard.finite(grad_norm)
         if self.scaler.is_enabled():
-            # The fp16 scaler skips non-finite steps itself; it reads its found-inf flag on
-            # the host (PyTorch's GradScaler.step): fp16 runs synchronise once per step.
-            self.scaler.step(self.optimizer)
+            # The scaler updates its scale from the found-inf flags of unscale_.
+            applied = self.guard.step(finite, lambda: self.scaler.step(self.optimizer))
             self.scaler.update()
         else:
-            self._step_if(finite)
+            applied = self.guard.step(finite, self.optimizer.step)
+        if not applied:
+            # Every rank skips the same steps (the norm is over the averaged gradient).
+            values = self.ctx.all_reduce_sum(torch.stack([loss, ce, ecl]).detach().double())
+            self.guard.report(self.step + 1, (values / self.ctx.world_size).tolist(),
+                              self.scaler.get_scale() if self.scaler.is_enabled() else None,
+                              self._last_checkpoint)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # The schedule follows the data position, skipped updates included; PyTorch warns
@@ -495,30 +555,6 @@ class Trainer:
         return {"loss": loss.detach(), "ce": ce.detach(), "ecloss": ecl.detach(), "beta": beta,
                 "correct": correct, "images": labels.numel(),
                 "grad_norm": grad_norm.detach(), "finite": finite}
-
-    def _step_if(self, finite: torch.Tensor) -> None:
-        """``optimizer.step()`` where ``finite`` (a device bool) holds, else no change at all,
-        decided on the device: the step runs, then ``torch.where`` puts back the parameters
-        and optimizer state copied before it, and zeroes the state it created (the first
-        step's, which a later step then creates anew). State kept on another device than
-        its parameter (AdamW's CPU step count beside CUDA parameters) is left as stepped.
-        """
-        tracked = [(p, self.optimizer.state[p]) for group in self.optimizer.param_groups
-                   for p in group["params"] if p.grad is not None]
-
-        def same_device(value, p):
-            return isinstance(value, torch.Tensor) and value.device == p.device
-
-        before = [(p.detach().clone(), {key: value.clone() for key, value in state.items()
-                                        if same_device(value, p)}) for p, state in tracked]
-        self.optimizer.step()
-        with torch.no_grad():
-            for (p, _), (old, old_state) in zip(tracked, before):
-                p.copy_(torch.where(finite, p, old))
-                state = self.optimizer.state[p]
-                for key, value in state.items():
-                    if same_device(value, p):
-                        value.copy_(torch.where(finite, value, old_state.get(key, 0)))
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to ``optim.grad_clip`` by the global norm; returns the norm before clipping.
@@ -559,38 +595,6 @@ class Trainer:
         ce_norm, ecl_norm = norms.tolist()
         self.beta.observe(self.step, ce_norm, ecl_norm)
 
-    def _settle_steps(self, finite: list, values: list) -> None:
-        """Count, report and limit the non-finite steps since the last call, read on the host
-        at a logged step or a checkpoint; ``values`` holds each step's (loss, ce, ecloss).
-
-        The flags are equal on every rank (the gradient norm is over the averaged
-        gradient), so every rank skips the same steps and stops at the same one.
-        """
-        first = self.step - len(finite) + 1
-        for step, (ok, (loss, ce, ecl)) in enumerate(zip(finite, values), first):
-            if ok:
-                self._streak = 0
-                continue
-            self._streak += 1
-            self.skipped_steps += 1
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-            self.log.warning("step %d: non-finite gradient (loss %.4g, ce %.4g, ecloss %.4g); "
-                             "update skipped%s", step, loss, ce, ecl,
-                             f", fp16 loss scale now {scale:g}" if scale is not None else "")
-            if self._streak >= self.config.train.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{self._streak} consecutive non-finite steps up to step {step}; stopping. "
-                    f"The last good checkpoint is in {self.run_dir / 'checkpoints'}; lower "
-                    "optim.lr, set optim.grad_clip or use train.amp=bf16")
-        del self._pending[:]
-
-    def _settle_pending(self) -> None:
-        """:meth:`_settle_steps` for the steps not yet logged, read from this rank."""
-        if self._pending:
-            flags = torch.stack([torch.stack([f, *values]).double()
-                                 for f, *values in self._pending]).tolist()
-            self._settle_steps([row[0] > 0 for row in flags], [row[1:] for row in flags])
-
     def run(self) -> Path:
         run = self.config.train
         self.log.info("run directory %s; %d images, %d classes, %d steps per epoch, %d processes",
@@ -619,11 +623,7 @@ class Trainer:
                         every = run.verify_every
                         due = run.verify and self.step // every > self._verified_at // every
                         row = self._log_row(totals, self._verify() if due else {})
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}",
-                                        ecl=f"{row['ecloss']:.3g}",
-                                        acc=f"{row['accuracy']:.3f}",
-                                        img_s=f"{row['images_per_s']:.0f}",
-                                        **self._diagnostics_postfix(row))
+                        bar.set_postfix(progress_postfix(row))
                         totals = self._empty_totals()
                     if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                         self.save(periodic=True)
@@ -633,8 +633,10 @@ class Trainer:
                 bar.close()
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.save()
-        self.log.info("finished %d steps; checkpoint %s", self.step,
-                      self.run_dir / "checkpoints" / "last.pt")
+        skipped = f", {self.skipped_steps} of them skipped as non-finite" if self.skipped_steps else ""
+        (self.log.warning if skipped else self.log.info)(
+            "finished %d steps%s; checkpoint %s", self.step, skipped,
+            self.run_dir / "checkpoints" / "last.pt")
         self.close()
         return self.run_dir
 
@@ -644,6 +646,12 @@ class Trainer:
         self.runlog.close()
         release_console_logger()
         self._restore_switches()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _restore_switches(self) -> None:
         deterministic, benchmark = self._global_switches
@@ -676,7 +684,6 @@ class Trainer:
         totals["finite_steps"] += finite
         for key in ("loss", "ce", "ecloss", "grad_norm"):
             totals[key] += torch.where(finite, result[key].double(), 0.0)
-        self._pending.append((finite, result["loss"], result["ce"], result["ecloss"]))
 
     def _log_row(self, totals: dict, scores: dict) -> dict:
         """Means over the interval, over every rank, and ``scores`` (:meth:`_verify`);
@@ -693,26 +700,24 @@ class Trainer:
                              *diagnostics.values()]).to(torch.float64)
         host = torch.tensor([totals["images"], float(self._stop_signal is not None)],
                             dtype=torch.float64, device=self.device)
-        # Each unlogged step's finite flag, loss, ce and ecloss, for _settle_steps.
-        steps = [torch.stack([f, *values]).double() for f, *values in self._pending]
-        steps = torch.cat(steps) if steps else host.new_zeros(0)
         # The one host synchronisation of the interval.
-        summed = self.ctx.all_reduce_sum(torch.cat([local, host, steps])).tolist()
+        summed = self.ctx.all_reduce_sum(torch.cat([local, host])).tolist()
         loss, ce, ecl, correct, grad_norm, finite_steps = summed[:6]
         count = len(diagnostics)
         shares, (images, stops) = summed[6:6 + count], summed[6 + count:8 + count]
-        per_step = [summed[i:i + 4] for i in range(8 + count, len(summed), 4)]
         self._stop_agreed = stops > 0
-        world = self.ctx.world_size
-        self._settle_steps([row[0] > 0 for row in per_step],
-                           [[value / world for value in row[1:]] for row in per_step])
-        steps = max(finite_steps, 1)  # over all ranks; each rank adds its own batch means
+        if finite_steps == 0:
+            self.log.warning("steps %d-%d: every step of the interval was skipped as non-finite "
+                             "(%d in a row); its loss, ce, ecloss and grad_norm are left blank",
+                             self.step - totals["steps"] + 1, self.step, self.guard.streak)
         elapsed = time.perf_counter() - totals["start"]
         row = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
-               "lr": self.scheduler.get_last_lr()[0], "loss": loss / steps, "ce": ce / steps,
-               "ecloss": ecl / steps, "beta": self.beta.value(self.step - 1),
+               "lr": self.scheduler.get_last_lr()[0],
+               **interval_means({"loss": loss, "ce": ce, "ecloss": ecl, "grad_norm": grad_norm},
+                                finite_steps),
+               "beta": self.beta.value(self.step - 1),
                "grad_ratio": self.beta.ratio, "accuracy": correct / max(images, 1),
-               "images_per_s": images / max(elapsed, 1e-9), "grad_norm": grad_norm / steps,
+               "images_per_s": images / max(elapsed, 1e-9),
                "amp_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
         row.update({name: share / self.ctx.world_size
@@ -720,15 +725,6 @@ class Trainer:
         row.update(scores)
         self.runlog.log(row)
         return row
-
-    @staticmethod
-    def _diagnostics_postfix(row: dict) -> dict:
-        """The progress bar's short names for the ECLoss diagnostics and the verification
-        scores the row holds."""
-        names = {"mi_over_log_n": "mi", "max_p": "max_p", "score_std": "s_std"}
-        verification = {name[7:]: f"{value:.3f}" for name, value in row.items()
-                        if name.startswith("verify_")}
-        return {short: f"{row[name]:.3g}" for name, short in names.items() if name in row} | verification
 
 
 def fit(config: Config | dict) -> Trainer:

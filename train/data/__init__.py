@@ -1,8 +1,8 @@
 """Data sources for the trainer: synthetic faces, image folders and InsightFace RecordIO.
 
 Every source yields ``dict(image=float32 (3, S, S), label=int, ...)`` items and has a
-``num_classes`` attribute; :func:`build_dataset` picks one from a
-:class:`train.config.DataConfig`.
+``num_classes`` attribute and a ``sample_digest()`` (SHA-256 of what defines its samples);
+:func:`build_dataset` picks one from a :class:`train.config.DataConfig`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from train.data.image import BadDataError
 
-__all__ = ["BadDataError", "build_dataset", "collate_faces"]
+__all__ = ["BadDataError", "build_dataset", "collate_faces", "data_identity", "check_same_data"]
 
 
 def build_dataset(config, size: int):
@@ -37,3 +37,30 @@ def collate_faces(items: list) -> dict:
     batch = torch.utils.data.default_collate(kept) if kept else {}
     batch["skipped"] = len(items) - len(kept)
     return batch
+
+
+def data_identity(dataset) -> dict:
+    """What a checkpoint records of its data set: ``images``, ``classes`` and ``samples``,
+    the SHA-256 of its sample list (``dataset.sample_digest()``)."""
+    return {"images": len(dataset), "classes": dataset.num_classes,
+            "samples": dataset.sample_digest()}
+
+
+def check_same_data(saved: dict | None, current: dict, allow_change: bool, log) -> None:
+    """``ValueError`` when a resumed run's data set (``current``, :func:`data_identity`) is
+    not the checkpoint's (``saved``): another class count always (the classifier has one
+    row per class), another sample list unless ``allow_change`` (then a warning on ``log``).
+    Checkpoints that predate the record (``saved`` None) are not checked."""
+    if saved is None or saved == current:
+        return
+    if saved["classes"] != current["classes"]:
+        raise ValueError(f"cannot resume: the data set has {current['classes']} classes, the "
+                         f"checkpoint's classifier {saved['classes']}; a resumed run keeps its "
+                         "classes")
+    change = (f"the data set changed since the checkpoint ({saved['images']} images then, "
+              f"{current['images']} now"
+              f"{', another sample list' if saved['images'] == current['images'] else ''})")
+    if not allow_change:
+        raise ValueError(f"cannot resume: {change}, so the samples and their order would differ; "
+                         "give --allow-data-change (train.allow_data_change=true) to go on with it")
+    log.warning("%s; going on with the new data (train.allow_data_change)", change)

@@ -1,6 +1,7 @@
 """An image folder with one sub-folder per identity: ``root/<identity>/<image>.jpg``."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -40,6 +41,13 @@ class ImageFolderFaces(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def sample_digest(self) -> str:
+        """SHA-256 of the sample list: each image's path under the root and its label."""
+        digest = hashlib.sha256()
+        for path, label in self.samples:
+            digest.update(f"{os.path.relpath(path, self.root)}\t{label}\n".encode())
+        return digest.hexdigest()
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]

@@ -49,15 +49,26 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return pixels.movedim(-3, -1)
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (PIL modes ``I;16*``, and ``I`` as older Pillows open 16-bit
+    PNGs) scaled to 8 bits: ``convert("RGB")`` clips it instead, every value above 255
+    white. Other images as they are."""
+    if not image.mode.startswith("I"):
+        return image
+    grey = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8))
+
+
 def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """Decode JPEG/PNG bytes to ``uint8 (size, size, 3)`` RGB, resizing if needed.
+    """Decode JPEG/PNG bytes to ``uint8 (size, size, 3)`` RGB, resizing if needed (16-bit
+    greyscale scaled to 8 bits).
 
     ``where`` (a path or a record key) goes into the :class:`BadDataError` raised for data
     that does not decode.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
+            image = _eight_bit(image).convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
             return np.array(image)  # a writable copy, as torch.from_numpy wants

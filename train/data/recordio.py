@@ -19,7 +19,10 @@ how Glint360K, MS1M and WebFace are distributed:
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 import io
+import math
 import operator
 import os
 import struct
@@ -225,6 +228,13 @@ class RecordIndex(Mapping):
             return range(self._first, self._first + self._offsets.size)
         return self._keys
 
+    def sha256(self) -> str:
+        """SHA-256 of the table: its keys and their offsets, in key order."""
+        keys = self.sorted_keys()
+        digest = hashlib.sha256(repr(keys).encode() if isinstance(keys, range) else keys.tobytes())
+        digest.update(self._offsets.tobytes())
+        return digest.hexdigest()
+
     def first_missing(self, start: int, stop: int) -> int | None:
         """The smallest key of ``start .. stop - 1`` that the index lacks, or ``None``."""
         if stop <= start:
@@ -312,9 +322,11 @@ class RecordIODataset(torch.utils.data.Dataset):
     the index but 0, increasing. ``index`` is the file's :class:`RecordIndex`. The number
     of classes is, in this order: ``num_classes``, the first field of a ``property`` file
     beside the ``.rec`` (InsightFace's), the identity-record range of record 0, or the
-    largest label read from every record (with a progress bar). A corrupt record raises
+    largest label read from every record (with a progress bar). A corrupt record, or a
+    label that is not an integer from 0 to ``num_classes - 1``, raises
     :class:`BadDataError` naming its key and offset, or is reported and skipped
-    (``on_bad_data="skip"``).
+    (``on_bad_data="skip"``); so does a record 0 whose ranges disagree with the identity
+    records or the index (skipped: reported, and its image keys are used).
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
@@ -341,6 +353,10 @@ class RecordIODataset(torch.utils.data.Dataset):
                 if missing is not None:
                     raise BadDataError(f"{self.idx_path}: image key {missing} announced by "
                                        "record 0 is not in the index")
+                problem = self._header_problem(first_identity, end)
+                if problem is not None:
+                    handle_bad_data(BadDataError(f"{self.rec_path} record 0: {problem}"),
+                                    on_bad_data)
             else:
                 self.keys = self.keys[1:]  # keys are non-negative: 0 is the first
         self.num_classes = (num_classes or self._property_classes() or identity_classes
@@ -363,6 +379,40 @@ class RecordIODataset(torch.utils.data.Dataset):
         except ValueError as error:
             raise BadDataError(f"{self.rec_path} key {key} (byte {offset}): {error}") from error
 
+    def _header_problem(self, first_identity: int, end: int) -> str | None:
+        """Why record 0's ranges (image keys ``1 .. first_identity - 1``, identity records
+        ``first_identity .. end - 1``) do not describe the file, or ``None``: the first
+        identity record must start at image key 1, the last one end at ``first_identity``,
+        and the index must hold no key past ``end - 1``."""
+        announced = (f"it announces image keys 1..{first_identity - 1} and identity records "
+                     f"{first_identity}..{end - 1}")
+        keys = self.index.sorted_keys()
+        beyond = len(keys) - bisect.bisect_left(keys, end)
+        if beyond:
+            return f"{announced}, but the index holds {beyond} more keys after them"
+        if end <= first_identity:
+            return None  # no identity records to compare with
+        for key, position, expected in ((first_identity, 0, 1), (end - 1, 1, first_identity)):
+            header, _ = self.record(key)
+            found = header.label[position] if header.flag >= 2 else None
+            if found != expected:
+                what = "start" if position == 0 else "end"
+                return (f"{announced}, but record {key} is not an identity record whose images "
+                        f"{what} at key {expected} (its labels: {header.label})")
+        return None
+
+    def _label(self, header: RecordHeader, key: int) -> int:
+        """The class of a record: its (first) label, which must be an integer from 0 to
+        ``num_classes - 1`` (any integer >= 0 while the classes are being counted);
+        :class:`BadDataError` naming the key otherwise."""
+        value = float(header.label if header.flag == 0 else header.label[0])
+        limit = getattr(self, "num_classes", math.inf)
+        if math.isfinite(value) and value.is_integer() and 0 <= value < limit:
+            return int(value)
+        classes = f"0 to {limit - 1}" if limit < math.inf else "0 or more"
+        raise BadDataError(f"{self.rec_path} key {key}: label {value!r} is not a class "
+                           f"(an integer from {classes})")
+
     def _property_classes(self) -> int | None:
         path = self.rec_path.parent / "property"
         if path.is_file():
@@ -373,7 +423,7 @@ class RecordIODataset(torch.utils.data.Dataset):
         largest = -1
         for key in tqdm(self.keys, desc=f"counting classes in {self.rec_path.name}", leave=False):
             header, _ = self.record(key)
-            largest = max(largest, int(header.label if header.flag == 0 else header.label[0]))
+            largest = max(largest, self._label(header, key))
         return largest + 1
 
     def __len__(self) -> int:
@@ -383,11 +433,18 @@ class RecordIODataset(torch.utils.data.Dataset):
         key = self.keys[index]
         try:
             header, payload = self.record(key)
-            label = int(header.label if header.flag == 0 else header.label[0])
+            label = self._label(header, key)
             image = decode_image(payload, self.size, f"{self.rec_path} key {key}")
         except BadDataError as error:
             return handle_bad_data(error, self.on_bad_data)
         return dict(image=normalize(image), label=label)
+
+    def sample_digest(self) -> str:
+        """SHA-256 of the sample list: the image keys and the index (keys and offsets)."""
+        keys = self.keys
+        digest = hashlib.sha256(repr(keys).encode() if isinstance(keys, range) else keys.tobytes())
+        digest.update(self.index.sha256().encode())
+        return digest.hexdigest()
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -34,6 +34,7 @@ Part masks are the regions actually painted, disjoint, in the order of ``PARTS``
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -457,6 +458,11 @@ class SyntheticFaces(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.num_identities * self.images_per_identity
+
+    def sample_digest(self) -> str:
+        """SHA-256 of what draws the samples: the counts, the seed and the pose spread."""
+        return hashlib.sha256(repr((self.num_identities, self.images_per_identity, self.seed,
+                                    self.jitter)).encode()).hexdigest()
 
     def label(self, index: int) -> int:
         return self._check(index) // self.images_per_identity
