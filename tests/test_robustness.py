@@ -189,6 +189,37 @@ def test_issue_examples_huge_scores_give_zero_information(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + OTHER_CPU_PATHS)
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+@pytest.mark.parametrize("tau", [1e-3, 4.0])
+@pytest.mark.parametrize("kind", ["random", "template"])
+def test_finite_up_to_the_overflow_bound_and_not_finite_beyond(backend, estimator, tau, kind):
+    """docs/design.md section 4.1: finite loss and gradient while ``max(1, 2 tau) sum_k |x|``
+    fits float32, in range to rounding; past the bound a non-finite loss, never a finite one."""
+    largest = torch.finfo(torch.float32).max
+    x = make_maps(kind, 4, 3, 5, 5, 1.0, seed=5)
+    sums = x.abs().flatten(2).sum(-1)  # (B, C)
+    bound = largest / (max(1.0, 2 * tau) * sums.max().item())
+    num_templates = ef.num_templates(5)
+    lowest = -math.log(num_templates if estimator == "uniform" else min(num_templates, 4))
+    rounding = rounding_allowance(torch.float32, num_templates)
+    with runnable(backend) as name:
+        for fraction in (0.9, 1e-3):
+            leaf = (x * (fraction * bound)).float().requires_grad_()
+            loss = ef.ecloss(leaf, tau=tau, estimator=estimator, reduction="none",
+                             backend=name, precision="ieee")
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (fraction, loss)
+            assert lowest - rounding <= loss.min().item() <= loss.max().item() <= rounding
+        # Past the bound for the largest map (only): its channel's loss is not finite.
+        beyond = (x * (4 * bound)).float()
+        assert torch.isfinite(beyond).all()
+        loss = ef.ecloss(beyond, tau=tau, estimator=estimator, reduction="none", backend=name,
+                         precision="ieee")
+        channel = sums.max(0).values.argmax()
+        assert not torch.isfinite(loss[channel]), loss
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + OTHER_CPU_PATHS)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(MAP_KINDS), exponent=st.floats(-6.0, 8.0),
        batch=st.integers(1, 6), channels=st.integers(1, 4), height=st.integers(1, 4),
