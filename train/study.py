@@ -78,7 +78,15 @@ METRICS = (
     ("activation_robustness", "peaks per map", 1.0, False),
     ("dead_fraction", "dead maps", 1.0, False),
     ("verification", "verification (%)", 100.0, True),
+    # Size-fair tracking (docs/design.md 7.2), on the first draw of each evaluation.
+    ("confident_fraction", "confident channels", 1.0, True),
+    ("confident_parts", "confident parts", 1.0, True),
+    ("mean_normalized_gain", "mean normalised gain", 1.0, True),
 )
+# PEI and location consistency are shown beside their nulls (docs/design.md 7.1): per arm
+# both; in the paired differences the mismatched masks only (the best fixed cone does not
+# depend on the network, so its paired difference is 0).
+NULLS = (("null_mismatched", "mismatched masks"), ("null_best_cone", "best fixed cone"))
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,20 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
 
 
 def _values(records, arm, dataset, metric, seeds):
-    return np.array([_scalar(records[arm][seed]["metrics"][dataset][metric]) for seed in seeds])
+    """The metric of each seed's evaluation; NaN where the evaluation lacks it (written
+    before the metric existed, or skipped there)."""
+    return np.array([_scalar(records[arm][seed]["metrics"][dataset].get(metric, math.nan))
+                     for seed in seeds])
+
+
+def _nulls_beside(records, arm, dataset, metric, seeds) -> str:
+    """`` (nulls: mismatched masks x, best fixed cone y)``, their means over seeds, for PEI
+    and location consistency; empty for the other metrics."""
+    if metric not in ("pei", "location_consistency"):
+        return ""
+    means = [f"{name} {summarise(_values(records, arm, dataset, f'{metric}_{key}', seeds))[0]:.4g}"
+             for key, name in NULLS]
+    return f" (nulls: {', '.join(means)})"
 
 
 def _t_quantile(degrees: int) -> float:
@@ -363,7 +384,7 @@ def report_markdown(budget: StudyBudget, records: dict, arms=ARMS,
             cells = []
             for key, _, scale, _ in METRICS:
                 mean, se = summarise(_values(records, arm.name, dataset, key, seeds) * scale)
-                cells.append(f"{mean:.4g} ± {se:.2g}")
+                cells.append(f"{mean:.4g} ± {se:.2g}" + _nulls_beside(records, arm.name, dataset, key, seeds))
             lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     lines += ["", "## Diagnostics at each run's last logged step", "",
               "MI / log N, mean max p, score std (docs/design.md, section 8.4), and the calibrated "
@@ -388,6 +409,12 @@ def report_markdown(budget: StudyBudget, records: dict, arms=ARMS,
                 lines.append(f"| {arm.label} | {label} | {mean:+.4g} [{low:+.3g}, {high:+.3g}] | "
                              f"{'' if paper is None else f'{paper:+g}'} | "
                              f"{_verdict(low, high, higher)} |")
+                if key in ("pei", "location_consistency"):
+                    mean, low, high = paired_difference(
+                        *(_values(records, name, compared, f"{key}_null_mismatched", seeds)
+                          for name in (arm.name, baseline)))
+                    lines.append(f"| {arm.label} | {label}, null: mismatched masks | {mean:+.4g} "
+                                 f"[{low:+.3g}, {high:+.3g}] | | a null: no verdict |")
     asked = [(arm, baseline, question) for arm, baseline, question in COMPARISONS
              if arm in records and baseline in records]
     if asked:
