@@ -1,6 +1,6 @@
 """Does identity live in the parts? The gate of the synthetic world: ``python -m train.gate``.
 
-    python -m train.gate --out DIR [--budget study] [--epochs N] [--seed 0]
+    python -m train.gate --out DIR [--budget study] [--epochs N] [--images-per-identity N]
 
 Trains the study's softmax network (its architecture, training faces and budget,
 ``train.study.BUDGETS``) on the faces of ``identity="parts"`` and identifies held-out shots
@@ -219,18 +219,19 @@ def main(argv=None) -> dict:
                         help="output directory (one per budget: a second call resumes its run)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="study")
     parser.add_argument("--epochs", type=int, help="override the budget's epochs")
+    parser.add_argument("--images-per-identity", type=int,
+                        help="override the budget's training images per identity")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--held-out", type=int, default=HELD_OUT_SHOTS,
                         help="held-out shots per identity")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    if args.epochs is not None and args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    if args.held_out < 1:
-        parser.error(f"--held-out must be at least 1, got {args.held_out}")
-    budget = replace(BUDGETS[args.budget], device=args.device, identity="parts")
-    if args.epochs is not None:
-        budget = replace(budget, epochs=args.epochs)
+    overrides = dict(epochs=args.epochs, images_per_identity=args.images_per_identity)
+    for name, value in [*overrides.items(), ("held_out", args.held_out)]:
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    budget = replace(BUDGETS[args.budget], device=args.device, identity="parts",
+                     **{name: value for name, value in overrides.items() if value is not None})
     result = run_gate(budget, Path(args.out), seed=args.seed, held_out=args.held_out)
     print(summary(result))
     return result
