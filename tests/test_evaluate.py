@@ -127,23 +127,24 @@ def test_jitter_moves_the_same_face_by_a_similarity():
     assert 0.75 < min(scales) and max(scales) < 1.3 and max(scales) / min(scales) > 1.2
 
 
-@pytest.mark.parametrize("jitter", [False, True])
-def test_painted_pixels_lie_in_their_part_masks(jitter):
+@pytest.mark.parametrize("jitter, identity", [(False, "parts"), (True, "parts"), (False, "outer")])
+def test_painted_pixels_lie_in_their_part_masks(jitter, identity):
     from train.data.synthetic import PARTS, SyntheticFaces, _rgb
 
-    faces = SyntheticFaces(4, 3, size=96, seed=2, jitter=jitter)
+    faces = SyntheticFaces(4, 3, size=96, seed=2, jitter=jitter, identity=identity)
     for index in range(len(faces)):
-        canvas, label, _, _ = faces._draw(index)
+        canvas, _, _, _ = faces._draw(index)
         part = dict(zip(PARTS, canvas.masks()))
-        ident = faces.identity(label)
+        ident = faces.face(index)
         # A pixel whose supersampled pixels all carry one flat fill colour of a part.
         size, hi = canvas.size, canvas.hi
         blocks = np.asarray(canvas.picture).reshape(size, hi, size, hi, 3).transpose(0, 2, 1, 3, 4)
         blocks = blocks.reshape(size, size, hi * hi, 3)
         flat = (blocks == blocks[:, :, :1]).all((2, 3))
         fills = {"lips": (ident.lips, part["mouth"]), "eye white": ((235, 232, 225), part["eyes"]),
+                 "brows": (ident.brows, part["brows"]),
                  "skin": (ident.skin, part["forehead"] | part["cheek"] | part["jaw"]),
-                 "nose": (np.array(ident.skin) * 0.93, part["nose"]),
+                 "nose": (np.array(ident.skin) * ident.nose_shade, part["nose"]),
                  "fringe": (ident.hair, part["hair"]),
                  "hair": (np.array(ident.hair) * 0.85, part["hair"])}
         for name, (colour, mask) in fills.items():

@@ -121,6 +121,10 @@ class DataConfig:
     images_per_identity: int = 40  # synthetic only
     seed: int = 0  # synthetic only: which faces are drawn
     jitter: bool = False  # synthetic only: the pose spread of unaligned detector crops
+    # Where identity lives in the synthetic faces ("parts": brows, eyes, nose, mouth;
+    # "outer": everything, the faces of before): those trained on, and with any source the
+    # held-out faces the evaluation draws.
+    identity: Literal["parts", "outer"] = "parts"
     num_classes: Optional[int] = None  # recordio: override the count read from the data
     flip: bool = True  # random horizontal flips
     num_workers: int = 2

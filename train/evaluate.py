@@ -95,7 +95,7 @@ def _synthetic(config, settings: EvalSettings, jitter: bool):
     pool = max(settings.images * 2, (settings.pairs // per) + 2 * per)
     # seed + 1: identities the model was not trained on; the same ones with and without jitter
     faces = SyntheticFaces(max(2, -(-pool // per)), per, size=config.model.input_size,
-                           seed=config.data.seed + 1, jitter=jitter)
+                           seed=config.data.seed + 1, jitter=jitter, identity=config.data.identity)
     return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed))
 
 
@@ -241,7 +241,8 @@ def _explainability(model, dataset, settings: EvalSettings, device, with_parts: 
             result.update(_tracking(maps[rows], batch["part_masks"][rows],
                                     None if labels is None else labels[rows], settings,
                                     getattr(dataset, "parts", metrics.PARTS)))
-        extra.update(iou=iou, part_masks=batch["part_masks"])
+        # The data's own parts: the synthetic faces have eight, landmark masks seven.
+        extra.update(iou=iou, part_masks=batch["part_masks"], parts=getattr(dataset, "parts", metrics.PARTS))
     return result, extra
 
 
@@ -315,8 +316,8 @@ def _distinct_faces(extra: dict, count: int) -> list[int]:
     return sorted(first.tolist())[:count]
 
 
-def _part_name(part: int) -> str:
-    return metrics.PARTS[part] if part >= 0 else "no part"
+def _part_name(extra: dict, part: int) -> str:
+    return extra["parts"][part] if part >= 0 else "no part"
 
 
 def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title: str) -> list[int]:
@@ -346,7 +347,7 @@ def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title
             ax.imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(f"ch {channel}\n{_part_name(dominant[channel])}", fontsize=8)
+        row[0].set_ylabel(f"ch {channel}\n{_part_name(extra, dominant[channel])}", fontsize=8)
     people = " (one identity per column)" if extra.get("labels") is not None else ""
     fig.suptitle(f"{title}: top {settings.fraction:.0%} activation{people}", fontsize=10)
     fig.tight_layout()
@@ -389,7 +390,9 @@ def figure_channel_parts(extra: dict, settings: EvalSettings, path: Path, title:
     """
     from matplotlib import colormaps
 
-    from train.data.synthetic import PART_COLOURS
+    from train.data.synthetic import PART_COLOURS, PARTS
+
+    colours = dict(zip(PARTS, PART_COLOURS / 255))  # by name: landmark parts are among them
 
     maps, iou, masks = extra["maps"], extra["iou"], extra["part_masks"]
     channels = maps.shape[1]
@@ -414,11 +417,11 @@ def figure_channel_parts(extra: dict, settings: EvalSettings, path: Path, title:
         overlay[..., :3] = heat_colour[:3]
         overlay[..., 3] = heat / heat.max() if heat.max() > 0 else 0
         ax.imshow(overlay, interpolation="nearest", extent=(0, size, size, 0))
-        colour = PART_COLOURS[part] / 255 if part >= 0 else (0, 0, 0)
+        colour = colours[extra["parts"][part]] if part >= 0 else (0, 0, 0)
         if part >= 0:
             ax.contour(np.arange(size) + 0.5, np.arange(size) + 0.5, outline[part], levels=[0.5],
                        colors=[colour], linewidths=1.5)
-        ax.set_title(f"{channel}: {_part_name(part)} {heat.max():.0%}", fontsize=7, pad=2,
+        ax.set_title(f"{channel}: {_part_name(extra, part)} {heat.max():.0%}", fontsize=7, pad=2,
                      color=colour * np.array([0.75, 0.75, 0.75]) if part >= 0 else "black")
     fig.suptitle(f"{title}: where each channel's peaks land (opacity: how often, relative to its "
                  "busiest cell, whose share of faces is in the title); outline: its dominant part",
@@ -445,7 +448,7 @@ def figure_part_assignment(extra: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(4, 3.2))
     image = ax.imshow(assignment[order].T, aspect="auto", cmap="magma", vmin=0, vmax=1,
                       interpolation="nearest")
-    ax.set_yticks(range(len(metrics.PARTS)), metrics.PARTS, fontsize=8)
+    ax.set_yticks(range(len(extra["parts"])), extra["parts"], fontsize=8)
     ax.set_xlabel("channel (sorted by dominant part)")
     ax.set_title(f"{title}: A[c, k]", fontsize=9)
     fig.colorbar(image, ax=ax)

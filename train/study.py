@@ -101,6 +101,7 @@ class StudyBudget:
     identities: int = 60
     images_per_identity: int = 16
     jitter: bool = True  # pose-jittered training faces: the paper trains without alignment
+    identity: str = "parts"  # where identity lives in the faces (train.data.synthetic)
     epochs: int = 5
     batch_size: int = 64
     lr: float = 0.03
@@ -151,7 +152,9 @@ def arm_config(budget: StudyBudget, arm: Arm, seed: int, runs_dir: Path, rec_pat
         # beta got anywhere near its target.
         beta=dict(schedule="auto", grad_ratio=budget.grad_ratio, value=1.0, update_every=5,
                   ema=0.5, max_growth=10.0),
-        data=dict(source="recordio", path=str(rec_path), num_workers=budget.num_workers),
+        # identity: the world of the held-out faces the evaluation draws.
+        data=dict(source="recordio", path=str(rec_path), num_workers=budget.num_workers,
+                  identity=budget.identity),
         optim=dict(name="sgd", lr=budget.lr, warmup_epochs=min(1.0, budget.epochs / 4)),
         train=dict(epochs=budget.epochs, batch_size=budget.batch_size, device=budget.device,
                    seed=seed, output_dir=str(runs_dir), run_name=f"{arm.name}-seed{seed}",
@@ -187,14 +190,15 @@ def _last_logged(run_dir: Path) -> dict:
 
 
 def render_training_set(identities: int, images_per_identity: int, size: int, rec_path: Path,
-                        jitter: bool = False) -> None:
+                        jitter: bool = False, identity: str = "parts") -> None:
     """Draw the synthetic training faces once and store them as PNGs in RecordIO."""
     from train.data.recordio import write_recordio
     from train.data.synthetic import SyntheticFaces
 
     if rec_path.is_file() and rec_path.with_suffix(".idx").is_file():
         return
-    faces = SyntheticFaces(identities, images_per_identity, size=size, seed=0, jitter=jitter)
+    faces = SyntheticFaces(identities, images_per_identity, size=size, seed=0, jitter=jitter,
+                           identity=identity)
 
     def encoded():
         for index in tqdm(range(len(faces)), desc="draw training faces"):
@@ -209,6 +213,12 @@ def render_training_set(identities: int, images_per_identity: int, size: int, re
     partial.replace(rec_path)
 
 
+def training_set_path(budget: StudyBudget, out: Path) -> Path:
+    """Where the training faces of ``budget`` are stored under ``out``: named by their
+    world, so that a study of one world never trains on the faces of another."""
+    return out / "data" / f"train-{budget.identity}.rec"
+
+
 def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     """Train and evaluate every arm and seed (resuming what exists); ``{arm: {seed: record}}``."""
     from train.evaluate import EvalSettings, evaluate_checkpoint
@@ -218,9 +228,9 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     device = budget.device if budget.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     # Drawn once (drawing a face costs far more than decoding it), the same for every run.
-    rec_path = out / "data" / "train.rec"
+    rec_path = training_set_path(budget, out)
     render_training_set(budget.identities, budget.images_per_identity, budget.input_size,
-                        rec_path, jitter=budget.jitter)
+                        rec_path, jitter=budget.jitter, identity=budget.identity)
     jobs = [(arm, seed) for seed in budget.seeds for arm in arms]
     records: dict = {arm.name: {} for arm in arms}
     for arm, seed in tqdm(jobs, desc="study runs", unit="run"):
