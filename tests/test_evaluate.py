@@ -273,7 +273,7 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
                               "pei_null_best_cone", "location_consistency_null_mismatched",
                               "location_consistency_null_best_cone", "confident_fraction",
                               "confident_parts", "mean_normalized_gain",
-                              "normalized_gain_per_part", "tracking"}
+                              "normalized_gain_per_part", "tracking", "erasure_drop_confident"}
         assert entry["verification"]["pairs"] == 30
         # The numbers, recomputed from the images of the draw with the metrics themselves.
         # Held out: seed + 1; 3 identities of 10 images hold twice the 12 images of a draw.
@@ -314,6 +314,18 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
                                               for k in tracking.preferred.tolist()]
         assert channels["confident"] == tracking.confident.tolist()
         assert entry["tracking"]["images"] == 12 and entry["tracking"]["permutations"] == 20
+        # The erasure check: the same faces drawn again without each part in turn.
+        with torch.no_grad():
+            erased = torch.stack([model(torch.stack([
+                SyntheticFaces(3, 10, size=64, seed=1, jitter=jitter, erase=(part,))[int(i)]["image"]
+                for i in draw])).maps for part in faces.parts])
+        drop = metrics.erasure_sensitivity(maps, erased)
+        assert drop.shape == (maps.shape[1], len(faces.parts))
+        assert (drop.nan_to_num(0).abs() > 1e-3).any()  # erasing a part changes some channel
+        np.testing.assert_allclose(np.array(channels["erasure_drop"], dtype=float), drop, rtol=1e-5)
+        confident = tracking.confident
+        np.testing.assert_allclose(entry["erasure_drop_confident"],
+                                   drop[confident, tracking.preferred[confident]].mean(), rtol=1e-5)
     assert saved["datasets"]["synthetic"]["pei"] != saved["datasets"]["synthetic_jitter"]["pei"]
     for figure in ("top_activation", "channel_parts", "maps_with_peaks", "peak_histogram",
                    "part_assignment"):
@@ -361,7 +373,7 @@ def test_demo_tiny_writes_the_report(tiny_demo):
             jittered = results["datasets"]["jittered"]
             # The tracking summary is there unless one identity holds over half the draw.
             tracking = {"confident_fraction", "confident_parts", "mean_normalized_gain",
-                        "normalized_gain_per_part"}
+                        "normalized_gain_per_part", "erasure_drop_confident"}
             assert set(jittered) - tracking == {
                 "pei", "location_consistency", "part_coverage", "part_entropy",
                 "activation_robustness", "activation_robustness_live", "dead_fraction",

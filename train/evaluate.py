@@ -27,7 +27,10 @@ on the first draw with ``--permutations`` image shuffles for their null (0: none
 ``confident_fraction``, ``confident_parts``, ``mean_normalized_gain``,
 ``normalized_gain_per_part``, and per channel (``tracking.channels``) the preferred part,
 normalised gains, purity, null threshold and whether it is confident. Images of unknown
-identity (landmark sets) count as identities of their own. Writes ``DIR/metrics.json`` and,
+identity (landmark sets) count as identities of their own. On the synthetic faces, the
+erasure check: the same images drawn again with each part erased in turn, each channel's
+relative drop (``tracking.channels.erasure_drop``), and ``erasure_drop_confident``, the
+mean over the confident channels of the drop when their preferred part is erased. Writes ``DIR/metrics.json`` and,
 from the first ``--data`` set with images, the figures ``DIR/*.png``: Figure 6 (top
 activation of the most consistent channels over faces of distinct identities), Figure 5
 (one face's maps with their peaks), each channel's dominant part and where its peaks land,
@@ -94,13 +97,19 @@ def _synthetic(config, settings: EvalSettings, jitter: bool):
     per = 10
     pool = max(settings.images * 2, (settings.pairs // per) + 2 * per)
     # seed + 1: identities the model was not trained on; the same ones with and without jitter
-    faces = SyntheticFaces(max(2, -(-pool // per)), per, size=config.model.input_size,
-                           seed=config.data.seed + 1, jitter=jitter, identity=config.data.identity)
-    return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed))
+    drawn = dict(num_identities=max(2, -(-pool // per)), images_per_identity=per,
+                 size=config.model.input_size, seed=config.data.seed + 1, jitter=jitter,
+                 identity=config.data.identity)
+    faces = SyntheticFaces(**drawn)
+    # "erased": the same faces with one part not drawn and every random number still drawn,
+    # for the erasure check of the tracking metrics.
+    return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed),
+                erased=lambda part: SyntheticFaces(**drawn, erase=(part,)))
 
 
 def _open_data(name: str, path: str, config, settings: EvalSettings) -> dict:
-    """``{"parts": dataset with part_masks, "pairs": VerificationPairs, "images": dataset}``."""
+    """``{"parts": dataset with part_masks, "pairs": VerificationPairs, "images": dataset}``;
+    synthetic faces also ``"erased"``: part name -> the same faces with that part erased."""
     from train.landmarks import LandmarkFaces
     from train.verification import read_bin, read_pairs_list
 
@@ -199,8 +208,9 @@ def _robustness(maps: torch.Tensor, settings: EvalSettings, draws, position) -> 
             "activation_robustness_live": _mean_se(live_maps), "dead_fraction": _mean_se(dead)}
 
 
-def _explainability(model, dataset, settings: EvalSettings, device, with_parts: bool):
-    """Metrics over the draws, plus what the figures need (maps, images, IoU)."""
+def _explainability(model, dataset, settings: EvalSettings, device, with_parts: bool, erased=None):
+    """Metrics over the draws, plus what the figures need (maps, images, IoU); ``erased``
+    (part name -> the dataset with that part erased) adds the erasure check."""
     draws = _draws(len(dataset), settings)
     used = np.unique(np.concatenate(draws))
     batch = _gather(dataset, used)
@@ -238,9 +248,13 @@ def _explainability(model, dataset, settings: EvalSettings, device, with_parts: 
             result["nulls_skipped"] = unpaired
         if settings.permutations:
             rows = [position[int(i)] for i in draws[0]]
+            parts = getattr(dataset, "parts", metrics.PARTS)
+            erased_maps = None if erased is None else torch.stack([
+                _maps(model, _gather(erased(part), draws[0])["image"], settings.batch_size, device)
+                for part in parts])
             result.update(_tracking(maps[rows], batch["part_masks"][rows],
-                                    None if labels is None else labels[rows], settings,
-                                    getattr(dataset, "parts", metrics.PARTS)))
+                                    None if labels is None else labels[rows], settings, parts,
+                                    erased_maps))
         # The data's own parts: the synthetic faces have eight, landmark masks seven.
         extra.update(iou=iou, part_masks=batch["part_masks"], parts=getattr(dataset, "parts", metrics.PARTS))
     return result, extra
@@ -259,9 +273,12 @@ def _unpairable(labels, count: int) -> str | None:
     return None
 
 
-def _tracking(maps, masks, labels, settings: EvalSettings, parts) -> dict:
+def _tracking(maps, masks, labels, settings: EvalSettings, parts, erased_maps=None) -> dict:
     """The size-fair tracking metrics of one draw (docs/design.md 7.2): the run's summary at
-    the top level, the channels' details under ``tracking``."""
+    the top level, the channels' details under ``tracking``. With ``erased_maps``
+    ``(K, B, C, h, w)``, the maps of the same images with each part erased: each channel's
+    relative drop per erased part, and ``erasure_drop_confident``, the mean over the
+    confident channels of the drop when their preferred part is erased."""
     skipped = _unpairable(labels, len(maps))
     if skipped:
         return {"tracking": {"skipped": skipped}}
@@ -269,23 +286,29 @@ def _tracking(maps, masks, labels, settings: EvalSettings, parts) -> dict:
     tracking = metrics.channel_tracking(maps, masks, labels, permutations=settings.permutations,
                                         seed=settings.seed, level=TRACKING_LEVEL)
     summary = metrics.run_tracking_summary(tracking)
-    return {
+    channels = {
+        "preferred_part": [names[k] if k >= 0 else None for k in tracking.preferred.tolist()],
+        "normalized_gain": tracking.gain.tolist(),
+        "purity": tracking.purity.tolist(),
+        "null_threshold": tracking.null_threshold.tolist(),
+        "confident": tracking.confident.tolist(),
+    }
+    result = {
         "confident_fraction": summary.confident_fraction,
         "confident_parts": summary.confident_parts,
         "mean_normalized_gain": summary.mean_normalized_gain,
         "normalized_gain_per_part": dict(zip(names, summary.mean_gain.tolist())),
-        "tracking": {
-            "images": len(maps), "permutations": settings.permutations, "level": TRACKING_LEVEL,
-            "localized_gain": dict(zip(names, tracking.localized_gain.tolist())),
-            "channels": {
-                "preferred_part": [names[k] if k >= 0 else None for k in tracking.preferred.tolist()],
-                "normalized_gain": tracking.gain.tolist(),
-                "purity": tracking.purity.tolist(),
-                "null_threshold": tracking.null_threshold.tolist(),
-                "confident": tracking.confident.tolist(),
-            },
-        },
+        "tracking": {"images": len(maps), "permutations": settings.permutations,
+                     "level": TRACKING_LEVEL,
+                     "localized_gain": dict(zip(names, tracking.localized_gain.tolist())),
+                     "channels": channels},
     }
+    if erased_maps is not None:
+        drop = metrics.erasure_sensitivity(maps, erased_maps)
+        confident = tracking.confident.nonzero().squeeze(1)
+        channels["erasure_drop"] = drop.tolist()
+        result["erasure_drop_confident"] = drop[confident, tracking.preferred[confident]].mean().item()
+    return result
 
 
 # ---------------------------------------------------------------------------- figures
@@ -511,7 +534,8 @@ def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None =
         extra = None
         if dataset is not None:
             with_parts = "parts" in sources
-            scores, extra = _explainability(model, dataset, settings, device, with_parts)
+            scores, extra = _explainability(model, dataset, settings, device, with_parts,
+                                            sources.get("erased"))
             entry.update(scores)
         elif "pairs" in sources:  # robustness on the pair images (Table 5's LFW, CFP, AgeDB)
             from train.data.image import normalize
