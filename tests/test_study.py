@@ -55,6 +55,14 @@ def test_tiny_study_trains_evaluates_and_reports(tmp_path):
            for arm in arms}
     mean, _, _ = study.paired_difference(pei["calib400"], pei["softmax"])
     assert f"| calibrated tau, 400 templates | PEI | {mean:+.4g} [" in report
+    # PEI beside its nulls: per arm both, in the paired differences the mismatched masks'.
+    null = {arm.name: study._values(records, arm.name, "jittered", "pei_null_mismatched", budget.seeds)
+            for arm in arms}
+    mean, _, _ = study.paired_difference(null["calib400"], null["softmax"])
+    assert f"| calibrated tau, 400 templates | PEI, null: mismatched masks | {mean:+.4g} [" in report
+    cone = study.summarise(study._values(records, "softmax", "aligned", "pei_null_best_cone",
+                                         budget.seeds))[0]
+    assert f", best fixed cone {cone:.4g}) |" in report
     assert all(record["seconds"] > 0 for arm in arms for record in records[arm.name].values())
     figures = study.figures_markdown(records, arms, tmp_path / "report", budget.seeds[0],
                                      budget.eval_data[0])

@@ -534,3 +534,60 @@ def test_synthetic_jitter_reaches_the_training_set():
         config = config_from_dict({"data": {"num_identities": 2, "images_per_identity": 2,
                                             "jitter": jitter}})
         assert build_dataset(config.data, 32).jitter is jitter
+
+
+def _log_rows(run_dir) -> list[dict]:
+    with open(run_dir / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_subset_cosine_is_logged_and_changes_nothing(tmp_path, monkeypatch):
+    """train.subset_cosine_every=2 measures at steps 0 and 2 and logs each in the next row
+    (steps 1 and 3), the cosine of that step's maps as float64 NumPy computes it; the run
+    is otherwise the same as without the diagnostic."""
+    import numpy as np
+
+    from _numpy_ecloss import _templates, loss_and_grad
+    from ecloss_fast import metrics
+
+    measured = []
+    real = metrics.subset_gradient_cosine
+
+    def spy(maps, **options):
+        measured.append((maps.detach().double().numpy().copy(), options))
+        return real(maps, **options)
+
+    monkeypatch.setattr(metrics, "subset_gradient_cosine", spy)
+    train_options = {"epochs": 1, "stop_at_step": 4}
+    with_cosine = fit(tiny(tmp_path, "cosine", ecloss={"tau": 5.0}, train={
+        **train_options, "subset_cosine_every": 2, "subset_cosine_templates": 20}))
+    without = fit(tiny(tmp_path, "plain", ecloss={"tau": 5.0}, train=train_options))
+    rows, plain = _log_rows(with_cosine.run_dir), _log_rows(without.run_dir)
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
+    assert [row["subset_cosine"] == "" for row in rows] == [False, True, False, True]
+    assert "subset_cosine" not in plain[0]
+    assert len(measured) == 2 and all(options["tau"] == 5.0 and options["subset"] == 20
+                                      for _, options in measured)
+    full = _templates(4, 4)
+    subset = full[np.round(np.linspace(0, len(full) - 1, 20)).astype(int)]
+    for (maps, _), row in zip(measured, rows[::2]):
+        _, grad_full = loss_and_grad(maps, tau=5.0)
+        _, grad_subset = loss_and_grad(maps, tau=5.0, templates=subset)
+        cosine = (grad_full * grad_subset).sum() / np.linalg.norm(grad_full) / np.linalg.norm(grad_subset)
+        assert float(row["subset_cosine"]) == pytest.approx(cosine, rel=1e-4)
+    for row, other in zip(rows, plain):
+        for key in ("loss", "ce", "ecloss", "beta", "grad_norm", "mi_over_log_n"):
+            assert row[key] == other[key], key
+    _assert_same_state(load_checkpoint(with_cosine.run_dir), load_checkpoint(without.run_dir))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {"subset_cosine_every": -1, "subset_cosine_templates": 20}},
+     "train.subset_cosine_every must be >= 0"),
+    ({"train": {"subset_cosine_every": 5, "subset_cosine_templates": 20}, "ecloss": {"enabled": False}},
+     "needs ecloss.enabled"),
+    ({"train": {"subset_cosine_every": 5, "subset_cosine_templates": 138}},
+     r"train.subset_cosine_templates must be an int from 1 to 137 \(the templates of 4x4 maps\)")])
+def test_config_rejects_a_bad_subset_cosine(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(tiny(tmp_path, **overrides))

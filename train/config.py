@@ -122,6 +122,10 @@ class DataConfig:
     images_per_identity: int = 40  # synthetic only
     seed: int = 0  # synthetic only: which faces are drawn
     jitter: bool = False  # synthetic only: the pose spread of unaligned detector crops
+    # Where identity lives in the synthetic faces ("parts": brows, eyes, nose, mouth;
+    # "outer": everything, the faces of before): those trained on, and with any source the
+    # held-out faces the evaluation draws.
+    identity: Literal["parts", "outer"] = "parts"
     num_classes: Optional[int] = None  # recordio: override the count read from the data
     flip: bool = True  # random horizontal flips
     num_workers: int = 2
@@ -170,6 +174,11 @@ class RunConfig:
     max_nonfinite_steps: int = 50  # consecutive skipped steps before the run stops
     verify: tuple[str, ...] = ()  # InsightFace .bin pair sets scored during training
     verify_every: int = 2000  # steps between those scores, at the next logged step
+    # A diagnostic of ECLoss (docs/design.md 7.3): every this many steps, the cosine between
+    # the full set's and the subset_cosine_templates subset's gradients at the batch's maps,
+    # logged at the next logged step (log.csv column subset_cosine). 0: never.
+    subset_cosine_every: int = 0
+    subset_cosine_templates: int = 400
 
 
 @dataclass
@@ -442,13 +451,20 @@ def _validate(config: Config) -> None:
         raise ValueError(f"model.input_size must be a multiple of {stride} (the stride of the "
                          f"target maps{' without the last pool' if stride != TARGET_STRIDE else ''}),"
                          f" got {config.model.input_size}")
-    templates = config.ecloss.templates
-    if isinstance(templates, int):
-        side = config.model.input_size // stride
-        if not 1 <= templates <= num_templates(side):
-            raise ValueError(f"ecloss.templates must be 'full' or an int from 1 to "
-                             f"{num_templates(side)} (the templates of {side}x{side} maps), "
-                             f"got {templates}")
+    if config.train.subset_cosine_every < 0:
+        raise ValueError(f"train.subset_cosine_every must be >= 0 (0: off), got "
+                         f"{config.train.subset_cosine_every}")
+    if config.train.subset_cosine_every and not config.ecloss.enabled:
+        raise ValueError("train.subset_cosine_every measures ECLoss's gradients; it needs "
+                         "ecloss.enabled=true")
+    side = config.model.input_size // stride
+    subsets = {"ecloss.templates": (config.ecloss.templates, "'full' or ")}
+    if config.train.subset_cosine_every:
+        subsets["train.subset_cosine_templates"] = (config.train.subset_cosine_templates, "")
+    for key, (templates, full) in subsets.items():
+        if isinstance(templates, int) and not 1 <= templates <= num_templates(side):
+            raise ValueError(f"{key} must be {full}an int from 1 to {num_templates(side)} (the "
+                             f"templates of {side}x{side} maps), got {templates}")
     if not config.beta.max_growth > 1:
         raise ValueError(f"beta.max_growth must be above 1, got {config.beta.max_growth}")
     if not 0 <= config.beta.ema < 1:

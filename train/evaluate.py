@@ -19,7 +19,18 @@ PEI, location consistency, part coverage and entropy (how many parts the channel
 parts cover), activation robustness (over all maps and over live maps only) and the
 fraction of dead maps are the mean and standard error over ``--repeats`` random draws of
 ``--images`` images (the paper: 100 images, 5 draws); verification is the mean and
-standard deviation over 10 folds with flip augmentation. Writes ``DIR/metrics.json`` and,
+standard deviation over 10 folds with flip augmentation. PEI and location consistency come
+with their two nulls (docs/design.md 7.1), over the same draws: ``*_null_mismatched``, the
+maps against the part masks of an image of another identity, and ``*_null_best_cone``,
+the best image-independent cone channel. The size-fair tracking metrics (7.2) are computed
+on the first draw with ``--permutations`` image shuffles for their null (0: none):
+``confident_fraction``, ``confident_parts``, ``mean_normalized_gain``,
+``normalized_gain_per_part``, and per channel (``tracking.channels``) the preferred part,
+normalised gains, purity, null threshold and whether it is confident. Images of unknown
+identity (landmark sets) count as identities of their own. On the synthetic faces, the
+erasure check: the same images drawn again with each part erased in turn, each channel's
+relative drop (``tracking.channels.erasure_drop``), and ``erasure_drop_confident``, the
+mean over the confident channels of the drop when their preferred part is erased. Writes ``DIR/metrics.json`` and,
 from the first ``--data`` set with images, the figures ``DIR/*.png``: Figure 6 (top
 activation of the most consistent channels over faces of distinct identities), Figure 5
 (one face's maps with their peaks), each channel's dominant part and where its peaks land,
@@ -68,6 +79,9 @@ class EvalSettings:
     figure_channels: int = 8  # rows of Figure 6
     figure_faces: int = 6  # columns of Figure 6, one identity each where labels are known
     figure_grid_channels: int = 64  # panels of the per-channel figure (evenly spaced channels)
+    # Image shuffles of the tracking metrics' null, on the first draw's images; 0: no
+    # tracking metrics (they cost images^2 x channels x part pixels comparisons).
+    permutations: int = 200
 
 
 # ---------------------------------------------------------------------------- data
@@ -83,13 +97,19 @@ def _synthetic(config, settings: EvalSettings, jitter: bool):
     per = 10
     pool = max(settings.images * 2, (settings.pairs // per) + 2 * per)
     # seed + 1: identities the model was not trained on; the same ones with and without jitter
-    faces = SyntheticFaces(max(2, -(-pool // per)), per, size=config.model.input_size,
-                           seed=config.data.seed + 1, jitter=jitter)
-    return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed))
+    drawn = dict(num_identities=max(2, -(-pool // per)), images_per_identity=per,
+                 size=config.model.input_size, seed=config.data.seed + 1, jitter=jitter,
+                 identity=config.data.identity)
+    faces = SyntheticFaces(**drawn)
+    # "erased": the same faces with one part not drawn and every random number still drawn,
+    # for the erasure check of the tracking metrics.
+    return dict(parts=faces, pairs=synthetic_pairs(faces, settings.pairs, seed=settings.seed),
+                erased=lambda part: SyntheticFaces(**drawn, erase=(part,)))
 
 
 def _open_data(name: str, path: str, config, settings: EvalSettings) -> dict:
-    """``{"parts": dataset with part_masks, "pairs": VerificationPairs, "images": dataset}``."""
+    """``{"parts": dataset with part_masks, "pairs": VerificationPairs, "images": dataset}``;
+    synthetic faces also ``"erased"``: part name -> the same faces with that part erased."""
     from train.landmarks import LandmarkFaces
     from train.verification import read_bin, read_pairs_list
 
@@ -188,8 +208,9 @@ def _robustness(maps: torch.Tensor, settings: EvalSettings, draws, position) -> 
             "activation_robustness_live": _mean_se(live_maps), "dead_fraction": _mean_se(dead)}
 
 
-def _explainability(model, dataset, settings: EvalSettings, device, with_parts: bool):
-    """Metrics over the draws, plus what the figures need (maps, images, IoU)."""
+def _explainability(model, dataset, settings: EvalSettings, device, with_parts: bool, erased=None):
+    """Metrics over the draws, plus what the figures need (maps, images, IoU); ``erased``
+    (part name -> the dataset with that part erased) adds the erasure check."""
     draws = _draws(len(dataset), settings)
     used = np.unique(np.concatenate(draws))
     batch = _gather(dataset, used)
@@ -199,18 +220,95 @@ def _explainability(model, dataset, settings: EvalSettings, device, with_parts: 
     extra = dict(images=batch["image"], maps=maps, labels=batch.get("label"))
     if with_parts:
         iou = metrics.part_iou(maps, batch["part_masks"], settings.fraction)
-        scores = {"pei": [], "location_consistency": [], "part_coverage": [], "part_entropy": []}
+        labels = batch.get("label")
+        unpaired = _unpairable(labels, len(used))
+        # The first null: each map against the masks of an image of another identity.
+        mismatched = None if unpaired else metrics.part_iou(
+            maps, metrics.mismatched_masks(batch["part_masks"], labels), settings.fraction)
+        scores = {key: [] for key in ("pei", "pei_null_mismatched", "pei_null_best_cone",
+                                      "location_consistency", "location_consistency_null_mismatched",
+                                      "location_consistency_null_best_cone", "part_coverage",
+                                      "part_entropy")}
         for draw in draws:
             rows = [position[int(i)] for i in draw]
-            scores["pei"].append(iou[rows].amax(-1).mean().item())
-            scores["location_consistency"].append(
-                metrics.channel_consistency(metrics.part_assignment(iou[rows])).nanmean().item())
+            for suffix, values in (("", iou), ("_null_mismatched", mismatched)):
+                if values is not None:
+                    scores["pei" + suffix].append(values[rows].amax(-1).mean().item())
+                    scores["location_consistency" + suffix].append(metrics.channel_consistency(
+                        metrics.part_assignment(values[rows])).nanmean().item())
+            cone = metrics.best_fixed_cone(batch["part_masks"][rows], tuple(maps.shape[-2:]),
+                                           settings.fraction)
+            scores["pei_null_best_cone"].append(cone["pei"])
+            scores["location_consistency_null_best_cone"].append(cone["location_consistency"])
             dominant = metrics.dominant_parts_from_iou(iou[rows])
             scores["part_coverage"].append(metrics.part_coverage(dominant))
             scores["part_entropy"].append(metrics.part_entropy(dominant))
-        result.update({key: _mean_se(values) for key, values in scores.items()})
-        extra.update(iou=iou, part_masks=batch["part_masks"])
+        result.update({key: _mean_se(values) for key, values in scores.items() if values})
+        if unpaired:
+            result["nulls_skipped"] = unpaired
+        if settings.permutations:
+            rows = [position[int(i)] for i in draws[0]]
+            parts = getattr(dataset, "parts", metrics.PARTS)
+            erased_maps = None if erased is None else torch.stack([
+                _maps(model, _gather(erased(part), draws[0])["image"], settings.batch_size, device)
+                for part in parts])
+            result.update(_tracking(maps[rows], batch["part_masks"][rows],
+                                    None if labels is None else labels[rows], settings, parts,
+                                    erased_maps))
+        # The data's own parts: the synthetic faces have eight, landmark masks seven.
+        extra.update(iou=iou, part_masks=batch["part_masks"], parts=getattr(dataset, "parts", metrics.PARTS))
     return result, extra
+
+
+# A channel is confident when its gain exceeds this quantile of its image-shuffled null.
+TRACKING_LEVEL = 0.95
+
+
+def _unpairable(labels, count: int) -> str | None:
+    """Why the images cannot each be paired with another identity's
+    (:func:`ecloss_fast.metrics.other_identity_partners`), or ``None`` when they can."""
+    largest = 1 if labels is None else int(torch.as_tensor(labels).unique(return_counts=True)[1].max())
+    if count < 2 or 2 * largest > count:
+        return f"an identity holds {largest} of the {count} images (at most half can be paired)"
+    return None
+
+
+def _tracking(maps, masks, labels, settings: EvalSettings, parts, erased_maps=None) -> dict:
+    """The size-fair tracking metrics of one draw (docs/design.md 7.2): the run's summary at
+    the top level, the channels' details under ``tracking``. With ``erased_maps``
+    ``(K, B, C, h, w)``, the maps of the same images with each part erased: each channel's
+    relative drop per erased part, and ``erasure_drop_confident``, the mean over the
+    confident channels of the drop when their preferred part is erased."""
+    skipped = _unpairable(labels, len(maps))
+    if skipped:
+        return {"tracking": {"skipped": skipped}}
+    names = list(parts) if len(parts) == masks.shape[1] else [str(k) for k in range(masks.shape[1])]
+    tracking = metrics.channel_tracking(maps, masks, labels, permutations=settings.permutations,
+                                        seed=settings.seed, level=TRACKING_LEVEL)
+    summary = metrics.run_tracking_summary(tracking)
+    channels = {
+        "preferred_part": [names[k] if k >= 0 else None for k in tracking.preferred.tolist()],
+        "normalized_gain": tracking.gain.tolist(),
+        "purity": tracking.purity.tolist(),
+        "null_threshold": tracking.null_threshold.tolist(),
+        "confident": tracking.confident.tolist(),
+    }
+    result = {
+        "confident_fraction": summary.confident_fraction,
+        "confident_parts": summary.confident_parts,
+        "mean_normalized_gain": summary.mean_normalized_gain,
+        "normalized_gain_per_part": dict(zip(names, summary.mean_gain.tolist())),
+        "tracking": {"images": len(maps), "permutations": settings.permutations,
+                     "level": TRACKING_LEVEL,
+                     "localized_gain": dict(zip(names, tracking.localized_gain.tolist())),
+                     "channels": channels},
+    }
+    if erased_maps is not None:
+        drop = metrics.erasure_sensitivity(maps, erased_maps)
+        confident = tracking.confident.nonzero().squeeze(1)
+        channels["erasure_drop"] = drop.tolist()
+        result["erasure_drop_confident"] = drop[confident, tracking.preferred[confident]].mean().item()
+    return result
 
 
 # ---------------------------------------------------------------------------- figures
@@ -241,8 +339,8 @@ def _distinct_faces(extra: dict, count: int) -> list[int]:
     return sorted(first.tolist())[:count]
 
 
-def _part_name(part: int) -> str:
-    return metrics.PARTS[part] if part >= 0 else "no part"
+def _part_name(extra: dict, part: int) -> str:
+    return extra["parts"][part] if part >= 0 else "no part"
 
 
 def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title: str) -> list[int]:
@@ -272,7 +370,7 @@ def figure_top_activation(extra: dict, settings: EvalSettings, path: Path, title
             ax.imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(f"ch {channel}\n{_part_name(dominant[channel])}", fontsize=8)
+        row[0].set_ylabel(f"ch {channel}\n{_part_name(extra, dominant[channel])}", fontsize=8)
     people = " (one identity per column)" if extra.get("labels") is not None else ""
     fig.suptitle(f"{title}: top {settings.fraction:.0%} activation{people}", fontsize=10)
     fig.tight_layout()
@@ -315,7 +413,9 @@ def figure_channel_parts(extra: dict, settings: EvalSettings, path: Path, title:
     """
     from matplotlib import colormaps
 
-    from train.data.synthetic import PART_COLOURS
+    from train.data.synthetic import PART_COLOURS, PARTS
+
+    colours = dict(zip(PARTS, PART_COLOURS / 255))  # by name: landmark parts are among them
 
     maps, iou, masks = extra["maps"], extra["iou"], extra["part_masks"]
     channels = maps.shape[1]
@@ -340,11 +440,11 @@ def figure_channel_parts(extra: dict, settings: EvalSettings, path: Path, title:
         overlay[..., :3] = heat_colour[:3]
         overlay[..., 3] = heat / heat.max() if heat.max() > 0 else 0
         ax.imshow(overlay, interpolation="nearest", extent=(0, size, size, 0))
-        colour = PART_COLOURS[part] / 255 if part >= 0 else (0, 0, 0)
+        colour = colours[extra["parts"][part]] if part >= 0 else (0, 0, 0)
         if part >= 0:
             ax.contour(np.arange(size) + 0.5, np.arange(size) + 0.5, outline[part], levels=[0.5],
                        colors=[colour], linewidths=1.5)
-        ax.set_title(f"{channel}: {_part_name(part)} {heat.max():.0%}", fontsize=7, pad=2,
+        ax.set_title(f"{channel}: {_part_name(extra, part)} {heat.max():.0%}", fontsize=7, pad=2,
                      color=colour * np.array([0.75, 0.75, 0.75]) if part >= 0 else "black")
     fig.suptitle(f"{title}: where each channel's peaks land (opacity: how often, relative to its "
                  "busiest cell, whose share of faces is in the title); outline: its dominant part",
@@ -371,7 +471,7 @@ def figure_part_assignment(extra: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(4, 3.2))
     image = ax.imshow(assignment[order].T, aspect="auto", cmap="magma", vmin=0, vmax=1,
                       interpolation="nearest")
-    ax.set_yticks(range(len(metrics.PARTS)), metrics.PARTS, fontsize=8)
+    ax.set_yticks(range(len(extra["parts"])), extra["parts"], fontsize=8)
     ax.set_xlabel("channel (sorted by dominant part)")
     ax.set_title(f"{title}: A[c, k]", fontsize=9)
     fig.colorbar(image, ax=ax)
@@ -434,7 +534,8 @@ def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None =
         extra = None
         if dataset is not None:
             with_parts = "parts" in sources
-            scores, extra = _explainability(model, dataset, settings, device, with_parts)
+            scores, extra = _explainability(model, dataset, settings, device, with_parts,
+                                            sources.get("erased"))
             entry.update(scores)
         elif "pairs" in sources:  # robustness on the pair images (Table 5's LFW, CFP, AgeDB)
             from train.data.image import normalize
@@ -492,7 +593,7 @@ def _check_arguments(args, settings: EvalSettings) -> dict[str, str]:
     """The ``--data`` sets by name; ``ValueError`` or ``FileNotFoundError`` for a user error
     found without reading any data."""
     for name, value in vars(settings).items():
-        low = 2 if name == "folds" else 1
+        low = 2 if name == "folds" else 0 if name == "permutations" else 1
         if isinstance(value, int) and name != "seed" and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     if not 0 < settings.fraction <= 1:

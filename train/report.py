@@ -83,7 +83,15 @@ EXTRA = {
                       "a collapse onto one part)", 2),
     "part_entropy": ("Part entropy: entropy of the channels' dominant parts, nats (log 7 = "
                      "1.946 when spread evenly)", 3),
+    "confident_fraction": ("Confident channels: the fraction whose size-fair tracking gain beats "
+                           "its image-shuffled null (docs/design.md 7.2; one draw)", 3),
+    "confident_parts": ("Confident parts: distinct preferred parts among the confident channels "
+                        "(one draw)", 0),
+    "mean_normalized_gain": ("Mean normalised tracking gain over channels and parts (1: as a "
+                             "perfectly localised channel; 0: a fixed spatial prior; one draw)", 3),
 }
+# PEI and location consistency are shown beside their two nulls (docs/design.md 7.1).
+NULLS = (("null_mismatched", "mismatched masks"), ("null_best_cone", "best fixed cone"))
 _FIGURES = [("top_activation", "Figure 6: top-10% activation of the most consistent channels"),
             ("channel_parts", "Per channel: its dominant part and where its peaks land"),
             ("maps_with_peaks", "Figure 5: one face, all its channel maps, counted peaks marked"),
@@ -103,13 +111,20 @@ def load_runs(eval_dirs) -> list[tuple[Path, dict]]:
 
 
 def _cell(metric: str, entry: dict | None) -> str:
+    """A metric of one data set: mean ± standard error over draws (one value for the
+    metrics of one draw), with its nulls beside it where the evaluation has them."""
     if entry is None or metric not in entry:
         return "–"
     value = entry[metric]
     if metric == "verification":
         return f"{100 * value['accuracy']:.2f}% ± {100 * value['std']:.2f}"
     digits = EXTRA[metric][1] if metric in EXTRA else 3 if metric == "activation_robustness" else 4
-    return f"{value['mean']:.{digits}f} ± {value['se']:.{digits}f}"
+    if not isinstance(value, dict):
+        return f"{value:.{digits}f}"
+    nulls = [f"{name} {entry[f'{metric}_{key}']['mean']:.{digits}f}" for key, name in NULLS
+             if f"{metric}_{key}" in entry]
+    cell = f"{value['mean']:.{digits}f} ± {value['se']:.{digits}f}"
+    return cell + (f" (nulls: {', '.join(nulls)})" if nulls else "")
 
 
 def _table(columns, rows) -> list[str]:
@@ -160,8 +175,11 @@ def tables_markdown(runs) -> list[str]:
         lines.append(f"### {paper['title']}")
         lines.append("")
         if columns:
+            nulls = (" Beside each value, its two nulls (docs/design.md 7.1): the maps against the "
+                     "part masks of another identity's image, and the best fixed cone, a channel "
+                     "the same in every image.") if metric in ("pei", "location_consistency") else ""
             lines.append("This project's runs (mean ± standard error over random draws; "
-                         "verification: mean ± std over 10 folds):")
+                         "verification: mean ± std over 10 folds)." + nulls)
             lines.append("")
             lines += _table(columns, _run_rows(runs, metric, columns))
         else:
@@ -172,7 +190,8 @@ def tables_markdown(runs) -> list[str]:
     for metric, (title, _) in EXTRA.items():
         columns = present(metric)
         if columns:
-            lines += [f"### {title}", "", "Not in the paper; mean ± standard error over random draws:", ""]
+            lines += [f"### {title}", "", "Not in the paper; mean ± standard error over random draws "
+                      "(or the one draw's value):", ""]
             lines += _table(columns, _run_rows(runs, metric, columns)) + [""]
     return lines
 

@@ -78,7 +78,15 @@ METRICS = (
     ("activation_robustness", "peaks per map", 1.0, False),
     ("dead_fraction", "dead maps", 1.0, False),
     ("verification", "verification (%)", 100.0, True),
+    # Size-fair tracking (docs/design.md 7.2), on the first draw of each evaluation.
+    ("confident_fraction", "confident channels", 1.0, True),
+    ("confident_parts", "confident parts", 1.0, True),
+    ("mean_normalized_gain", "mean normalised gain", 1.0, True),
 )
+# PEI and location consistency are shown beside their nulls (docs/design.md 7.1): per arm
+# both; in the paired differences the mismatched masks only (the best fixed cone does not
+# depend on the network, so its paired difference is 0).
+NULLS = (("null_mismatched", "mismatched masks"), ("null_best_cone", "best fixed cone"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class StudyBudget:
     identities: int = 60
     images_per_identity: int = 16
     jitter: bool = True  # pose-jittered training faces: the paper trains without alignment
+    identity: str = "parts"  # where identity lives in the faces (train.data.synthetic)
     epochs: int = 5
     batch_size: int = 64
     lr: float = 0.03
@@ -143,7 +152,9 @@ def arm_config(budget: StudyBudget, arm: Arm, seed: int, runs_dir: Path, rec_pat
         # beta got anywhere near its target.
         beta=dict(schedule="auto", grad_ratio=budget.grad_ratio, value=1.0, update_every=5,
                   ema=0.5, max_growth=10.0),
-        data=dict(source="recordio", path=str(rec_path), num_workers=budget.num_workers),
+        # identity: the world of the held-out faces the evaluation draws.
+        data=dict(source="recordio", path=str(rec_path), num_workers=budget.num_workers,
+                  identity=budget.identity),
         optim=dict(name="sgd", lr=budget.lr, warmup_epochs=min(1.0, budget.epochs / 4)),
         train=dict(epochs=budget.epochs, batch_size=budget.batch_size, device=budget.device,
                    seed=seed, output_dir=str(runs_dir), run_name=f"{arm.name}-seed{seed}",
@@ -179,14 +190,15 @@ def _last_logged(run_dir: Path) -> dict:
 
 
 def render_training_set(identities: int, images_per_identity: int, size: int, rec_path: Path,
-                        jitter: bool = False) -> None:
+                        jitter: bool = False, identity: str = "parts") -> None:
     """Draw the synthetic training faces once and store them as PNGs in RecordIO."""
     from train.data.recordio import write_recordio
     from train.data.synthetic import SyntheticFaces
 
     if rec_path.is_file() and rec_path.with_suffix(".idx").is_file():
         return
-    faces = SyntheticFaces(identities, images_per_identity, size=size, seed=0, jitter=jitter)
+    faces = SyntheticFaces(identities, images_per_identity, size=size, seed=0, jitter=jitter,
+                           identity=identity)
 
     def encoded():
         for index in tqdm(range(len(faces)), desc="draw training faces"):
@@ -201,6 +213,12 @@ def render_training_set(identities: int, images_per_identity: int, size: int, re
     partial.replace(rec_path)
 
 
+def training_set_path(budget: StudyBudget, out: Path) -> Path:
+    """Where the training faces of ``budget`` are stored under ``out``: named by their
+    world, so that a study of one world never trains on the faces of another."""
+    return out / "data" / f"train-{budget.identity}.rec"
+
+
 def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     """Train and evaluate every arm and seed (resuming what exists); ``{arm: {seed: record}}``."""
     from train.evaluate import EvalSettings, evaluate_checkpoint
@@ -210,9 +228,9 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     device = budget.device if budget.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     # Drawn once (drawing a face costs far more than decoding it), the same for every run.
-    rec_path = out / "data" / "train.rec"
+    rec_path = training_set_path(budget, out)
     render_training_set(budget.identities, budget.images_per_identity, budget.input_size,
-                        rec_path, jitter=budget.jitter)
+                        rec_path, jitter=budget.jitter, identity=budget.identity)
     jobs = [(arm, seed) for seed in budget.seeds for arm in arms]
     records: dict = {arm.name: {} for arm in arms}
     for arm, seed in tqdm(jobs, desc="study runs", unit="run"):
@@ -241,7 +259,20 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
 
 
 def _values(records, arm, dataset, metric, seeds):
-    return np.array([_scalar(records[arm][seed]["metrics"][dataset][metric]) for seed in seeds])
+    """The metric of each seed's evaluation; NaN where the evaluation lacks it (written
+    before the metric existed, or skipped there)."""
+    return np.array([_scalar(records[arm][seed]["metrics"][dataset].get(metric, math.nan))
+                     for seed in seeds])
+
+
+def _nulls_beside(records, arm, dataset, metric, seeds) -> str:
+    """`` (nulls: mismatched masks x, best fixed cone y)``, their means over seeds, for PEI
+    and location consistency; empty for the other metrics."""
+    if metric not in ("pei", "location_consistency"):
+        return ""
+    means = [f"{name} {summarise(_values(records, arm, dataset, f'{metric}_{key}', seeds))[0]:.4g}"
+             for key, name in NULLS]
+    return f" (nulls: {', '.join(means)})"
 
 
 def _t_quantile(degrees: int) -> float:
@@ -363,7 +394,7 @@ def report_markdown(budget: StudyBudget, records: dict, arms=ARMS,
             cells = []
             for key, _, scale, _ in METRICS:
                 mean, se = summarise(_values(records, arm.name, dataset, key, seeds) * scale)
-                cells.append(f"{mean:.4g} ± {se:.2g}")
+                cells.append(f"{mean:.4g} ± {se:.2g}" + _nulls_beside(records, arm.name, dataset, key, seeds))
             lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     lines += ["", "## Diagnostics at each run's last logged step", "",
               "MI / log N, mean max p, score std (docs/design.md, section 8.4), and the calibrated "
@@ -388,6 +419,12 @@ def report_markdown(budget: StudyBudget, records: dict, arms=ARMS,
                 lines.append(f"| {arm.label} | {label} | {mean:+.4g} [{low:+.3g}, {high:+.3g}] | "
                              f"{'' if paper is None else f'{paper:+g}'} | "
                              f"{_verdict(low, high, higher)} |")
+                if key in ("pei", "location_consistency"):
+                    mean, low, high = paired_difference(
+                        *(_values(records, name, compared, f"{key}_null_mismatched", seeds)
+                          for name in (arm.name, baseline)))
+                    lines.append(f"| {arm.label} | {label}, null: mismatched masks | {mean:+.4g} "
+                                 f"[{low:+.3g}, {high:+.3g}] | | a null: no verdict |")
     asked = [(arm, baseline, question) for arm, baseline, question in COMPARISONS
              if arm in records and baseline in records]
     if asked:

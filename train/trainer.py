@@ -6,7 +6,8 @@ the command line around it, with or without ``torchrun``. The run directory hold
     config.yaml            the full resolved config
     log.csv                one row per ``train.log_every`` steps (see train/logs.py); with
                            ``train.verify``, each set's pair accuracy every
-                           ``train.verify_every`` steps (at the next logged step)
+                           ``train.verify_every`` steps (at the next logged step); with
+                           ``train.subset_cosine_every``, ``subset_cosine`` likewise
     train.log              the console messages
     tensorboard/           TensorBoard events
     checkpoints/last.pt    rewritten every checkpoint; step_<n>.pt kept periodically
@@ -16,7 +17,9 @@ What the loop does per step, in order: move the batch, mirror each image with pr
 and no RNG state is involved), forward under autocast, CE in float32,
 ECLoss on the maps outside autocast (the core picks its own precision; with
 ``ecloss.tau=auto`` the first step calibrates tau on these maps first), every
-``beta.update_every`` steps the two gradient norms at the maps (train/beta.py), backward
+``beta.update_every`` steps the two gradient norms at the maps (train/beta.py), every
+``train.subset_cosine_every`` steps (off by default) the cosine of the full set's and a
+subset's ECLoss gradients at the maps (a diagnostic; it changes nothing), backward
 through the (fp16-only) GradScaler, unscale, clip, and skip the update if the gradient is
 not finite, or if the BatchNorm statistics the forward pass updated are not: then the
 model, the BatchNorm statistics and the optimizer state are exactly as before the step
@@ -31,7 +34,8 @@ unless ``train.allow_data_change``.
 Host synchronisation: one per step, the step's finite flag, read before the optimizer step
 (train/step_guard.py), and one per logged step (the row's all-reduce, read with
 ``tolist``). Beyond them: the automatic beta's measurement every ``beta.update_every``
-steps, and PyTorch's fp16 GradScaler, which reads its found-inf flag every step.
+steps, the subset cosine read at the logged step after a measurement, and PyTorch's fp16
+GradScaler, which reads its found-inf flag every step.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 import ecloss_fast
+from ecloss_fast import metrics
 from models import build_head, build_model
 from train import distributed
 from train.beta import BetaSchedule
@@ -214,9 +219,12 @@ class Trainer:
         self._stop_agreed = False  # a signal seen by some rank, agreed at a logged step
         if state is not None:
             self._restore(state)
+        # train.subset_cosine_every: the last measurement, a device tensor, until logged.
+        self._subset_cosine: torch.Tensor | None = None
         self.runlog = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=run.tensorboard,
                              resume_step=self.step if state is not None else None,
-                             extra_fields=tuple(f"verify_{Path(p).stem}" for p in run.verify))
+                             extra_fields=tuple(f"verify_{Path(p).stem}" for p in run.verify)
+                             + (("subset_cosine",) if run.subset_cosine_every else ()))
         self._verified_at = self.step  # the step of the last verification (or the start)
 
     @property
@@ -528,6 +536,9 @@ class Trainer:
                else torch.zeros((), device=self.device))
         if self.criterion is not None and self.beta.measures_at(self.step):
             self._measure_gradients(ce, ecl, out.maps)
+        every = self.config.train.subset_cosine_every
+        if self.criterion is not None and every and self.step % every == 0:
+            self._subset_cosine = self._measure_subset_cosine(out.maps)
         beta = self.beta.value(self.step) if self.criterion is not None else 0.0
         loss = self.config.head.alpha * ce + beta * ecl
         self.scaler.scale(loss).backward()
@@ -594,6 +605,17 @@ class Trainer:
             norms = self.ctx.all_reduce_sum(squares).sqrt()
         ce_norm, ecl_norm = norms.tolist()
         self.beta.observe(self.step, ce_norm, ecl_norm)
+
+    def _measure_subset_cosine(self, maps: torch.Tensor) -> torch.Tensor:
+        """The cosine between the full set's and the ``train.subset_cosine_templates``
+        subset's ECLoss gradients at the batch's maps (docs/design.md 7.3), with the run's
+        tau and loss options, over the global batch: a diagnostic on detached maps, so the
+        step is the same with it or without."""
+        e = self.config.ecloss
+        return metrics.subset_gradient_cosine(
+            maps, tau=self.criterion.tau, subset=self.config.train.subset_cosine_templates,
+            estimator=e.estimator, radius=e.radius, normalize=e.normalize, diversity=e.diversity,
+            backend=e.backend, precision=e.precision, process_group=self.ctx.group)
 
     def run(self) -> Path:
         run = self.config.train
@@ -723,6 +745,9 @@ class Trainer:
         row.update({name: share / self.ctx.world_size
                     for name, share in zip(diagnostics, shares)})
         row.update(scores)
+        if self._subset_cosine is not None:  # the same on every rank: summed over the group
+            row["subset_cosine"] = self._subset_cosine.item()
+            self._subset_cosine = None
         self.runlog.log(row)
         return row
 

@@ -18,7 +18,7 @@ def build_dataset(config, size: int):
     if config.source == "synthetic":
         from train.data.synthetic import SyntheticFaces
         return SyntheticFaces(config.num_identities, config.images_per_identity, size=size,
-                              seed=config.seed, jitter=config.jitter)
+                              seed=config.seed, jitter=config.jitter, identity=config.identity)
     if config.source == "folder":
         from train.data.folder import ImageFolderFaces
         return ImageFolderFaces(config.path, size, on_bad_data=config.on_bad_data)
