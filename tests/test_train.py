@@ -36,7 +36,10 @@ def tiny(tmp_path, name="run", **sections):
     config = {
         "model": {"arch": "vgg13", "width": 1 / 16, "input_size": 64, "embedding_dim": 16,
                   "batch_norm": True},
-        "data": {"num_identities": 4, "images_per_identity": 6, "num_workers": 0},
+        # The outer world: identity in hair, skin and outline, which 36 steps learn; these
+        # tests are of the trainer, not of the parts world (tests/test_gate.py).
+        "data": {"num_identities": 4, "images_per_identity": 6, "num_workers": 0,
+                 "identity": "outer"},
         "beta": {"update_every": 2},
         "optim": {"lr": 0.05, "warmup_epochs": 0.5},
         "train": {"epochs": 2, "batch_size": 4, "output_dir": str(tmp_path), "run_name": name,
