@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 __all__ = ["Arm", "StudyBudget", "ARMS", "COMPARISONS", "BUDGETS", "arm_config", "run_study",
-           "render_training_set", "summarise", "paired_difference", "report_markdown", "figures_markdown", "main"]
+           "render_training_set", "training_set_path", "summarise", "paired_difference", "report_markdown", "figures_markdown", "main"]
 
 
 @dataclass(frozen=True)
