@@ -82,6 +82,9 @@ class EvalSettings:
     # Image shuffles of the tracking metrics' null, on the first draw's images; 0: no
     # tracking metrics (they cost images^2 x channels x part pixels comparisons).
     permutations: int = 200
+    # The held-out synthetic faces' seed; None: the training faces' seed + 1. A study gives
+    # each training seed its own draw of held-out identities (docs/study/PLAN.md).
+    faces_seed: int | None = None
 
 
 # ---------------------------------------------------------------------------- data
@@ -96,9 +99,14 @@ def _synthetic(config, settings: EvalSettings, jitter: bool):
 
     per = 10
     pool = max(settings.images * 2, (settings.pairs // per) + 2 * per)
-    # seed + 1: identities the model was not trained on; the same ones with and without jitter
+    # seed + 1 (or faces_seed): identities the model was not trained on; the same ones with
+    # and without jitter
+    seed = config.data.seed + 1 if settings.faces_seed is None else settings.faces_seed
+    if seed == config.data.seed:
+        raise ValueError(f"faces_seed {seed} is the training faces' seed: the held-out faces "
+                         "would be the training identities")
     drawn = dict(num_identities=max(2, -(-pool // per)), images_per_identity=per,
-                 size=config.model.input_size, seed=config.data.seed + 1, jitter=jitter,
+                 size=config.model.input_size, seed=seed, jitter=jitter,
                  identity=config.data.identity)
     faces = SyntheticFaces(**drawn)
     # "erased": the same faces with one part not drawn and every random number still drawn,
@@ -294,6 +302,7 @@ def _tracking(maps, masks, labels, settings: EvalSettings, parts, erased_maps=No
         "confident": tracking.confident.tolist(),
     }
     result = {
+        "oracle": _oracle_tracking(maps, masks, labels, settings, names),
         "confident_fraction": summary.confident_fraction,
         "confident_parts": summary.confident_parts,
         "mean_normalized_gain": summary.mean_normalized_gain,
@@ -309,6 +318,20 @@ def _tracking(maps, masks, labels, settings: EvalSettings, parts, erased_maps=No
         channels["erasure_drop"] = drop.tolist()
         result["erasure_drop_confident"] = drop[confident, tracking.preferred[confident]].mean().item()
     return result
+
+
+def _oracle_tracking(maps, masks, labels, settings: EvalSettings, names) -> dict:
+    """The positive control of the tracking metrics: one oracle channel per part, the part's
+    masks area-pooled to the maps' size (the perfectly localised channel), scored by the
+    same procedure as the run's channels. The measurement can say "tracks" only where
+    these come out confident on their own part."""
+    oracle = F.adaptive_avg_pool2d(masks.float(), tuple(maps.shape[-2:]))
+    tracking = metrics.channel_tracking(oracle, masks, labels, permutations=settings.permutations,
+                                        seed=settings.seed, level=TRACKING_LEVEL)
+    own = tracking.preferred == torch.arange(len(names))
+    return {"confident_on_own_part": (tracking.confident & own).tolist(),
+            "confident_fraction": tracking.confident.double().mean().item(),
+            "parts": list(names)}
 
 
 # ---------------------------------------------------------------------------- figures
@@ -633,7 +656,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto")
     defaults = EvalSettings()
     for field, value in vars(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{field.replace('_', '-')}",
+                            type=int if value is None else type(value), default=value)
     args = parser.parse_args(argv)
     settings = EvalSettings(**{f: getattr(args, f) for f in vars(defaults)})
     try:

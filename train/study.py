@@ -1,15 +1,18 @@
-"""The explainability study: ``python -m train.study --out DIR``.
+"""The explainability study of docs/study/PLAN.md: ``python -m train.study --out DIR``.
 
-Trains every arm over several seeds on the same synthetic faces, evaluates each run on
-held-out identities (aligned and pose-jittered), and writes ``DIR/report.md``: per arm the
-mean and standard error over seeds, per arm the paired difference from softmax (same seed)
-with a 95% t-interval beside the paper's own differences, and one comparison per question
-the study asks. Runs and evaluations are kept under ``DIR/runs`` and ``DIR/eval``; calling
-the same command again resumes an interrupted run and skips what is done.
+Trains every arm of the plan over its seeds on the same synthetic faces (the parts world:
+identity lives in the brows, eyes, nose and mouth only), evaluates each run on jittered
+held-out identities drawn anew per seed, scores the gate on the softmax run of the first
+seed, and writes ``DIR/report.md`` and ``DIR/records.json``: the plan's questions answered
+with paired differences over seeds, 95% t-intervals, paired t-tests and Holm's correction
+per family, every metric beside its null, the positive control and the full-vs-400
+gradient cosine. Runs and evaluations are kept under ``DIR/runs`` and ``DIR/eval``; the
+same command resumes an interrupted study and skips what is done. Runs go in the plan's
+order: the primary arms seed by seed, then the secondary arms, so a study cut short has
+answered the primary question first.
 
-``--budget study`` (the default): 14 x 14 target maps (VGG16-BN at 112 x 112 without its
-fourth pool), jittered training faces, seven arms x three seeds. ``--budget tiny``: a smoke
-test of the whole flow in about a minute.
+``--budget study`` (the default) is the plan's; ``--budget tiny``: a smoke test of the whole
+flow in a few minutes.
 """
 from __future__ import annotations
 
@@ -27,61 +30,64 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-__all__ = ["Arm", "StudyBudget", "ARMS", "COMPARISONS", "BUDGETS", "arm_config", "run_study",
-           "render_training_set", "training_set_path", "summarise", "paired_difference", "report_markdown", "figures_markdown", "main"]
+__all__ = ["Arm", "StudyBudget", "ARMS", "PRIMARY", "SECONDARY", "BUDGETS", "arm_config",
+           "study_jobs", "run_study", "render_training_set", "training_set_path", "summarise",
+           "paired_difference", "paired_test", "holm", "report_markdown", "figures_markdown",
+           "main"]
 
 
 @dataclass(frozen=True)
 class Arm:
     """One training configuration: ``ecloss`` is ``None`` (softmax only) or the overrides of
-    the config's ``ecloss`` section."""
+    the config's ``ecloss`` section; ``primary`` arms run the budget's primary seeds, the
+    others its secondary seeds (docs/study/PLAN.md)."""
 
     name: str
     label: str
     ecloss: dict | None
+    primary: bool = False
 
 
-# The paper's literal setting, then the remedies of the design notes (Beyond the paper),
-# then the marginal estimator as a negative control (it rewards channels that move).
+_S3 = dict(tau="auto", templates="full", estimator="uniform", score_spread=3.0)
+
+# docs/study/PLAN.md, "Arms": the primary contrast first, then the secondary arms.
 ARMS = (
-    Arm("softmax", "softmax", None),
-    Arm("paper400", "paper: tau 1e-3, 400 templates", dict(tau=1e-3, templates=400)),
-    Arm("calib400", "calibrated tau, 400 templates", dict(tau="auto", templates=400)),
-    Arm("calibfull", "calibrated tau, full set", dict(tau="auto", templates="full")),
-    Arm("diversity", "calibrated, full set, diversity 1",
-        dict(tau="auto", templates="full", diversity=1.0)),
-    Arm("normalized", "normalized maps, calibrated, full set",
-        dict(tau="auto", templates="full", normalize=True)),
-    Arm("marginal", "marginal estimator, calibrated, full set (control)",
-        dict(tau="auto", templates="full", estimator="marginal")),
+    Arm("softmax", "softmax", None, primary=True),
+    Arm("ecloss-s3", "ECLoss, full set, score spread 3", _S3, primary=True),
+    Arm("ecloss-s1", "ECLoss, score spread 1", {**_S3, "score_spread": 1.0}),
+    Arm("ecloss-s10", "ECLoss, score spread 10", {**_S3, "score_spread": 10.0}),
+    Arm("ecloss-s3-diversity", "ECLoss, spread 3, diversity 1", {**_S3, "diversity": 1.0}),
+    Arm("ecloss-s3-marginal", "ECLoss, spread 3, marginal estimator", {**_S3, "estimator": "marginal"}),
 )
 
-# (arm, baseline, the question the paired difference answers)
-COMPARISONS = (
-    ("calibfull", "calib400", "Does the full template set beat the paper's 400 (same calibrated tau)?"),
-    ("calib400", "paper400", "Is the paper's 'not sensitive to tau' true (calibrated tau vs 1e-3)?"),
-    ("diversity", "calibfull", "Does the diversity term stop channels collapsing onto one part?"),
-    ("normalized", "calibfull", "Do normalized maps (no reward for raw amplitude) change the outcome?"),
-    ("marginal", "calibfull", "Control: does the marginal estimator lose part coverage, as predicted?"),
+# (metric key in metrics.json, label): Q1's co-primary metrics, Holm over the two.
+PRIMARY = ("ecloss-s3", "softmax", (("confident_parts", "distinct confident parts"),
+                                    ("mean_normalized_gain", "mean normalised gain")))
+# (arm, baseline, question): the secondary family, Holm over these tests (and Q5's, when
+# the cosine rule asks for it), on the mean normalised gain.
+SECONDARY = (
+    ("ecloss-s1", "ecloss-s3", "Q2: score spread 1 instead of 3"),
+    ("ecloss-s10", "ecloss-s3", "Q2: score spread 10 instead of 3"),
+    ("ecloss-s3-diversity", "ecloss-s3", "Q3: the diversity term (lambda = 1)"),
+    ("ecloss-s3-marginal", "ecloss-s3", "Q4: the marginal estimator instead of the uniform one"),
 )
-
-# The paper's VGG16 differences, ECLoss minus softmax (its Tables 2-5, mean over data sets).
-PAPER_DIFFERENCES = {"pei": 0.005, "location_consistency": 0.002,
-                     "activation_robustness": -0.62, "verification": 1.9}
+SECONDARY_METRIC = ("mean_normalized_gain", "mean normalised gain")
+# Q5's rule: the two template sets are interchangeable where the median logged cosine over
+# the second half of training is at least this.
+COSINE_THRESHOLD = 0.95
 
 # (key in metrics.json, label, scale for display, higher is better?)
 METRICS = (
+    # Size-fair tracking (docs/design.md 7.2), on the first draw of each evaluation.
+    ("confident_parts", "confident parts (of 8)", 1.0, True),
+    ("mean_normalized_gain", "mean normalised gain", 1.0, True),
+    ("confident_fraction", "confident channels", 1.0, True),
+    ("erasure_drop_confident", "erasure drop, confident", 1.0, True),
     ("pei", "PEI", 1.0, True),
     ("location_consistency", "location consistency", 1.0, True),
-    ("part_coverage", "part coverage (of 7)", 1.0, True),
-    ("part_entropy", "part entropy (nats)", 1.0, True),
     ("activation_robustness", "peaks per map", 1.0, False),
     ("dead_fraction", "dead maps", 1.0, False),
     ("verification", "verification (%)", 100.0, True),
-    # Size-fair tracking (docs/design.md 7.2), on the first draw of each evaluation.
-    ("confident_fraction", "confident channels", 1.0, True),
-    ("confident_parts", "confident parts", 1.0, True),
-    ("mean_normalized_gain", "mean normalised gain", 1.0, True),
 )
 # PEI and location consistency are shown beside their nulls (docs/design.md 7.1): per arm
 # both; in the paired differences the mismatched masks only (the best fixed cone does not
@@ -99,24 +105,30 @@ class StudyBudget:
     drop_last_pool: bool = True  # 14 x 14 target maps at 112 x 112 input
     embedding_dim: int = 128
     identities: int = 60
-    images_per_identity: int = 16
+    images_per_identity: int = 32
     jitter: bool = True  # pose-jittered training faces: the paper trains without alignment
     identity: str = "parts"  # where identity lives in the faces (train.data.synthetic)
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 0.03
     grad_ratio: float = 0.25  # ECLoss gradient / classification gradient at the target conv
-    score_spread: float = 1.0  # calibrated tau: std of the scores over templates
-    seeds: tuple[int, ...] = (0, 1, 2)
+    subset_cosine_every: int = 10  # steps between full-vs-400 gradient cosines (ECLoss arms)
+    primary_seeds: tuple[int, ...] = tuple(range(10))
+    secondary_seeds: tuple[int, ...] = tuple(range(5))
+    faces_seed_offset: int = 1000  # held-out faces of training seed s: seed offset + s
     eval_images: int = 100
     eval_repeats: int = 5
     eval_pairs: int = 1000
+    permutations: int = 200
     # Held-out faces evaluated (EVAL_DATA's names); the figures come from the first, the
     # paired differences from the last.
-    eval_data: tuple[str, ...] = ("aligned", "jittered")
+    eval_data: tuple[str, ...] = ("jittered",)
     num_workers: int = 1
     device: str = "auto"
     extra: dict = field(default_factory=dict)
+
+    def seeds(self, arm: Arm) -> tuple[int, ...]:
+        return self.primary_seeds if arm.primary else self.secondary_seeds
 
 
 # The evaluation's data sets: held-out identities of the synthetic faces, as drawn (aligned)
@@ -127,8 +139,9 @@ BUDGETS = {
     "study": StudyBudget(),
     "tiny": StudyBudget(arch="vgg13", width=0.0625, input_size=64, drop_last_pool=True,
                         embedding_dim=32, identities=6, images_per_identity=4, epochs=1,
-                        batch_size=8, seeds=(0, 1), eval_images=8, eval_repeats=2,
-                        eval_pairs=40, num_workers=0),
+                        batch_size=8, subset_cosine_every=1, primary_seeds=(0, 1),
+                        secondary_seeds=(0, 1), eval_images=12, eval_repeats=2,
+                        eval_pairs=40, permutations=20, num_workers=0),
 }
 
 
@@ -138,7 +151,10 @@ def arm_config(budget: StudyBudget, arm: Arm, seed: int, runs_dir: Path, rec_pat
 
     steps_per_epoch = max(1, budget.identities * budget.images_per_identity // budget.batch_size)
     ecloss = dict(enabled=arm.ecloss is not None, templates="full", estimator="uniform")
-    ecloss.update({"score_spread": budget.score_spread, **(arm.ecloss or {})})
+    ecloss.update(arm.ecloss or {})
+    # ECLoss arms log the full-vs-400 gradient cosine (a diagnostic: training is the same
+    # without it), docs/study/PLAN.md's Q5 rule.
+    cosine_every = budget.subset_cosine_every if arm.ecloss is not None else 0
     return config_from_dict(dict(
         model=dict(arch=budget.arch, batch_norm=True, width=budget.width,
                    input_size=budget.input_size, drop_last_pool=budget.drop_last_pool,
@@ -159,7 +175,9 @@ def arm_config(budget: StudyBudget, arm: Arm, seed: int, runs_dir: Path, rec_pat
         train=dict(epochs=budget.epochs, batch_size=budget.batch_size, device=budget.device,
                    seed=seed, output_dir=str(runs_dir), run_name=f"{arm.name}-seed{seed}",
                    tensorboard=False, progress=False, log_every=max(1, min(10, steps_per_epoch)),
-                   checkpoint_every=steps_per_epoch),
+                   # Every epoch's checkpoint is kept: Q5's branches start from one.
+                   checkpoint_every=steps_per_epoch, keep_checkpoints=budget.epochs,
+                   subset_cosine_every=cosine_every),
         **budget.extra,
     ))
 
@@ -219,21 +237,51 @@ def training_set_path(budget: StudyBudget, out: Path) -> Path:
     return out / "data" / f"train-{budget.identity}.rec"
 
 
-def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
-    """Train and evaluate every arm and seed (resuming what exists); ``{arm: {seed: record}}``."""
-    from train.evaluate import EvalSettings, evaluate_checkpoint
+def study_jobs(budget: StudyBudget, arms=ARMS) -> list[tuple[Arm, int]]:
+    """The runs in the plan's order: the primary arms seed by seed, then the secondary ones."""
+    primary = [(arm, seed) for seed in budget.primary_seeds for arm in arms if arm.primary]
+    secondary = [(arm, seed) for seed in budget.secondary_seeds for arm in arms
+                 if not arm.primary]
+    return primary + secondary
 
-    settings = EvalSettings(images=budget.eval_images, repeats=budget.eval_repeats,
-                            pairs=budget.eval_pairs, figure_channels=6, figure_faces=6)
+
+def eval_settings(budget: StudyBudget, seed: int):
+    """The evaluation of a run of training seed ``seed``: its own draw of held-out faces
+    (``faces_seed_offset + seed``) and of images and shuffles (``seed``)."""
+    from train.evaluate import EvalSettings
+
+    return EvalSettings(images=budget.eval_images, repeats=budget.eval_repeats,
+                        pairs=budget.eval_pairs, permutations=budget.permutations, seed=seed,
+                        faces_seed=budget.faces_seed_offset + seed, figure_channels=6,
+                        figure_faces=6)
+
+
+def _logged_cosines(run_dir: Path) -> list[tuple[int, float]]:
+    """``(step, subset_cosine)`` of every logged row that has one."""
+    import csv
+
+    with open(run_dir / "log.csv", newline="") as handle:
+        return [(int(row["step"]), float(row["subset_cosine"])) for row in csv.DictReader(handle)
+                if row.get("subset_cosine") not in (None, "")]
+
+
+def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
+    """Train and evaluate every arm and seed (resuming what exists); ``{arm: {seed: record}}``.
+
+    After the first primary seed's softmax run, the gate (``train.gate``) is scored on that
+    very run, into ``out/gate.json``.
+    """
+    from train.evaluate import evaluate_checkpoint
+    from train.gate import run_gate
+
     device = budget.device if budget.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     # Drawn once (drawing a face costs far more than decoding it), the same for every run.
     rec_path = training_set_path(budget, out)
     render_training_set(budget.identities, budget.images_per_identity, budget.input_size,
                         rec_path, jitter=budget.jitter, identity=budget.identity)
-    jobs = [(arm, seed) for seed in budget.seeds for arm in arms]
     records: dict = {arm.name: {} for arm in arms}
-    for arm, seed in tqdm(jobs, desc="study runs", unit="run"):
+    for arm, seed in tqdm(study_jobs(budget, arms), desc="study runs", unit="run"):
         eval_dir = out / "eval" / f"{arm.name}-seed{seed}"
         metrics_path = eval_dir / "metrics.json"
         seconds_path = eval_dir / "wall_seconds.txt"
@@ -244,17 +292,23 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
             if run_dir is None:
                 raise SystemExit(f"stopped; run the same command again to resume from {out}")
             evaluate_checkpoint(run_dir, eval_dir, {name: EVAL_DATA[name] for name in budget.eval_data},
-                                settings, device)
+                                eval_settings(budget, seed), device)
             # Training and evaluation of this run only (a resumed run: since the resume).
             seconds_path.write_text(f"{time.time() - start:.1f}\n")
         result = json.loads(metrics_path.read_text())
         run_dir = Path(result["run_dir"])
         records[arm.name][seed] = dict(metrics=result["datasets"],
                                        last_step=_last_logged(run_dir),
+                                       subset_cosine=_logged_cosines(run_dir),
                                        calibrated_tau=result["run"]["ecloss"].get("calibrated_tau"),
                                        run_dir=str(run_dir), eval_dir=str(eval_dir),
                                        seconds=float(seconds_path.read_text())
                                        if seconds_path.is_file() else math.nan)
+        if arm.ecloss is None and seed == budget.primary_seeds[0] and budget.identity == "parts" \
+                and not (out / "gate.json").is_file():
+            # The study's own softmax run, trained already: run_gate resumes it, finished,
+            # and writes out/gate.json.
+            run_gate(replace(budget, device=device), out, seed=seed)
     return records
 
 
