@@ -28,8 +28,8 @@ from ecloss_fast.backends import triton_fused  # noqa: E402
 
 from ecloss_fast.testing import peaked_maps, random_maps  # noqa: E402
 from _contract import contract_templates, evaluate_contract  # noqa: E402
-from _gpu_cases import (GPU_CASES, GPU_ECLOSS_CASE, GPU_PRECISIONS, PRIORS,  # noqa: E402
-                        TAU)
+from _gpu_cases import (GPU_AUTO_DTYPES, GPU_AUTO_TAU, GPU_CASES,  # noqa: E402
+                        GPU_ECLOSS_CASE, GPU_PRECISIONS, PRIORS, TAU)
 # float16 products round the templates to float16's mantissa, as TF32 does (2^-11).
 TOLERANCE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2, "fp16": 3e-3}
 _OPERAND_ROUNDING = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -294,7 +294,7 @@ def test_matrix_unit_configs_share_one_instruction_shape():
     from ecloss_fast.triton_kernels import configs
 
     for table in (configs.HOPPER, configs.AMPERE):
-        for kind in ("bf16", "tf32"):
+        for kind in ("bf16", "fp16", "tf32"):
             for k in configs.K_CLASSES:
                 tiles = [config for kernel in configs.KERNELS
                          for config in table[(kernel, kind, k)]]
@@ -479,17 +479,17 @@ def _compiled_kernels() -> int:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", GPU_AUTO_DTYPES, ids=lambda d: str(d)[6:])
 def test_gpu_auto_warm_up_compiles_every_kernel_the_loss_launches(dtype, estimator):
     """``auto``'s warm-up compiles and loads every kernel that the route's loss calls then
     launch, forward and backward: the calls compile nothing more. A ``tau`` that no other
-    test uses (a compile-time constant) keeps Triton's caches from holding them already."""
+    test uses (a compile-time constant) keeps this process's Triton from holding them
+    already (the GPU check's precompile may have them on disk: loading counts too)."""
     from ecloss_fast._templates import template_matrix
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    tau = 1.2345e-3
+    tau = GPU_AUTO_TAU
     x = peaked_maps(4, 8, 14, 14, seed=2, dtype=dtype).cuda()
     templates = template_matrix(14, 14, 4.0, None, x.device, torch.float32)
     _dispatch._VERDICTS.clear()

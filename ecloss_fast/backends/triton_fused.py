@@ -117,10 +117,16 @@ _HALF_ROUNDING = {**_OPERAND_DTYPE, "bf16_emulated": torch.bfloat16,
 
 
 def _operand_maps(x: torch.Tensor, operands: str) -> torch.Tensor:
-    """``x`` as the kernels read it: for half products rounded once to the half type, as the
-    kernels' ``to_operand`` would round it (to nearest even). That halves its traffic and
-    the registers a thread needs to stage a float32 row tile (which spills at K = 784)."""
+    """``x`` as the kernels read it. For half products: rounded once to the half type, as the
+    kernels' ``to_operand`` would round it (to nearest even); that halves its traffic and
+    the registers a thread needs to stage a float32 row tile (which spills at K = 784). For
+    float32 products of half maps (``"ieee"``, ``"tf32"``): widened once to float32, which is
+    exact, as the kernels would widen each tile; so these routes run float32 maps' kernels,
+    where widening a half row tile in registers spilled (bfloat16 ``row_stats`` at ieee, 304
+    bytes; ``input_grad`` at tf32, 112; bench/NOTES.md) and would be more compiles."""
     half = _HALF_ROUNDING.get(operands)
+    if half is None and x.dtype in (torch.float16, torch.bfloat16):
+        half = torch.float32
     return (x if half is None else x.to(half)).contiguous()
 
 
