@@ -12,3 +12,7 @@ GPU_PRECISIONS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float
                   (torch.float16, "fp16")]
 # test_gpu_ecloss_matches_reference: ecloss(backend="triton", precision="ieee") of these maps.
 GPU_ECLOSS_CASE = (14, 14, 4, 8)
+# test_gpu_auto_warm_up_compiles_every_kernel_the_loss_launches: auto's routes for these maps
+# dtypes (precision=None), both estimators, at a tau no other test uses.
+GPU_AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GPU_AUTO_TAU = 1.2345e-3

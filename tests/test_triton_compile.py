@@ -24,7 +24,8 @@ be reported as spilling.
 
 The compilations run in a fresh Python process without ``TRITON_INTERPRET`` (a kernel
 module imported under ``TRITON_INTERPRET=1`` holds interpreted functions, which do not
-compile), with one compiling process per core. ``ECLOSS_KERNEL_REPORT`` names the file that
+compile), with one compiling process per core. bench/gpu_check.sh runs this file on the GPU
+machine's triton (its ``kernels`` stage), with ``ECLOSS_KERNEL_REPORT`` naming the file that
 keeps the records (else a temporary one).
 """
 from __future__ import annotations
@@ -122,3 +123,53 @@ def test_spill_check_catches_a_spilling_config(report):
     assert len(probes) == 1 and "error" not in probes[0], probes
     assert any("spills" in problem for problem in fit_problems(probes[0])), probes[0]
 
+
+# bench/precompile.py compiles the GPU check's kernels in other processes, before the stages
+# run; it helps only if the runtime JIT of a later process finds them in Triton's cache. Here
+# the JIT runs (JITFunction.warmup: bind, specialise, compile, no launch) with a stand-in for
+# the CUDA driver that only names the device, the stream and the sm_90 target.
+_JIT_FINDS_PRECOMPILED = """
+import os, sys, tempfile
+cache = tempfile.mkdtemp()
+os.environ["TRITON_CACHE_DIR"] = cache
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from bench import gpu_plan, kernels
+
+target = GPUTarget("cuda", 90, 32)
+
+def launch(pixels):
+    with kernels.recorded_launches() as recorded:
+        gpu_plan._explicit((5, 3, pixels), torch.float32, "ieee", False)
+    return recorded[0]
+
+class Driver:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device): return 0
+    def get_current_target(self): return target
+    def get_active_torch_device(self): return torch.device("cpu")
+    def is_active(self): return True
+
+kernel, grid, args, kwargs = launch(35)
+kernels.compile_like_runtime(kernel, args, kwargs, target)  # what bench.precompile does
+precompiled = len(os.listdir(cache))
+driver.set_active(Driver())
+kernel.warmup(*args, grid=grid, **kwargs)
+found = len(os.listdir(cache))
+kernel, grid, args, kwargs = launch(48)  # not precompiled: the JIT compiles it
+kernel.warmup(*args, grid=grid, **kwargs)
+print(precompiled, found, len(os.listdir(cache)))
+"""
+
+
+def test_the_jit_loads_what_the_precompile_compiled():
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _JIT_FINDS_PRECOMPILED], cwd=ROOT,
+                          env=environment, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    precompiled, after_jit, after_control = map(int, done.stdout.split())
+    assert precompiled == after_jit == 1 and after_control == 2, done.stdout
