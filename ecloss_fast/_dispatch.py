@@ -131,8 +131,11 @@ def _warm_up_failure(name, module, x, templates, tau, precision, prior) -> tuple
     try:
         warm_up(x, templates, tau, precision, prior)
         _VERDICTS[key] = None
+    except torch.OutOfMemoryError:
+        raise  # the device's memory, not the route: every backend needs some
     except Exception as error:  # noqa: BLE001: any failure of a route means the next backend
-        _VERDICTS[key] = f"{type(error).__name__}: {error}".strip()
+        text = " ".join(f"{type(error).__name__}: {error}".split())  # a compile error's source
+        _VERDICTS[key] = text if len(text) <= 400 else text[:400] + " ..."
     return _VERDICTS[key], True
 
 
