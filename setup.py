@@ -7,7 +7,10 @@
 The extension ``ecloss_fast._C`` holds the C++ kernels of csrc/ (backend "cpu") and, when
 torch is a CUDA build and a CUDA toolkit is found, the CUDA kernels too (backend "cuda"),
 built for sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says otherwise. No GPU is needed
-to build them. ``ECLOSS_FAST_CUDA=0`` forces the C++-only build; ``MAX_JOBS`` caps ninja's
+to build them. The CUDA kernels are one translation unit per precision (``CUDA_SOURCES``),
+so that ninja builds them in parallel; the extension records the torch it was built
+against (``ecloss_fast/_build_info.py``), and an in-place build for another torch is
+rebuilt. ``ECLOSS_FAST_CUDA=0`` forces the C++-only build; ``MAX_JOBS`` caps ninja's
 parallel compilations. It builds against the torch of the build environment, so torch must
 be importable there: ``--no-build-isolation``. When nothing can be built (no torch at build
 time, as in pip's isolated build, or no compiler) the package installs as pure Python, the
@@ -17,6 +20,8 @@ report why they are unavailable.
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -26,6 +31,36 @@ import textwrap
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The CUDA kernels, one translation unit per precision (csrc/cuda_sweep.cuh holds their code)
+# plus the host side: ninja builds them in parallel, MAX_JOBS at a time.
+CUDA_SOURCES = ("cuda_ops.cpp", "cuda_kernels_ieee.cu", "cuda_kernels_tf32.cu",
+                "cuda_kernels_bf16.cu")
+# setup.py writes ecloss_build_info.h here: the torch version the extension is built against.
+GENERATED = os.path.join(ROOT, "build", "generated")
+
+
+def _build_info_module():
+    """ecloss_fast/_build_info.py, loaded by path (importing ecloss_fast would import torch's
+    ops and this build's own extension)."""
+    path = os.path.join(ROOT, "ecloss_fast", "_build_info.py")
+    spec = importlib.util.spec_from_file_location("_ecloss_fast_build_info", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_build_info(torch_version: str) -> None:
+    """ecloss_build_info.h, which csrc/ops.cpp compiles into the extension; rewritten only when
+    its content changes, so an unchanged torch rebuilds nothing."""
+    text = f"#pragma once\n#define ECLOSS_FAST_TORCH_VERSION {json.dumps(torch_version)}\n"
+    path = os.path.join(GENERATED, "ecloss_build_info.h")
+    if os.path.exists(path):
+        with open(path) as handle:
+            if handle.read() == text:
+                return
+    os.makedirs(GENERATED, exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
 
 
 def _resolve_nvcc(path: str) -> str:
@@ -125,13 +160,16 @@ def _extensions():
     # -fno-trapping-math lets GCC if-convert the clamps in host_exp, so its loops vectorise.
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-Wno-psabi"]
     sources = [os.path.join("csrc", name) for name in ("ops.cpp", "cpu_kernels.cpp")]
-    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h"))
+                     + glob.glob(os.path.join("csrc", "*.cuh")))
+    include_dirs = [os.path.join(ROOT, "csrc"), GENERATED]
+    if _BUILDING:
+        _write_build_info(torch.__version__)
     if use_cuda:
         architectures = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", ", ")
         what = (f"the C++ CPU kernels and the CUDA kernels for compute capability "
                 f"{architectures} (CUDA {torch.version.cuda}, toolkit {cpp_extension.CUDA_HOME})")
-        sources.append(os.path.join("csrc", "cuda_kernels.cu"))
+        sources += [os.path.join("csrc", name) for name in CUDA_SOURCES]
         extension = cpp_extension.CUDAExtension(
             "ecloss_fast._C", sources, include_dirs=include_dirs + _pip_cuda_includes(),
             depends=headers,
@@ -152,7 +190,8 @@ def _extensions():
         """torch's builder (ninja when present); a failed build leaves a pure-Python install
         unless ECLOSS_FAST_REQUIRE_EXTENSION=1, which CI may set to make it an error.
 
-        An in-place extension newer than its sources and csrc/*.h is kept (pass --force to
+        An in-place extension newer than its sources and csrc/*.h, built against this torch
+        (the version it records, ecloss_fast/_build_info.py), is kept (pass --force to
         rebuild), so `build_ext --inplace` after `pip install -e .` (which builds in place
         from another temp folder) takes seconds. Otherwise ninja rebuilds what changed.
         """
@@ -162,11 +201,14 @@ def _extensions():
             super().finalize_options()
 
         def _up_to_date_in_place(self):
+            recorded_torch_version = _build_info_module().recorded_torch_version
             for extension in self.extensions:
                 target = self.get_ext_fullpath(extension.name)
                 inputs = [*extension.sources, *extension.depends, __file__]
                 if not os.path.exists(target) or os.path.getmtime(target) < max(
                         os.path.getmtime(path) for path in inputs):
+                    return False
+                if recorded_torch_version(target) != torch.__version__:
                     return False
             return True
 

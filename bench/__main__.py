@@ -43,6 +43,9 @@ def _parse(argv):
                         help="where to run (default: cuda when available)")
     parser.add_argument("--out", type=Path,
                         help="output folder (default: bench/results/<grid>-<UTC date>)")
+    parser.add_argument("--json", type=Path,
+                        help="write results.json here instead of into --out (rewritten after "
+                             "every measurement, as there)")
     parser.add_argument("--backends", nargs="+",
                         help="routes to time (default: every available backend, "
                              f"{', '.join(BASELINES)} and {AUTO}; the last two run only in "
@@ -80,10 +83,11 @@ def _parse(argv):
     if problem:
         parser.error(f"--out {args.out}: {problem}")
     args.backends = args.backends or [*ef.available_backends(), *BASELINES, AUTO]
-    dtypes = sorted({case.dtype for case in GRIDS[args.grid].cases})
-    args.skipped = skipped_routes(args.backends, args.estimators, args.device, dtypes)
-    if not any(routes_for(args.backends, args.estimators, args.device, getattr(torch, dtype))
-               for dtype in dtypes):
+    shapes = sorted({(case.dtype, case.height * case.width) for case in GRIDS[args.grid].cases})
+    args.skipped = skipped_routes(args.backends, args.estimators, args.device, shapes)
+    if not any(routes_for(args.backends, args.estimators, args.device, getattr(torch, dtype),
+                          pixels)
+               for dtype, pixels in shapes):
         parser.error(f"no route of --backends {' '.join(args.backends)} can run the {args.grid} "
                      f"grid on {args.device.type}: " + "; ".join(args.skipped))
     return args
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
         "skipped_routes": args.skipped,
     }, "cases": [], "train_step": []}
     paths = {kind: out / f"results.{kind}" for kind in ("json", "md", "png")}
+    if args.json:
+        paths["json"] = args.json
 
     def save():
         write_json(enrich(document), paths["json"])

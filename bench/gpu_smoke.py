@@ -2,9 +2,10 @@
 
 The first thing ``bench/gpu_check.sh`` runs after the build, so that a cut-short GPU session
 still learns whether the kernels work. For the paper shape (B=64, C=512, 14x14, full set)
-and a ragged one (B=5, C=3, 5x7: no dimension a multiple of anything), every backend that
-runs on CUDA other than ``torch`` is compared with the ``torch`` backend at the same
-precision, for both estimators, float32 and bfloat16 maps, loss and ``dx``; then the
+first, then a ragged one (B=5, C=3, 5x7: no dimension a multiple of anything), every
+backend that runs on CUDA other than ``torch``, and ``auto``, is compared with the ``torch``
+backend at the same precision, for both estimators, float32, bfloat16 and float16 maps
+(float16 with ``precision=None``: float16 products), loss and ``dx``; then the
 registers, spill bytes and shared memory of every Triton kernel the runs compiled are
 printed as the JIT reports them (not as an offline compile predicts them).
 
@@ -26,20 +27,27 @@ from unittest import mock
 import torch
 
 import ecloss_fast as ef
+from ecloss_fast._dispatch import auto_choice
 from ecloss_fast.testing import peaked_maps
 
 # Relative error bounds of the loss and dx against a float64 evaluation (design notes,
 # Numerics); against the torch backend at the same precision both sides err, so twice that.
-_BOUND = {"ieee": 2e-5, "tf32": 6e-3, "bf16": 6e-2}
-_SHAPES = {"paper": (64, 512, 14, 14), "ragged": (5, 3, 5, 7)}
-_CASES = [(dtype, precision) for dtype, precisions in
-          ((torch.bfloat16, ("bf16",)), (torch.float32, ("tf32", "ieee", "bf16")))
-          for precision in precisions]
+_BOUND = {"ieee": 2e-5, "tf32": 6e-3, "bf16": 6e-2, "fp16": 6e-3}
+SHAPES = {"paper": (64, 512, 14, 14), "ragged": (5, 3, 5, 7)}  # in the order they run
+# (maps dtype, the kernels' precision): "fp16" is float16 maps with precision=None.
+CASES = [(torch.bfloat16, "bf16"), (torch.float32, "tf32"), (torch.float32, "ieee"),
+         (torch.float32, "bf16"), (torch.float16, "fp16")]
+ESTIMATORS = ("uniform", "marginal")
+
+
+def api_precision(precision: str) -> str | None:
+    """``ecloss``'s ``precision`` for the kernels' one (it names no "fp16": None gives it)."""
+    return None if precision == "fp16" else precision
 
 
 def _loss_and_grad(maps, backend, estimator, precision):
     x = maps.detach().clone().requires_grad_()
-    loss = ef.ecloss(x, backend=backend, estimator=estimator, precision=precision)
+    loss = ef.ecloss(x, backend=backend, estimator=estimator, precision=api_precision(precision))
     (grad,) = torch.autograd.grad(loss, x)
     return loss.detach().double(), grad.double()
 
@@ -49,7 +57,7 @@ def _relative(value, truth) -> float:
 
 
 def _check(shape_name, dtype, precision, estimator, backends) -> bool:
-    maps = peaked_maps(*_SHAPES[shape_name], dtype=dtype, seed=1).cuda()
+    maps = peaked_maps(*SHAPES[shape_name], dtype=dtype, seed=1).cuda()
     truth_loss, truth_grad = _loss_and_grad(maps, "torch", estimator, precision)
     ok = True
     for backend in backends:
@@ -66,6 +74,10 @@ def _check(shape_name, dtype, precision, estimator, backends) -> bool:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
         passed = finite and max(loss_error, grad_error) <= _BOUND[precision]
         ok &= passed
+        if backend == "auto":  # the backend auto ran, its warm-up's verdict included
+            batch, channels, height, width = maps.shape
+            backend = "auto:" + auto_choice(maps.device, dtype, (batch, channels, height * width),
+                                            precision, estimator == "marginal")
         print(f"{'ok  ' if passed else 'FAIL'} {backend:6s} {shape_name:6s} {str(dtype)[6:]:8s} "
               f"{precision:4s} {estimator:8s} loss {loss_error:.1e} dx {grad_error:.1e} "
               f"(bound {_BOUND[precision]:.0e}) {1e3 * (time.perf_counter() - start):8.1f} ms "
@@ -86,7 +98,7 @@ def _check_training_sweeps(shape_name, dtype, precision) -> bool:
     from ecloss_fast._templates import template_matrix
     from ecloss_fast.backends import streaming, triton_fused
 
-    batch, channels, height, width = _SHAPES[shape_name]
+    batch, channels, height, width = SHAPES[shape_name]
     maps = peaked_maps(batch, channels, height, width, dtype=dtype, seed=2).cuda()
     maps = maps.reshape(batch, channels, height * width)
     templates = template_matrix(height, width, 4.0, None, maps.device, torch.float32)
@@ -152,11 +164,12 @@ def main(argv=None) -> int:
         print("error: no CUDA device", file=sys.stderr)
         return 2
     backends = [name for name in ef.available_backends() if name in ("triton", "cuda")]
+    backends.append("auto")
     print(f"{torch.cuda.get_device_name()}: backends {backends}, comparing with 'torch'")
     start, ok = time.perf_counter(), True
-    for shape_name in ("ragged", "paper"):
-        for dtype, precision in _CASES:
-            for estimator in ("uniform", "marginal"):
+    for shape_name in SHAPES:
+        for dtype, precision in CASES:
+            for estimator in ESTIMATORS:
                 if time.perf_counter() - start > args.time_budget:
                     print(f"time budget of {args.time_budget:.0f} s reached; stopping")
                     _triton_resources()

@@ -3,13 +3,15 @@
     python -m bench.kernels [--json FILE] [--k 196 784] [--defaults-only]
 
 No GPU is needed: every kernel is compiled for ``sm_90`` on the CPU (Triton's bundled
-``ptxas``) exactly as the runtime JIT would compile the launch the backend makes.
+``ptxas``) exactly as the runtime JIT would compile the launch the backend makes, for every
+route (``ROUTES``: input dtype and precision) and launch (``KERNELS``) a loss call can make.
 
 How a launch is reproduced. The launchers of ``ecloss_fast.backends.triton_fused`` run on
-``meta`` tensors of the real shapes (no memory) with three of that module's functions
-replaced: ``_run`` launches the configuration under study (the others take the default),
-``_launch`` records ``(kernel, grid, args, kwargs)`` instead of launching, and
-``_multiprocessors`` says 132 (an H100 SXM). The recorded call then goes through Triton's
+``meta`` tensors of the real shapes (no memory) with that module's functions replaced
+(``recorded_launches``): ``_launch`` and ``_compile`` record ``(kernel, grid, args,
+kwargs)`` instead of launching or compiling, ``_device_traits`` says sm_90 with 132
+multiprocessors (an H100 SXM), and ``_run`` launches the configuration under study (the
+others take the default). The recorded call then goes through Triton's
 own binder (``triton.runtime.jit.create_function_from_signature`` for a ``GPUTarget("cuda",
 90, 32)`` backend, what ``JITFunction.run`` builds per device) and ``JITFunction._pack_args``,
 which give the signature, constexprs and the specialisation attributes the runtime applies:
@@ -21,7 +23,9 @@ of that ``ASTSource`` is the kernel a GPU run would load.
 What is read off the cubin. ``cuobjdump --dump-resource-usage`` gives ``REG`` (registers
 per thread) and ``STACK`` (bytes of stack frame per thread: the kernels make no calls and
 hold no local arrays, so a stack is register spills); ``LOCAL`` is not where spills show.
-``ptxas -v`` run on the same PTX with the JIT's flags gives the spill stores and loads.
+``ptxas -v`` run on the same PTX with the JIT's flags gives the spill stores and loads;
+where there are any, ``cuobjdump -sass`` says whether those local stores and loads lie in a
+loop (the template sweep: paid per tile) or outside (paid once per program).
 Shared memory is Triton's ``metadata.shared`` (dynamic shared memory per block).
 
 Occupancy (``blocks_per_sm``), for an H100 SM: 65,536 registers allocated per warp in units
@@ -35,9 +39,12 @@ with ``default`` true when ``configs.default`` picks that configuration at the p
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -52,19 +59,43 @@ H100 = dict(registers=65536, shared_per_sm=228 * 1024, reserved_shared_per_block
 PAPER_ROWS = 64 * 512  # B * C of VGG16's last block
 SIDES = {196: 14, 784: 28}  # K -> map side
 TAU = 1e-3
-# (input dtype, precision): every operand kind the backend makes of them.
+# (input dtype, precision): every route ``backend="auto"`` can send to the kernels. The
+# precision is the user's (``None`` resolves float16 maps to ``"fp16"``, bfloat16 maps to
+# ``"bf16"``, float32 maps to the matmul setting's); float64 maps take float64 products
+# whatever it is. Half maps with float32 products load half rows and widen them: their own
+# compiles.
 ROUTES = (("float32", "ieee"), ("float32", "tf32"), ("float32", "bf16"),
-          ("bfloat16", "bf16"), ("float64", "ieee"))
-# (configs kernel name, with a prior).
-KERNELS = (("row_stats", False), ("row_stats_grad", False), ("column_sums", False),
-           ("row_prior", True), ("input_grad", False), ("input_grad_prior", True),
-           ("input_grad_prior_fused", True))
-# Configs kernel name -> (kernel function launched, whether its training route is fused).
-# Each training route is compiled in the form its kernel name stands for, whichever form
-# configs.FUSED picks, so that both fit.
-LAUNCHED = {"row_stats_grad": ("row_stats_kernel", True), "row_prior": ("row_prior_kernel", False),
-            "input_grad_prior": ("input_grad_kernel", False),
-            "input_grad_prior_fused": ("input_grad_kernel", True)}
+          ("bfloat16", "ieee"), ("bfloat16", "tf32"), ("bfloat16", "bf16"),
+          ("float16", "ieee"), ("float16", "tf32"), ("float16", "bf16"), ("float16", "fp16"),
+          ("float64", "ieee"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One launch a loss call can make: ``configs`` is its table in
+    ``triton_kernels.configs``, ``launched`` the ``@triton.jit`` function, ``fused`` the form
+    of its training route (``None``: it has one form), ``prior`` whether a prior is passed."""
+    configs: str
+    prior: bool
+    launched: str
+    fused: bool | None = None
+
+
+# Every launch, by record name. Each training route is compiled in the form its name stands
+# for, whichever form configs.FUSED picks, so that both fit: ``row_stats_grad`` is the fused
+# sweep, ``row_stats_grad_split`` the ``input_grad`` launch of the split form (unit row
+# weights, ``dx`` written in float32: for half maps another compile than the backward's
+# ``input_grad``, which writes the maps' dtype).
+KERNELS = {
+    "row_stats": Kernel("row_stats", False, "row_stats_kernel"),
+    "row_stats_grad": Kernel("row_stats_grad", False, "row_stats_kernel", True),
+    "row_stats_grad_split": Kernel("input_grad", False, "input_grad_kernel", False),
+    "column_sums": Kernel("column_sums", False, "column_sums_kernel"),
+    "row_prior": Kernel("row_prior", True, "row_prior_kernel", False),
+    "input_grad": Kernel("input_grad", False, "input_grad_kernel"),
+    "input_grad_prior": Kernel("input_grad_prior", True, "input_grad_kernel", False),
+    "input_grad_prior_fused": Kernel("input_grad_prior_fused", True, "input_grad_kernel", True),
+}
 
 
 def _ptx_spills(ptx: str, arch: str) -> tuple[int, int]:
@@ -98,6 +129,33 @@ def _cubin_resources(cubin: bytes) -> dict:
     return {name: int(value) for name, value in fields.items()}
 
 
+def local_accesses(cubin: bytes) -> tuple[int, int]:
+    """Spill stores and loads (``STL``, ``LDL``) in the SASS of ``cubin``: how many lie inside
+    a loop (between a backward branch and its target: the template sweep) and outside.
+    One outside is paid once per thread and program; one inside, once per template tile."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], check=True,
+                              capture_output=True, text=True).stdout
+    loops, accesses = [], []
+    for line in sass.splitlines():
+        address = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if address is None:
+            continue
+        at, instruction = int(address.group(1), 16), address.group(2)
+        branch = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", instruction)
+        if branch and int(branch.group(1), 16) < at:
+            loops.append((int(branch.group(1), 16), at))
+        if re.search(r"\b(STL|LDL)(\.\w+)*\b", instruction):
+            accesses.append(at)
+    inside = sum(any(start <= at <= end for start, end in loops) for at in accesses)
+    return inside, len(accesses) - inside
+
+
 def blocks_per_sm(registers: int, shared: int, num_warps: int) -> int:
     """Resident blocks per H100 SM, limited by threads, registers and shared memory."""
     threads = 32 * num_warps
@@ -107,12 +165,11 @@ def blocks_per_sm(registers: int, shared: int, num_warps: int) -> int:
     return min(H100["threads"] // threads, by_registers, by_shared, H100["blocks"])
 
 
-def compile_like_runtime(kernel, args: tuple, kwargs: dict, target):
-    """``triton.compile`` of the launch ``kernel[grid](*args, **kwargs)`` as ``JITFunction.run``
-    would compile it for ``target``: its binder's specialisation, its ``_pack_args``."""
-    import triton
+def _bind(kernel, args: tuple, kwargs: dict, target):
+    """What ``JITFunction.run`` derives from a launch before compiling it for ``target``:
+    ``(backend, kwargs with the runtime's options, bound arguments, specialisation, options)``."""
     from triton import knobs
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug)
@@ -120,7 +177,23 @@ def compile_like_runtime(kernel, args: tuple, kwargs: dict, target):
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound_args, specialization, options = binder(*args, **kwargs)
+    return (backend, kwargs, *binder(*args, **kwargs))
+
+
+def compile_key(kernel, args: tuple, kwargs: dict, target) -> tuple:
+    """The key under which Triton's runtime keeps the compile of this launch (its kernel
+    cache's: the function, the specialisation and the options); equal keys, one compile."""
+    _, _, _, specialization, options = _bind(kernel, args, kwargs, target)
+    return (kernel.fn.__module__, kernel.fn.__qualname__, str(specialization), str(options))
+
+
+def compile_like_runtime(kernel, args: tuple, kwargs: dict, target):
+    """``triton.compile`` of the launch ``kernel[grid](*args, **kwargs)`` as ``JITFunction.run``
+    would compile it for ``target``: its binder's specialisation, its ``_pack_args``."""
+    import triton
+    from triton.compiler import ASTSource
+
+    backend, kwargs, bound_args, specialization, options = _bind(kernel, args, kwargs, target)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
                                                               specialization, options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
@@ -140,62 +213,74 @@ def _meta_inputs(k: int, dtype: torch.dtype):
     return x, templates, stats, prior
 
 
-def record_launch(kernel_name: str, with_prior: bool, k: int, dtype: torch.dtype,
-                  precision: str, config):
-    """The ``(kernel, grid, args, kwargs)`` the backend launches for ``kernel_name`` with
-    ``config`` at the paper's rows (the other kernels of that call take the default)."""
+@contextlib.contextmanager
+def recorded_launches(capability=(9, 0), multiprocessors=H100["multiprocessors"]):
+    """Within the block, the Triton backend records its launches and compiles (warm-up) as
+    ``(kernel, grid, args, kwargs)`` in the list it yields instead of making them, for a GPU
+    of that compute capability and multiprocessor count: its launchers run on ``meta``
+    tensors (no memory) and take every decision as they would on that GPU."""
     from ecloss_fast.backends import triton_fused
-    from ecloss_fast.triton_kernels import configs
 
     launches = []
-
-    def run(name, x, operands, interpreted, rows, templates, launch):
-        launch(config if name == kernel_name else
-               configs.default(name, operands, (9, 0), rows, H100["multiprocessors"], k))
 
     def capture(kernel, grid, interpreted, *args, **kwargs):
         launches.append((kernel, grid, args, kwargs))
 
+    with mock.patch.object(triton_fused, "_launch", capture), \
+            mock.patch.object(triton_fused, "_compile", capture), \
+            mock.patch.object(triton_fused, "_device_traits",
+                              lambda device: (capability, multiprocessors)):
+        yield launches
+
+
+def record_launch(kernel_name: str, k: int, dtype: torch.dtype, precision: str, config):
+    """The ``(kernel, grid, args, kwargs)`` the backend launches for the launch
+    ``KERNELS[kernel_name]`` with ``config`` at the paper's rows (the other kernels of that
+    call take the default)."""
+    from ecloss_fast.backends import triton_fused
+
+    kernel = KERNELS[kernel_name]
+    run = triton_fused._run
+
+    def run_with(name, x, operands, interpreted, rows, templates, launch, compile_only=False):
+        if name != kernel.configs:
+            return run(name, x, operands, interpreted, rows, templates, launch, compile_only)
+        return launch(config)
+
     x, templates, stats, prior = _meta_inputs(k, dtype)
-    sms = H100["multiprocessors"]
-    wanted, fused = LAUNCHED.get(kernel_name, (f"{kernel_name}_kernel", False))
-    with mock.patch.object(triton_fused, "_run", run), \
-            mock.patch.object(triton_fused, "_launch", capture), \
-            mock.patch.object(triton_fused, "_fused", lambda *args: fused), \
-            mock.patch.object(triton_fused, "_multiprocessors", lambda device: sms):
+    with recorded_launches() as launches, mock.patch.object(triton_fused, "_run", run_with), \
+            mock.patch.object(triton_fused, "_fused", lambda *args: bool(kernel.fused)):
         if kernel_name == "row_stats":
             triton_fused.row_stats(x, templates, TAU, precision)
-        elif kernel_name == "row_stats_grad":
+        elif kernel_name.startswith("row_stats_grad"):
             triton_fused.row_stats_with_grad(x, templates, TAU, precision)
         elif kernel_name == "column_sums":
             triton_fused.column_sums(x, templates, TAU, stats, stats, precision)
         else:
             triton_fused.input_grad(x, templates, TAU, stats, stats, stats,
-                                    prior if with_prior else None, stats, precision)
-    found = [launch for launch in launches if launch[0].__name__ == wanted]
+                                    prior if kernel.prior else None, stats, precision)
+    found = [launch for launch in launches if launch[0].__name__ == kernel.launched]
     if len(found) != 1:
         names = [launch[0].__name__ for launch in launches]
-        raise RuntimeError(f"expected one launch of {wanted}, got {names}")
+        raise RuntimeError(f"expected one launch of {kernel.launched}, got {names}")
     return found[0]
 
 
-def cases(ks=(196, 784), defaults_only=False):
-    """``(kernel, prior, K, input dtype, precision, operands, config, default)`` to compile."""
+def cases(ks=(196, 784), defaults_only=False, routes=ROUTES):
+    """``(kernel, K, input dtype, precision, operands, config, default)`` to compile."""
     from ecloss_fast.backends import triton_fused
     from ecloss_fast.triton_kernels import configs
 
     for k in ks:
-        for dtype_name, precision in ROUTES:
-            dtype = getattr(torch, dtype_name)
-            operands = triton_fused._operands(torch.empty(0, dtype=dtype), precision, False)
-            for kernel, with_prior in KERNELS:
-                chosen = configs.default(kernel, operands, (9, 0), PAPER_ROWS,
+        for dtype_name, precision in routes:
+            operands = triton_fused._operands(getattr(torch, dtype_name), precision, False)
+            for name, kernel in KERNELS.items():
+                chosen = configs.default(kernel.configs, operands, (9, 0), PAPER_ROWS,
                                          H100["multiprocessors"], k)
-                for config in configs.candidates(kernel, operands, (9, 0), k):
+                for config in configs.candidates(kernel.configs, operands, (9, 0), k):
                     if defaults_only and config != chosen:
                         continue
-                    yield kernel, with_prior, k, dtype_name, precision, operands, config, \
-                        config == chosen
+                    yield name, k, dtype_name, precision, operands, config, config == chosen
 
 
 def parse_case(text: str) -> tuple:
@@ -210,31 +295,32 @@ def parse_case(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected KERNEL:K:INPUT:PRECISION:MxNwWsS[dD], "
                                          f"got {text!r}")
     kernel, k, dtype_name, precision, *tiles = match.groups()
-    if kernel not in configs.KERNELS or int(k) not in SIDES:
+    if kernel not in KERNELS or int(k) not in SIDES:
         raise argparse.ArgumentTypeError(f"unknown kernel or K in {text!r}")
     tiles = [int(tile or 0) for tile in tiles]
-    operands = triton_fused._operands(torch.empty(0, dtype=getattr(torch, dtype_name)),
-                                      precision, False)
-    return (kernel, dict(KERNELS)[kernel], int(k), dtype_name, precision,
-            operands, configs.LaunchConfig(*tiles), False)
+    operands = triton_fused._operands(getattr(torch, dtype_name), precision, False)
+    return kernel, int(k), dtype_name, precision, operands, configs.LaunchConfig(*tiles), False
 
 
-def measure(kernel_name, with_prior, k, dtype_name, precision, operands, config, default) -> dict:
+def measure(kernel_name, k, dtype_name, precision, operands, config, default) -> dict:
     """One record: what the compiled kernel of that launch needs of an H100 SM."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
 
-    kernel, grid, args, kwargs = record_launch(kernel_name, with_prior, k,
-                                               getattr(torch, dtype_name), precision, config)
-    compiled = compile_like_runtime(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
+    kernel, grid, args, kwargs = record_launch(kernel_name, k, getattr(torch, dtype_name),
+                                               precision, config)
+    compiled = _compiled(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
     resources = _cubin_resources(compiled.asm["cubin"])
     stores, loads = _ptx_spills(compiled.asm["ptx"], sm_arch_from_capability(90))
+    in_loops, outside_loops = (local_accesses(compiled.asm["cubin"])
+                               if resources["STACK"] or stores else (0, 0))
     shared = compiled.metadata.shared
-    return dict(kernel=kernel_name, prior=with_prior, K=k, input=dtype_name, operands=operands,
-                config=dataclasses.asdict(config), default=default,
-                registers=resources["REG"], spill_bytes=resources["STACK"],
+    return dict(kernel=kernel_name, prior=KERNELS[kernel_name].prior, K=k, input=dtype_name,
+                precision=precision, operands=operands, config=dataclasses.asdict(config),
+                default=default, registers=resources["REG"], spill_bytes=resources["STACK"],
                 local_bytes=resources.get("LOCAL", 0), spill_stores=stores, spill_loads=loads,
+                spills_in_loops=in_loops, spills_outside_loops=outside_loops,
                 shared_bytes=shared,
                 blocks_per_sm=blocks_per_sm(resources["REG"], shared, config.num_warps),
                 grid=list(grid) if isinstance(grid, tuple) else grid,
@@ -242,9 +328,70 @@ def measure(kernel_name, with_prior, k, dtype_name, precision, operands, config,
                 triton=triton.__version__)
 
 
+_COMPILED: dict[tuple, object] = {}
+
+
+def _compiled(kernel, args, kwargs, target):
+    """``compile_like_runtime``, once per distinct compile (``compile_key``): routes that
+    launch the same kernel (float32 and bfloat16 maps at bf16 products share most) share it."""
+    key = compile_key(kernel, args, kwargs, target)
+    if key not in _COMPILED:
+        _COMPILED[key] = compile_like_runtime(kernel, args, kwargs, target)
+    return _COMPILED[key]
+
+
+def _measure_or_error(case) -> dict:
+    try:
+        return measure(*case)
+    except Exception as error:  # noqa: BLE001: reported per case
+        kernel, k, dtype_name, precision, operands, config, default = case
+        return dict(kernel=kernel, prior=KERNELS[kernel].prior, K=k, input=dtype_name,
+                    precision=precision, operands=operands, config=dataclasses.asdict(config),
+                    default=default, error=f"{type(error).__name__}: {error}")
+
+
+def _measure_group(cases) -> list[dict]:
+    return [_measure_or_error(case) for case in cases]
+
+
+def measure_all(cases, jobs: int = 1, on_record=None) -> list[dict]:
+    """``measure`` of every case, in their order; with ``jobs > 1`` in that many processes,
+    the cases that share a compile (``compile_key``) in one of them, so each compile and its
+    ``ptxas``/``cuobjdump`` runs happen once. ``on_record(record)`` as each one is ready."""
+    from triton.backends.compiler import GPUTarget
+
+    cases = list(cases)
+    target = GPUTarget("cuda", 90, 32)
+    groups: dict[tuple, list[int]] = {}
+    for index, (name, k, dtype_name, precision, _, config, _) in enumerate(cases):
+        kernel, _, args, kwargs = record_launch(name, k, getattr(torch, dtype_name), precision,
+                                                config)
+        groups.setdefault(compile_key(kernel, args, kwargs, target), []).append(index)
+    records: list[dict | None] = [None] * len(cases)
+
+    def done(indices, group_records):
+        for index, record in zip(indices, group_records):
+            records[index] = record
+            if on_record is not None:
+                on_record(record)
+
+    if jobs <= 1:
+        for indices in groups.values():
+            done(indices, _measure_group([cases[i] for i in indices]))
+        return records
+    context = multiprocessing.get_context("spawn")  # fresh processes, no inherited threads
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(_measure_group, [cases[i] for i in indices]): indices
+                   for indices in groups.values()}
+        for future in concurrent.futures.as_completed(futures):
+            done(futures[future], future.result())
+    return records
+
+
 def markdown(records) -> str:
     lines = ["| kernel | K | input | operands | tile (m x n, warps, stages, dx slice) | default "
-             "| regs | spill B (stack / ptxas stores) | shared KB | blocks/SM |",
+             "| regs | spill B (stack / ptxas stores; local accesses in loops) | shared KB "
+             "| blocks/SM |",
              "|---|---:|---|---|---|:-:|---:|---:|---:|---:|"]
     for r in records:
         if "error" in r:
@@ -253,11 +400,14 @@ def markdown(records) -> str:
             continue
         c = r["config"]
         slice_ = f", dx {c['dx_columns']}" if c.get("dx_columns") else ""
+        spills = f"{r['spill_bytes']} / {r['spill_stores']}"
+        if r["spill_bytes"] or r["spill_stores"]:
+            spills += f"; {r.get('spills_in_loops', '?')} in loops"
         lines.append(
             f"| {r['kernel']} | {r['K']} | {r['input']} | {r['operands']} | "
             f"{c['block_m']}x{c['block_n']}, {c['num_warps']}, {c['num_stages']}{slice_} | "
             f"{'yes' if r['default'] else ''} | {r['registers']} | "
-            f"{r['spill_bytes']} / {r['spill_stores']} | {r['shared_bytes'] / 1024:.1f} | "
+            f"{spills} | {r['shared_bytes'] / 1024:.1f} | "
             f"{r['blocks_per_sm']} |")
     return "\n".join(lines)
 
@@ -267,8 +417,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--k", type=int, nargs="+", default=sorted(SIDES), choices=sorted(SIDES))
+    parser.add_argument("--inputs", nargs="+", choices=sorted({d for d, _ in ROUTES}),
+                        default=sorted({d for d, _ in ROUTES}),
+                        help="the routes of these input dtypes only (default: all)")
     parser.add_argument("--defaults-only", action="store_true",
                         help="only the configurations auto picks at the paper's rows")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compiling processes (default 1; the cases that share a compile "
+                             "go to one of them)")
     parser.add_argument("--config", action="append", default=[], type=parse_case,
                         metavar="KERNEL:K:INPUT:PRECISION:MxNwWsS[dD]",
                         help="also compile this configuration, candidate or not, e.g. "
@@ -278,16 +434,11 @@ def main(argv=None) -> int:
 
     if knobs.runtime.interpret:
         parser.error("TRITON_INTERPRET is set: interpreted kernels do not compile; unset it")
-    records = []
-    for case in [*cases(tuple(options.k), options.defaults_only), *options.config]:
-        try:
-            records.append(measure(*case))
-        except Exception as error:  # noqa: BLE001: reported per case
-            kernel, with_prior, k, dtype_name, precision, operands, config, default = case
-            records.append(dict(kernel=kernel, prior=with_prior, K=k, input=dtype_name,
-                                operands=operands, config=dataclasses.asdict(config),
-                                default=default, error=f"{type(error).__name__}: {error}"))
-        print(markdown(records[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    routes = tuple(route for route in ROUTES if route[0] in options.inputs)
+    records = measure_all(
+        [*cases(tuple(options.k), options.defaults_only, routes), *options.config],
+        options.jobs, lambda record: print(markdown([record]).splitlines()[-1],
+                                           file=sys.stderr, flush=True))
     if options.json:
         with open(options.json, "w") as handle:
             json.dump(records, handle, indent=1)

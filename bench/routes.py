@@ -43,8 +43,9 @@ class Route:
     estimator: str
 
 
-def why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot take ``x`` of this device and dtype here; ``None`` when it can."""
+def why_not(backend: str, device: torch.device, dtype: torch.dtype, pixels: int) -> str | None:
+    """Why ``backend`` cannot take maps of this device, dtype and ``K = pixels`` here;
+    ``None`` when it can."""
     if backend == SDPA:
         if dtype == torch.float64 and device.type != "cpu":
             return "PyTorch's memory-efficient attention takes no float64 on CUDA"
@@ -58,15 +59,15 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | Non
     if backend == REFERENCE_COMPILED:
         return None  # a failed compilation is recorded as the route's error
     try:
-        resolve_backend(backend, device, dtype)
+        resolve_backend(backend, device, dtype, pixels)
     except (ValueError, TypeError, ef.BackendUnavailableError) as error:
         return str(error)
     return None
 
 
-def runs_on(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` is available here and takes ``x`` of this device and dtype."""
-    return why_not(backend, device, dtype) is None
+def runs_on(backend: str, device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
+    """Whether ``backend`` is available here and takes maps of this device, dtype and size."""
+    return why_not(backend, device, dtype, pixels) is None
 
 
 def _computes(backend: str, estimator: str) -> bool:
@@ -81,15 +82,18 @@ def case_backends(case: Case, backends) -> list[str]:
     return [b for b in backends if b not in ON_REQUEST or b in case.extra_routes]
 
 
-def routes_for(backends, estimators, device: torch.device, dtype: torch.dtype) -> list[Route]:
-    """Every requested (backend, estimator) pair that can run; SDPA computes uniform only."""
+def routes_for(backends, estimators, device: torch.device, dtype: torch.dtype,
+               pixels: int) -> list[Route]:
+    """Every requested (backend, estimator) pair that can run maps of this dtype and
+    ``K = pixels``; SDPA computes uniform only."""
     return [Route(backend, estimator) for backend in backends for estimator in estimators
-            if runs_on(backend, device, dtype) and _computes(backend, estimator)]
+            if runs_on(backend, device, dtype, pixels) and _computes(backend, estimator)]
 
 
-def skipped_routes(backends, estimators, device: torch.device, dtype_names) -> list[str]:
+def skipped_routes(backends, estimators, device: torch.device, shapes) -> list[str]:
     """One line per requested backend that will not run some of the cases, saying why:
-    ``"triton (float32 on cpu): the triton backend needs a CUDA GPU ..."``."""
+    ``"triton (float32 on cpu): the triton backend needs a CUDA GPU ..."``. ``shapes``:
+    the grid's ``(dtype name, pixels per map)`` pairs."""
     lines = []
     for backend in backends:
         if not any(_computes(backend, estimator) for estimator in estimators):
@@ -97,10 +101,10 @@ def skipped_routes(backends, estimators, device: torch.device, dtype_names) -> l
                          f"asks for {' '.join(estimators)}")
             continue
         reasons: dict[str, list[str]] = {}
-        for name in dtype_names:
-            why = why_not(backend, device, getattr(torch, name))
-            if why is not None:
-                reasons.setdefault(why, []).append(name)
+        for name, pixels in shapes:
+            why = why_not(backend, device, getattr(torch, name), pixels)
+            if why is not None and name not in reasons.setdefault(why, []):
+                reasons[why].append(name)
         lines += [f"{backend} ({', '.join(names)} on {device.type}): {why}"
                   for why, names in reasons.items()]
     return lines
@@ -135,8 +139,9 @@ def make_loss(case: Case, route: Route, device: torch.device):
         return lambda x: sdpa_ecloss(x, templates, kernel=kernel)
     if route.backend == REFERENCE_COMPILED:
         return _compiled_reference(case, route.estimator, device)
+    precision = None if case.precision == "fp16" else case.precision  # see Case
     return lambda x: ef.ecloss(x, templates=case.templates, estimator=route.estimator,
-                               backend=route.backend, precision=case.precision)
+                               backend=route.backend, precision=precision)
 
 
 def make_inputs(case: Case, device: torch.device, count: int) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from bench.memory import peak_bytes
 from bench.routes import (AUTO, REFERENCE_COMPILED, Route, case_backends, make_inputs,
                           make_loss, routes_for)
 from bench.timing import TimingPlan, measure
-from ecloss_fast._dispatch import resolve_backend
+from ecloss_fast._dispatch import auto_choice, resolve_precision
 
 __all__ = ["run_cases", "input_set_count", "cpu_memory_guard"]
 
@@ -121,14 +121,12 @@ def run_cases(cases, plan: TimingPlan, device: torch.device, backends, estimator
     work = []
     for case in cases:
         for route in routes_for(case_backends(case, backends), estimators, device,
-                                getattr(torch, case.dtype)):
+                                getattr(torch, case.dtype), case.height * case.width):
             work.append((case, route))
     inputs_case, inputs = None, []  # one case's inputs on the device at a time
     for case, route in tqdm(work, desc="bench", unit="route", file=sys.stderr, disable=not work):
         base = {"case": asdict(case), "num_templates": case.num_templates,
                 "backend": route.backend, "estimator": route.estimator}
-        if route.backend == AUTO:
-            base["resolved_backend"] = resolve_backend(AUTO, device, getattr(torch, case.dtype))
         if time.monotonic() > deadline:
             on_record({**base, "status": "skipped: time budget"})
             continue
@@ -138,4 +136,9 @@ def run_cases(cases, plan: TimingPlan, device: torch.device, backends, estimator
         count = input_set_count(case, route, device)
         record = _measure_route(case, route, inputs[:count], device, case.plan or plan, clock,
                                 memory)
+        if route.backend == AUTO:  # what auto ran, its warm-up's verdict included
+            dtype = getattr(torch, case.dtype)
+            base["resolved_backend"] = auto_choice(
+                device, dtype, (case.batch, case.channels, case.height * case.width),
+                resolve_precision(case.precision, dtype), route.estimator == "marginal")
         on_record({**base, **record})

@@ -25,7 +25,8 @@ PASSES = ("forward", "backward", "forward_backward")
 def _parameters():
     for case in GRID.cases:
         backends = case_backends(case, [*ef.available_backends(), *BASELINES, AUTO])
-        for route in routes_for(backends, ESTIMATORS, DEVICE, getattr(torch, case.dtype)):
+        for route in routes_for(backends, ESTIMATORS, DEVICE, getattr(torch, case.dtype),
+                                case.height * case.width):
             for pass_name in PASSES:
                 yield pytest.param(case, route, pass_name,
                                    id=f"{case.name}-{route.backend}-{route.estimator}-{pass_name}")

@@ -45,6 +45,11 @@ def _step_function(model, head, optimizer, images, labels, backend, config):
     return step
 
 
+def _pixels(config: dict) -> int:
+    """Pixels per map of the model's last conv block: VGG's is a sixteenth of the input side."""
+    return (config["input_size"] // 16) ** 2
+
+
 def run_train_steps(config: dict, device: torch.device, backends, *, deadline: float,
                     on_record) -> None:
     """Time one step without ECLoss, then with it for each backend that runs on ``device``.
@@ -81,7 +86,7 @@ def run_train_steps(config: dict, device: torch.device, backends, *, deadline: f
         without = None
         variants = [NO_ECLOSS] + [b for b in backends
                                   if b not in (*BASELINES, *ON_REQUEST)
-                                  and runs_on(b, device, maps_dtype)]
+                                  and runs_on(b, device, maps_dtype, _pixels(config))]
         for backend in variants:
             record = {**base, "backend": backend, "status": "ok"}
             if time.monotonic() > deadline:

@@ -8,9 +8,9 @@
 
 #include <optional>
 
-namespace ecloss {
+#include "ecloss_precision.h"
 
-enum class Precision { kIeee, kTf32, kBf16 };
+namespace ecloss {
 
 // "ieee", "tf32" or "bf16" (already resolved from precision=None by the Python side).
 Precision parse_precision(c10::string_view precision);

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "ecloss_build_info.h"
 #include "ecloss_ops.h"
 
 namespace ecloss {
@@ -132,6 +133,12 @@ TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {
   m.impl("column_sums", &ecloss::column_sums_meta);
   m.impl("input_grad", &ecloss::input_grad_meta);
 }
+
+// The torch this extension was built against, for ecloss_fast/_build_info.py to read from the
+// file without loading it (setup.py writes ecloss_build_info.h). Kept by `used` and exported,
+// so neither the compiler nor the linker drops it.
+extern "C" __attribute__((used, visibility("default"))) const char ecloss_fast_built_against[] =
+    "ecloss-fast extension built against torch " ECLOSS_FAST_TORCH_VERSION;
 
 // Importing ecloss_fast._C only has to run the registrations above (static initialisers);
 // the module itself is empty. Python calls the kernels through torch.ops.ecloss_fast_C.

@@ -3,8 +3,9 @@
 Prints the versions (ecloss-fast, Python, torch, triton, CUDA), every backend with
 "available" or why not and how to get it, what ``precision=None`` resolves to for float32,
 bfloat16 and float16 maps under the current ``torch.get_float32_matmul_precision()``, the
-``cpu`` backend's instruction-set path (and the paths this CPU has), and the GPU
-architectures the built extension ``ecloss_fast._C`` carries code for.
+``cpu`` backend's instruction-set path (and the paths this CPU has), the torch the
+built extension ``ecloss_fast._C`` was built against (a mismatch said plainly, with how
+to rebuild), and the GPU architectures it carries code for.
 """
 from __future__ import annotations
 
@@ -53,6 +54,20 @@ def _cuobjdump() -> str | None:
     except ImportError:
         return None
     return knobs.nvidia.cuobjdump.path
+
+
+def _extension_torch() -> str:
+    cpp_cpu = _dispatch._load("cpu")[0]  # the cpu backend is the extension's loader
+    if importlib.util.find_spec(_EXTENSION) is None:
+        return "not built"
+    problem = cpp_cpu.build_problem()
+    if problem is not None:
+        return f"MISMATCH: {problem}"
+    built = cpp_cpu.extension_torch_version()
+    if built is None:
+        return ("not recorded (built before ecloss-fast recorded it); rebuild it if it does "
+                "not load: `python setup.py build_ext --inplace --force`")
+    return f"torch {built} (the running torch)"
 
 
 def _extension_architectures() -> str:
@@ -107,6 +122,7 @@ def report() -> str:
                       _dispatch.resolve_precision("", dtype)))
     lines.append(("float32 matmul precision", repr(torch.get_float32_matmul_precision())))
     lines.append(("cpu backend path", _cpu_path()))
+    lines.append(("extension built against", _extension_torch()))
     lines.append(("extension", _extension_architectures()))
     width = max(len(key) for key, _ in lines)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)

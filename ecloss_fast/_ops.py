@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ecloss_fast._dispatch import backend_module, resolve_backend, resolve_precision
+from ecloss_fast._dispatch import backend_module, choose_backend, resolve_precision
+from ecloss_fast._dtypes import accumulation_dtype
 from ecloss_fast._templates import count_for_pixels, template_matrix
 
 __all__ = ["channel_loss", "input_grad", "register_process_group", "accumulation_dtype",
@@ -32,11 +33,6 @@ def register_process_group(group) -> str:
     name = group.group_name if group is not dist.group.WORLD else "WORLD"
     _PROCESS_GROUPS[name] = group
     return name
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores and reductions: float64 for float64 input, else float32 (docs/design.md 4.1)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _templates_for(x, templates, radius, subset):
@@ -152,13 +148,16 @@ def _diagnostics(x, rows, templates, radius, subset, tau, information, log_sum, 
 
 def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
                   precision, backend, group, with_grad):
-    module = backend_module(resolve_backend(backend, x.device, x.dtype))
     precision = resolve_precision(precision, x.dtype)
     given_templates = templates
     templates = _templates_for(x, templates, radius, subset)
     batch, channels = x.shape[:2]
     rows = x.reshape(batch, channels, -1).contiguous()
     needs_marginal = marginal or diversity > 0
+    # The backward resolves the same route to the same backend (choose_backend keeps its
+    # verdicts): the statistics saved here assume this backend's scores.
+    module = backend_module(choose_backend(backend, rows, templates, tau, precision,
+                                           needs_marginal))
     if with_grad and not needs_marginal:
         row_max, log_sum, neg_entropy, neg_entropy_grad = module.row_stats_with_grad(
             rows, templates, tau, precision)
@@ -216,11 +215,12 @@ def input_grad(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float
                row_weight: torch.Tensor, precision: str, backend: str) -> torch.Tensor:
     """``dx`` of docs/design.md sections 3 and 8.1 for the row weights ``-g[c] * map_weight``
     and the ``(C, N)`` prior of the backend contract (``None``: uniform, no diversity)."""
-    module = backend_module(resolve_backend(backend, x.device, x.dtype))
     precision = resolve_precision(precision, x.dtype)
     templates = _templates_for(x, templates, radius, subset)
     batch, channels = x.shape[:2]
     rows = x.reshape(batch, channels, -1).contiguous()
+    module = backend_module(choose_backend(backend, rows, templates, tau, precision,
+                                           prior is not None))
     with torch.autocast(x.device.type, enabled=False):
         grad = module.input_grad(rows, templates, tau, row_max, log_sum, neg_entropy, prior,
                                  row_weight, precision)

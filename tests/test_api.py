@@ -1,5 +1,7 @@
 """Public API: validation, Module, precision, autocast, non-finite input, torch.compile."""
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -207,3 +209,178 @@ def test_torch_compile_fullgraph_equals_eager():
     (compiled_grad,) = torch.autograd.grad(compiled, conv.weight)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+# ---- backend="auto" is safe by construction (ecloss_fast._dispatch) ----
+# Triton runs here in its interpreter (TRITON_INTERPRET=1), tried first for CPU tensors, and
+# its warm-up's compile step (triton_fused._compile, which compiles and loads a launch
+# without running it) is replaced by a fake that fails as a GPU can: a compile error,
+# more shared memory than the GPU has, or a ValueError for maps it does not take.
+
+
+@pytest.fixture
+def triton_first(monkeypatch):
+    """auto tries triton, then torch, for CPU tensors; verdicts and module caches fresh."""
+    pytest.importorskip("triton")
+    from ecloss_fast import _dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("triton", "torch"))
+    _dispatch._load.cache_clear()
+    _dispatch._VERDICTS.clear()
+    yield
+    _dispatch._load.cache_clear()
+    _dispatch._VERDICTS.clear()
+
+
+def _failure(kind):
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    from ecloss_fast.triton_kernels import configs
+    if kind == "compile error":
+        return CompilationError(None, None, "fake: ptxas exited with an error")
+    if kind == "out of resources":
+        return OutOfResources(233472, 232448, "shared memory")
+    try:
+        configs.k_class(2000)
+    except ValueError as error:
+        return error
+    raise AssertionError("configs.k_class(2000) did not raise")
+
+
+class _FailingCompiles:
+    """A fake ``triton_fused._compile``: raises ``error`` for launches of ``kernel_name``."""
+
+    def __init__(self, kernel_name, error):
+        self.kernel_name, self.error, self.calls = kernel_name, error, 0
+
+    def __call__(self, kernel, grid, interpreted, *args, **kwargs):
+        self.calls += 1
+        if kernel.__name__ == self.kernel_name:
+            raise self.error
+
+
+@contextlib.contextmanager
+def _no_auto_warning():
+    """Fails if ecloss_fast warns inside the block (others, such as numpy's warnings in
+    Triton's interpreter, pass)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    assert not [w for w in caught if "ecloss_fast" in str(w.message)], \
+        [str(w.message) for w in caught]
+
+
+def _loss_and_grad(x, **kwargs):
+    leaf = x.clone().requires_grad_()
+    loss = ef.ecloss(leaf, **kwargs)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("kind", ["compile error", "out of resources", "unsupported K"])
+@pytest.mark.parametrize("estimator, kernel_name", [
+    ("uniform", "row_stats_kernel"),     # the forward's kernel
+    ("marginal", "input_grad_kernel"),   # the backward's only: the forward falls back too
+])
+def test_auto_falls_back_for_the_whole_loss_when_a_route_fails(
+        triton_first, monkeypatch, kind, estimator, kernel_name):
+    from ecloss_fast.backends import streaming, triton_fused
+
+    fake = _FailingCompiles(kernel_name, _failure(kind))
+    monkeypatch.setattr(triton_fused, "_compile", fake)
+    ran = []  # the triton launches that ran (interpreted): none may
+    monkeypatch.setattr(triton_fused, "_launch", lambda kernel, *args, **kwargs:
+                        ran.append(kernel.__name__))
+    streamed = []
+    for name in ("row_stats", "row_stats_with_grad", "column_sums", "input_grad"):
+        function = getattr(streaming, name)
+        monkeypatch.setattr(streaming, name, lambda *args, _f=function, _n=name, **kwargs:
+                            streamed.append(_n) or _f(*args, **kwargs))
+    x = peaked_maps(2, 3, 3, 4, seed=5)
+    with pytest.warns(RuntimeWarning, match=r"runs 'torch' .*'triton' failed: "
+                      + {"compile error": "CompilationError", "out of resources":
+                         "OutOfResources", "unsupported K": "ValueError"}[kind]):
+        loss, grad = _loss_and_grad(x, estimator=estimator, precision="ieee")
+    assert ran == [] and fake.calls >= 1
+    backward = "input_grad" if estimator == "marginal" else "row_stats_with_grad"
+    assert backward in streamed and streamed[0].startswith("row_stats")
+    truth_loss, truth_grad = _loss_and_grad(x, estimator=estimator, precision="ieee",
+                                            backend="torch")
+    assert torch.equal(loss, truth_loss) and torch.equal(grad, truth_grad)
+
+    # The verdict is kept: the next call of the route neither compiles nor warns.
+    calls = fake.calls
+    with _no_auto_warning():
+        again = _loss_and_grad(x, estimator=estimator, precision="ieee")
+    assert fake.calls == calls and ran == []
+    assert torch.equal(again[0], truth_loss) and torch.equal(again[1], truth_grad)
+
+
+def test_auto_runs_a_route_whose_warm_up_passes(triton_first, monkeypatch):
+    from ecloss_fast.backends import triton_fused
+
+    fake = _FailingCompiles("no such kernel", None)
+    monkeypatch.setattr(triton_fused, "_compile", fake)
+    launched = []
+    launch = triton_fused._launch
+    monkeypatch.setattr(triton_fused, "_launch", lambda kernel, *args, **kwargs:
+                        launched.append(kernel.__name__) or launch(kernel, *args, **kwargs))
+    x = peaked_maps(2, 3, 3, 4, seed=5)
+    with _no_auto_warning():
+        loss, grad = _loss_and_grad(x, estimator="marginal", precision="ieee")
+    # The warm-up compiled every launch of the call (forward and backward) beforehand.
+    assert fake.calls >= len(set(launched)) >= 3 and "input_grad_kernel" in launched
+    truth_loss, truth_grad = _loss_and_grad(x, estimator="marginal", precision="ieee",
+                                            backend="reference")
+    torch.testing.assert_close(loss, truth_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, truth_grad, rtol=1e-4, atol=1e-8)
+
+
+def test_maps_a_backend_does_not_take_go_to_the_next_without_a_word(triton_first,
+                                                                      monkeypatch):
+    from ecloss_fast.backends import triton_fused
+
+    fake = _FailingCompiles("no such kernel", None)
+    monkeypatch.setattr(triton_fused, "_compile", fake)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 1, 1100, generator=generator) * 5  # K = 1100 > 1024, triton's largest
+    templates = torch.rand(6, 1, 1100, generator=generator)
+    with _no_auto_warning():
+        loss, grad = _loss_and_grad(x, templates=templates)
+    assert fake.calls == 0
+    truth_loss, truth_grad = _loss_and_grad(x, templates=templates, backend="torch")
+    assert torch.equal(loss, truth_loss) and torch.equal(grad, truth_grad)
+    # Named explicitly, the backend says what it takes.
+    with pytest.raises(ValueError, match=r"'triton' does not take .* K = 1100 .* at most 1024"):
+        ef.ecloss(x, templates=templates, backend="triton")
+
+
+def test_a_backend_named_explicitly_raises_its_own_error(triton_first, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from ecloss_fast.backends import triton_fused
+
+    def out_of_resources(*args, **kwargs):
+        raise OutOfResources(233472, 232448, "shared memory")
+
+    monkeypatch.setattr(triton_fused, "_compile", out_of_resources)
+    monkeypatch.setattr(triton_fused, "_launch", out_of_resources)
+    with pytest.raises(OutOfResources):
+        ef.ecloss(peaked_maps(2, 3, 3, 4, seed=5), backend="triton")
+
+
+def test_backends_say_which_maps_they_take():
+    from ecloss_fast.backends import cpp_cuda, streaming
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # The CUDA kernels keep 64 maps in shared memory: 16x16 at most, no float64.
+    assert cpp_cuda.supports(cuda, torch.float16, 256)
+    assert not cpp_cuda.supports(cuda, torch.float16, 784)
+    assert not cpp_cuda.supports(cuda, torch.float64, 196)
+    assert not cpp_cuda.supports(cpu, torch.float32, 196)
+    assert streaming.supports(cpu, torch.float64, 10 ** 6)
+    assert streaming.supports(cuda, torch.float16, 784)
+    for module in (cpp_cuda, streaming):
+        assert isinstance(module.TAKES, str) and module.TAKES

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,65 @@ def test_cpu_backend_path_in_use_and_the_paths_this_cpu_has():
     fields = _run_info(ECLOSS_FAST_CPU_ISA="sse9")
     assert fields["cpu backend path"].startswith(
         "ECLOSS_FAST_CPU_ISA='sse9' is not an instruction-set path")
+
+
+def _extension_path() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("ecloss_fast._C")
+    return None if spec is None else spec.origin
+
+
+def test_extension_records_the_torch_it_was_built_against():
+    from ecloss_fast._build_info import recorded_torch_version
+
+    path = _extension_path()
+    if path is None or recorded_torch_version(path) is None:
+        pytest.skip("no extension built by this setup.py here (it records its torch)")
+    # Built here, against this process's torch: loaded, and said so.
+    assert recorded_torch_version(path) == torch.__version__
+    assert cpp_cpu.build_problem() is None and cpp_cpu.extension_error is None
+    assert _fields(report())["extension built against"] == \
+        f"torch {torch.__version__} (the running torch)"
+
+
+def test_an_extension_built_for_another_torch_is_named_not_loaded(tmp_path):
+    from ecloss_fast._build_info import MARKER, recorded_torch_version
+
+    built = tmp_path / "_C.so"
+    built.write_bytes(b"\x7fELF padding " + MARKER + b"1.2.3+cu000\0 more bytes")
+    assert recorded_torch_version(built) == "1.2.3+cu000"
+    problem = cpp_cpu._torch_mismatch(str(built))
+    assert "built against torch 1.2.3+cu000" in problem
+    assert f"torch {torch.__version__} is running" in problem
+    assert "not loaded" in problem and "build_ext --inplace" in problem
+    unrecorded = tmp_path / "_old.so"
+    unrecorded.write_bytes(b"\x7fELF nothing recorded")
+    assert recorded_torch_version(unrecorded) is None and cpp_cpu._torch_mismatch(
+        str(unrecorded)) is None
+
+
+def test_auto_and_the_report_say_a_torch_mismatch_plainly(monkeypatch):
+    """An extension built for another torch: the report says so on its own line, and auto
+    warns once, with how to rebuild, before running torch instead of cpu."""
+    problem = ("the C++ extension ecloss_fast._C (/x/_C.so) was built against torch 1.2.3, "
+               "but torch 9.9.9 is running, so it is not loaded; rebuild it")
+    monkeypatch.setattr(cpp_cpu, "_build_problem", problem)
+    monkeypatch.setattr(cpp_cpu, "extension_error", problem)
+    monkeypatch.setattr(cpp_cpu, "availability", lambda: problem)
+    _dispatch._load.cache_clear()
+    try:
+        fields = _fields(report())
+        assert fields["extension built against"] == f"MISMATCH: {problem}"
+        assert fields["backend cpu"] == problem
+        x = torch.rand(2, 3, 4, 4)
+        with pytest.warns(RuntimeWarning, match=r"passes over 'cpu': the C\+\+ extension .* "
+                                                r"built against torch 1\.2\.3"):
+            loss = ef.ecloss(x)
+        assert torch.equal(loss, ef.ecloss(x, backend="torch"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: the second call says nothing
+            ef.ecloss(x)
+    finally:
+        _dispatch._load.cache_clear()
+        _dispatch._WARNED_BUILDS.clear()

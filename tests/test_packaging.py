@@ -99,7 +99,7 @@ def test_sdist_without_torch_carries_the_extension_sources(source, torch_hidden,
     with tarfile.open(path) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     expected = {f"csrc/{path.name}" for path in (ROOT / "csrc").iterdir()
-                if path.suffix in (".cu", ".cpp", ".h")}
+                if path.suffix in (".cu", ".cuh", ".cpp", ".h")}
     assert any(name.endswith(".cu") for name in expected)
     assert expected <= names, sorted(expected - names)
     assert {"setup.py", "pyproject.toml", "LICENSE", "README.md",

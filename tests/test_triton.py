@@ -28,8 +28,8 @@ from ecloss_fast.backends import triton_fused  # noqa: E402
 
 from ecloss_fast.testing import peaked_maps, random_maps  # noqa: E402
 from _contract import contract_templates, evaluate_contract  # noqa: E402
-
-TAU = 1e-3
+from _gpu_cases import (GPU_AUTO_DTYPES, GPU_AUTO_TAU, GPU_CASES,  # noqa: E402
+                        GPU_ECLOSS_CASE, GPU_PRECISIONS, PRIORS, TAU)
 # float16 products round the templates to float16's mantissa, as TF32 does (2^-11).
 TOLERANCE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2, "fp16": 3e-3}
 _OPERAND_ROUNDING = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,7 +55,6 @@ def _check(name, got, truth, baseline, precision, scale=0.0):
     assert error <= allowed, f"{name}: error {error:.3g} > allowed {allowed:.3g}"
 
 
-PRIORS = ("uniform", "marginal", "general")
 
 
 def _compare(x, templates, precision, prior_kind, seed=0):
@@ -295,7 +294,7 @@ def test_matrix_unit_configs_share_one_instruction_shape():
     from ecloss_fast.triton_kernels import configs
 
     for table in (configs.HOPPER, configs.AMPERE):
-        for kind in ("bf16", "tf32"):
+        for kind in ("bf16", "fp16", "tf32"):
             for k in configs.K_CLASSES:
                 tiles = [config for kernel in configs.KERNELS
                          for config in table[(kernel, kind, k)]]
@@ -377,10 +376,14 @@ def test_column_sums_keep_their_mass_at_huge_scores():
 
 
 def test_availability_and_dtypes():
-    assert triton_fused.supports(torch.device("cuda")) is True
+    from ecloss_fast.triton_kernels import configs
+
+    cuda = torch.device("cuda")
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        assert triton_fused.supports_dtype(dtype)
-    assert not triton_fused.supports_dtype(torch.int32)
+        assert triton_fused.supports(cuda, dtype, 1024) is True
+        assert triton_fused.supports(cuda, dtype, 1025) is False  # beyond configs.K_CLASSES
+    assert not triton_fused.supports(cuda, torch.int32, 196)
+    assert max(configs.K_CLASSES) == 1024
     with pytest.raises(ValueError, match="precision"):
         triton_fused.row_stats(torch.ones(1, 1, 15), contract_templates(3, 5), TAU, "fp8")
 
@@ -398,7 +401,8 @@ def interpret(monkeypatch):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
 def test_ecloss_matches_reference(interpret, estimator, reduction):
-    assert triton_fused.availability() is None and triton_fused.supports(torch.device("cpu"))
+    assert triton_fused.availability() is None
+    assert triton_fused.supports(torch.device("cpu"), torch.float32, 15)
     x = peaked_maps(3, 2, 3, 5, seed=11)
     results = {}
     for backend in ("reference", "triton"):
@@ -416,15 +420,8 @@ def test_ecloss_matches_reference(interpret, estimator, reduction):
     assert (grad.double() - truth_grad.double()).norm() <= 1e-4 * truth_grad.double().norm()
 
 
-# ---- GPU: the same comparisons compiled, every precision (bench/gpu_check.sh runs them) ----
-
-GPU_CASES = [(14, 14, 4, 8), (7, 7, 130, 3), (3, 5, 1, 5)]
-
-
-GPU_PRECISIONS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float32, "bf16"),
-                  (torch.bfloat16, "ieee"), (torch.bfloat16, "tf32"), (torch.bfloat16, "bf16"),
-                  (torch.float16, "fp16")]
-
+# ---- GPU: the same comparisons compiled, every precision (bench/gpu_check.sh runs them; its
+# plan compiles the kernels of tests/_gpu_cases.py first), and auto's warm-up ----
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prior", PRIORS)
@@ -456,7 +453,8 @@ def test_gpu_kernels_match_float64(shape, maps, dtype, precision, prior):
 def test_gpu_ecloss_matches_reference(estimator):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    x = peaked_maps(4, 8, 14, 14, seed=1).cuda()
+    h, w, b, c = GPU_ECLOSS_CASE
+    x = peaked_maps(b, c, h, w, seed=1).cuda()
     grads = {}
     for backend in ("reference", "triton"):
         leaf = x.clone().requires_grad_(True)
@@ -467,3 +465,79 @@ def test_gpu_ecloss_matches_reference(estimator):
                         rel_tol=1e-5, abs_tol=1e-6)
     error = (grads["triton"][1] - grads["reference"][1]).norm()
     assert error <= 1e-4 * grads["reference"][1].norm()
+
+
+def _compiled_kernels() -> int:
+    """Compiled variants of every Triton kernel of the backend, over all devices."""
+    from ecloss_fast.triton_kernels import column_sums, input_grad, row_prior, row_stats
+
+    kernels = (row_stats.row_stats_kernel, column_sums.column_sums_kernel,
+               row_prior.row_prior_kernel, input_grad.input_grad_kernel)
+    return sum(len(caches[0]) for kernel in kernels
+               for caches in getattr(kernel, "device_caches", {}).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+@pytest.mark.parametrize("dtype", GPU_AUTO_DTYPES, ids=lambda d: str(d)[6:])
+def test_gpu_auto_warm_up_compiles_every_kernel_the_loss_launches(dtype, estimator):
+    """``auto``'s warm-up compiles and loads every kernel that the route's loss calls then
+    launch, forward and backward: the calls compile nothing more. A ``tau`` that no other
+    test uses (a compile-time constant) keeps this process's Triton from holding them
+    already (the GPU check's precompile may have them on disk: loading counts too)."""
+    from ecloss_fast._templates import template_matrix
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tau = GPU_AUTO_TAU
+    x = peaked_maps(4, 8, 14, 14, seed=2, dtype=dtype).cuda()
+    templates = template_matrix(14, 14, 4.0, None, x.device, torch.float32)
+    _dispatch._VERDICTS.clear()
+    before = _compiled_kernels()
+    chosen = _dispatch.choose_backend("auto", x.reshape(4, 8, 196), templates, tau,
+                                      _dispatch.resolve_precision("", dtype),
+                                      estimator == "marginal")
+    assert chosen == "triton"
+    warmed = _compiled_kernels()
+    assert warmed > before
+    leaf = x.clone().requires_grad_()
+    ef.ecloss(leaf, tau=tau, estimator=estimator).backward()
+    torch.cuda.synchronize()
+    assert _compiled_kernels() == warmed and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_falls_back_when_a_kernel_does_not_fit(monkeypatch):
+    """A configuration that asks for more shared memory than the GPU has (8 pipeline stages):
+    the warm-up's real ``OutOfResources`` sends the route, forward and backward, to the next
+    backend, with one warning; the loss is the torch backend's to the precision's bound."""
+    import dataclasses
+
+    from ecloss_fast.triton_kernels import configs
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    default = configs.default
+
+    def too_big(kernel, *args):
+        config = default(kernel, *args)
+        return dataclasses.replace(config, num_stages=8) if kernel == "column_sums" else config
+
+    monkeypatch.setattr(configs, "default", too_big)
+    _dispatch._VERDICTS.clear()
+    x = peaked_maps(4, 8, 14, 14, seed=3).cuda()
+    try:
+        with pytest.warns(RuntimeWarning, match="'triton' failed: OutOfResources"):
+            loss, grad = _loss_and_grad_of(x, "auto")
+    finally:
+        _dispatch._VERDICTS.clear()
+    truth_loss, truth_grad = _loss_and_grad_of(x, "torch")
+    assert math.isclose(loss.item(), truth_loss.item(), rel_tol=1e-5, abs_tol=1e-6)
+    assert (grad - truth_grad).norm() <= 1e-4 * truth_grad.norm()
+
+
+def _loss_and_grad_of(x, backend):
+    leaf = x.clone().requires_grad_()
+    loss = ef.ecloss(leaf, tau=TAU, estimator="marginal", backend=backend, precision="ieee")
+    loss.backward()
+    return loss.detach().double(), leaf.grad.double()

@@ -2,14 +2,31 @@
 
 Every backend except ``reference`` is a module in this package with the same
 module-level functions; the dispatcher (``ecloss_fast._dispatch``) imports it lazily, the
-custom ops (``ecloss_fast._ops``) call it, and the autograd glue composes them. Shapes:
+custom ops (``ecloss_fast._ops``) call it, and the autograd glue composes them. Imports run
+one way: the API, the ops, the dispatcher, the backends, the kernels; a backend imports
+neither the ops nor the dispatcher. Shapes:
 ``B`` feature maps per channel, ``C`` channels, ``K = H*W`` pixels, ``N`` templates.
 
 ``availability() -> str | None``
     ``None`` when the backend can run here, else a sentence saying why not and how to
     get it (for example which command builds the extension).
-``supports(device: torch.device) -> bool``
-    Whether the backend runs tensors on that device.
+``supports(device: torch.device, dtype: torch.dtype, pixels: int) -> bool``
+    Whether the backend takes maps of that device, input dtype and size ``K = pixels``;
+    ``TAKES`` (a module string) says which in words, for the error that a backend named
+    explicitly raises on other maps. ``backend="auto"`` passes over it for them.
+``warm_up(x, templates, tau, precision, prior: bool) -> None`` (optional)
+    For a backend that builds or loads code at run time: make ready, without computing a
+    loss, everything loss calls on maps like ``x`` run, forward and backward (with a prior
+    when ``prior``: the marginal estimator or the diversity term), and raise what their
+    first call would raise. ``backend="auto"`` runs it once per route and process before
+    the route's first call, and takes the next backend for routes it fails.
+``launch_class(device, dtype, rows, pixels, precision) -> hashable`` (optional)
+    What else decides which code a call runs (Triton: the row tiles for ``rows = B*C``):
+    calls with equal classes share ``warm_up``'s verdict.
+``build_problem() -> str | None`` (optional)
+    Why an installed build of the backend does not fit this process (the extension was
+    built against another torch), else ``None``; ``auto`` warns it once when it passes
+    over the backend, instead of running another one silently.
 ``row_stats(x, templates, tau, precision) -> (row_max, log_sum, neg_entropy)``
     ``x`` is ``(B, C, K)`` contiguous in the input dtype (float16, bfloat16, float32 or
     float64); ``templates`` is ``(N, K)`` contiguous, unit-scaled, in the accumulation

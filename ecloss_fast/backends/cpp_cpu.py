@@ -13,42 +13,85 @@ The kernels are compiled for four instruction-set paths, ``ISA_PATHS``, and run 
 one this CPU has; the environment variable ``ECLOSS_FAST_CPU_ISA`` caps it (read at every
 call, so a test or a user can force each path the CPU has). ``"avx512_bf16"`` differs from
 ``"avx512"`` only for ``precision="bf16"``.
+
+The extension records the torch version it was built against (``ecloss_fast._build_info``);
+one built against another torch is not loaded: ``availability`` and ``build_problem`` say
+so and how to rebuild, and ``backend="auto"`` warns before running another backend.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
-__all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
-           "input_grad", "extension_error", "ISA_PATHS", "ISA_VARIABLE", "isa_paths",
-           "isa_in_use"]
+from ecloss_fast._build_info import recorded_torch_version
+
+__all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
+           "column_sums", "input_grad", "extension_error", "extension_torch_version", "TAKES",
+           "ISA_PATHS", "ISA_VARIABLE", "isa_paths", "isa_in_use"]
 
 ISA_VARIABLE = "ECLOSS_FAST_CPU_ISA"
 ISA_PATHS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` or "
                "`python setup.py build_ext --inplace` (needs a C++ compiler)")
+_EXTENSION = "ecloss_fast._C"
 
 
-def _import_extension() -> str | None:
+def _extension_path() -> str | None:
+    spec = importlib.util.find_spec(_EXTENSION)
+    return None if spec is None else spec.origin
+
+
+def _torch_mismatch(path: str | None) -> str | None:
+    """Why the built extension at ``path`` must not be loaded: it records another torch."""
+    built = None if path is None else recorded_torch_version(path)
+    if built is None or built == torch.__version__:
+        return None
+    return (f"the C++ extension {_EXTENSION} ({path}) was built against torch {built}, but "
+            f"torch {torch.__version__} is running, so it is not loaded (its C++ ABI need not "
+            f"match); rebuild it for this torch with `python setup.py build_ext --inplace` "
+            f"or `pip install --no-build-isolation -e .`")
+
+
+def _import_extension() -> tuple[str | None, str | None]:
+    """(why the extension is unavailable, why its build does not fit this process)."""
+    mismatch = _torch_mismatch(_extension_path())
+    if mismatch is not None:
+        return mismatch, mismatch
     try:
         from ecloss_fast import _C  # noqa: F401  (importing registers the ops)
     except ImportError as error:
-        return f"the C++ extension ecloss_fast._C was not built or does not load ({error}); " \
-               f"{_BUILD_HINT}"
-    return None
+        return (f"the C++ extension {_EXTENSION} was not built or does not load ({error}); "
+                f"{_BUILD_HINT}"), None
+    return None, None
 
 
-extension_error = _import_extension()
+extension_error, _build_problem = _import_extension()
+
+
+def extension_torch_version() -> str | None:
+    """The torch version the extension records (``None``: not built, or built before
+    ecloss-fast recorded it)."""
+    path = _extension_path()
+    return None if path is None else recorded_torch_version(path)
 
 
 def availability() -> str | None:
     return extension_error
 
 
-def supports(device: torch.device) -> bool:
-    return device.type == "cpu"
+def build_problem() -> str | None:
+    """The extension's torch mismatch, if any (the contract's ``build_problem``)."""
+    return _build_problem
+
+
+TAKES = "CPU tensors of float16, bfloat16, float32 or float64, maps of any size"
+
+
+def supports(device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
+    return torch.device(device).type == "cpu"
 
 
 def isa_paths() -> list[str]:

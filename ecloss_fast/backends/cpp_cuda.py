@@ -17,10 +17,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ecloss_fast._templates import prepared_templates
-from ecloss_fast.backends.cpp_cpu import extension_error, extension_precision
+from ecloss_fast.backends.cpp_cpu import build_problem, extension_error, extension_precision
 
-__all__ = ["availability", "supports", "supports_dtype", "row_stats", "row_stats_with_grad",
-           "column_sums", "input_grad", "operand_templates", "round_to_tf32"]
+__all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
+           "column_sums", "input_grad", "warm_up", "operand_templates", "round_to_tf32", "TAKES"]
 
 TEMPLATE_TILE = 32  # kBlockTemplates of csrc/cuda_kernels.cu: templates per tile
 PIXEL_MULTIPLE = 16  # the kernels pad K to the bf16 WMMA k step
@@ -50,13 +50,38 @@ def availability() -> str | None:
     return None
 
 
-def supports(device: torch.device) -> bool:
-    return device.type == "cuda"
+# The kernels hold a block's 64 maps, a template tile and the dx accumulator in shared
+# memory: at 16x16 that fits an H100 at every precision (the float32 operands up to about
+# K = 336); larger maps go to triton or torch. An A100 (163 KB per block) runs float32
+# operands up to K = 240: warm_up finds that (the kernels' own shared-memory check).
+MAX_PIXELS = 256
+TAKES = ("CUDA tensors of float32, float16 or bfloat16 with at most "
+         f"{MAX_PIXELS} pixels per map (16x16)")
 
 
-def supports_dtype(dtype: torch.dtype) -> bool:
-    """float64 has no tensor-core path here; the ``torch`` backend takes it."""
-    return dtype in (torch.float32, torch.float16, torch.bfloat16)
+def supports(device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
+    """CUDA tensors of float32, float16 and bfloat16 (float64 has no tensor-core path here;
+    the ``torch`` backend takes it) with at most ``MAX_PIXELS`` pixels per map."""
+    return (torch.device(device).type == "cuda"
+            and dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and pixels <= MAX_PIXELS)
+
+
+def warm_up(x, templates, tau, precision, prior):
+    """Run one map of ``x`` through the route's kernels and wait for them: a build without
+    code for this GPU, or maps whose shared memory the GPU lacks, fails here instead of in
+    a loss call (the kernels are compiled already; one map takes microseconds)."""
+    one = x[:1, :1].contiguous()
+    if prior:
+        row_max, log_sum, neg_entropy = row_stats(one, templates, tau, precision)
+        column_sums(one, templates, tau, row_max, log_sum, precision)
+        input_grad(one, templates, tau, row_max, log_sum, neg_entropy,
+                   torch.zeros(1, templates.shape[0], device=x.device, dtype=row_max.dtype),
+                   torch.ones_like(row_max), precision)
+    else:
+        row_stats(one, templates, tau, precision)
+        row_stats_with_grad(one, templates, tau, precision)
+    torch.cuda.synchronize(x.device)
 
 
 def round_to_tf32(values: torch.Tensor) -> torch.Tensor:

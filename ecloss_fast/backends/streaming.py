@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 __all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
-           "input_grad"]
+           "input_grad", "TAKES"]
 
 # 1 MB of float32 per score block: GEMMs of (rows x 196) @ (196 x chunk) stay efficient
 # while the streaming peak stays a few percent of the reference's B x C x N tensor
@@ -25,7 +25,10 @@ def availability() -> str | None:
     return None
 
 
-def supports(device: torch.device) -> bool:
+TAKES = "floating maps of any size on any device"
+
+
+def supports(device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
     return True
 
 

@@ -1,9 +1,9 @@
 """The ``triton`` backend: fused Triton kernels for ECLoss, forward and backward.
 
 Implements the contract of ``ecloss_fast.backends`` (``availability``, ``supports``,
-``row_stats``, ``row_stats_with_grad``, ``column_sums``, ``input_grad``) plus
-``supports_dtype``. The kernels, one
-per file, are in ``ecloss_fast.triton_kernels``; this module picks the compiled or the
+``row_stats``, ``row_stats_with_grad``, ``column_sums``, ``input_grad``, and ``warm_up`` with
+its ``launch_class``, which ``backend="auto"`` runs before a route's first call). The
+kernels, one per file, are in ``ecloss_fast.triton_kernels``; this module picks the compiled or the
 interpreted copy, the operand precision, the ``K`` chunking and the launch configuration,
 and launches them.
 
@@ -42,10 +42,10 @@ import os
 
 import torch
 
-from ecloss_fast._ops import accumulation_dtype
+from ecloss_fast._dtypes import accumulation_dtype
 
-__all__ = ["availability", "supports", "supports_dtype", "row_stats", "row_stats_with_grad",
-           "column_sums", "input_grad"]
+__all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
+           "input_grad", "warm_up", "launch_class", "TAKES"]
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TUNED: dict[tuple, object] = {}
@@ -68,26 +68,33 @@ def availability() -> str | None:
     return None
 
 
-def supports(device: torch.device) -> bool:
-    """CUDA devices; CPU only under ``TRITON_INTERPRET=1`` (Triton's interpreter)."""
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and _interpret_requested())
+# The largest K of configs.K_CLASSES (not imported here: that imports triton).
+_MAX_PIXELS = 1024
+TAKES = ("CUDA tensors (CPU ones under TRITON_INTERPRET=1) of float16, bfloat16, float32 or "
+         f"float64 with at most {_MAX_PIXELS} pixels per map (32x32)")
 
 
-def supports_dtype(dtype: torch.dtype) -> bool:
-    """Input dtypes the kernels take: float16, bfloat16, float32 and float64.
+def supports(device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
+    """CUDA devices (CPU only under ``TRITON_INTERPRET=1``: Triton's interpreter); float16,
+    bfloat16, float32 and float64 maps of at most 1024 pixels (``configs.K_CLASSES``).
 
     Float64 runs float64 matrix instructions (``mma`` f64 on Ampere and Hopper, about
     1/15 of the bfloat16 rate) with float64 accumulation (docs/design.md section 4).
     """
-    return dtype in _INPUT_DTYPES
+    device = torch.device(device)
+    on_device = device.type == "cuda" or (device.type == "cpu" and _interpret_requested())
+    return on_device and dtype in _INPUT_DTYPES and pixels <= _MAX_PIXELS
 
 
 def _interpreted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" or _interpret_requested()
+    return _interpreted_on(x.device)
 
 
-def _operands(x: torch.Tensor, precision: str, interpreted: bool) -> str:
+def _interpreted_on(device: torch.device) -> bool:
+    return device.type == "cpu" or _interpret_requested()
+
+
+def _operands(dtype: torch.dtype, precision: str, interpreted: bool) -> str:
     """The kernels' ``OPERANDS`` value: what the matrix unit multiplies (see ``_tiles``).
 
     ``precision`` is ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"`` (the resolution of
@@ -99,7 +106,7 @@ def _operands(x: torch.Tensor, precision: str, interpreted: bool) -> str:
     would round the same score differently (docs/design.md section 4.1). The interpreter
     has no TF32: ``"tf32"`` is emulated as ``"ieee"``.
     """
-    if x.dtype == torch.float64:
+    if dtype == torch.float64:
         return "fp64"
     if precision not in ("ieee", "tf32", "bf16", "fp16"):
         raise ValueError(f"precision must be 'ieee', 'tf32', 'bf16' or 'fp16', got {precision!r}")
@@ -114,10 +121,16 @@ _HALF_ROUNDING = {**_OPERAND_DTYPE, "bf16_emulated": torch.bfloat16,
 
 
 def _operand_maps(x: torch.Tensor, operands: str) -> torch.Tensor:
-    """``x`` as the kernels read it: for half products rounded once to the half type, as the
-    kernels' ``to_operand`` would round it (to nearest even). That halves its traffic and
-    the registers a thread needs to stage a float32 row tile (which spills at K = 784)."""
+    """``x`` as the kernels read it. For half products: rounded once to the half type, as the
+    kernels' ``to_operand`` would round it (to nearest even); that halves its traffic and
+    the registers a thread needs to stage a float32 row tile (which spills at K = 784). For
+    float32 products of half maps (``"ieee"``, ``"tf32"``): widened once to float32, which is
+    exact, as the kernels would widen each tile; so these routes run float32 maps' kernels,
+    where widening a half row tile in registers spilled (bfloat16 ``row_stats`` at ieee, 304
+    bytes; ``input_grad`` at tf32, 112; bench/NOTES.md) and would be more compiles."""
     half = _HALF_ROUNDING.get(operands)
+    if half is None and x.dtype in (torch.float16, torch.bfloat16):
+        half = torch.float32
     return (x if half is None else x.to(half)).contiguous()
 
 
@@ -150,7 +163,7 @@ def _common_constants(x: torch.Tensor, tau: float, precision: str):
     import triton.language as tl
 
     interpreted = _interpreted(x)
-    operands = _operands(x, precision, interpreted)
+    operands = _operands(x.dtype, precision, interpreted)
     chunks = _chunks(x.shape[-1])
     return interpreted, operands, dict(
         TAU=float(tau), K=x.shape[-1], K0=chunks[0], K1=chunks[1], K2=chunks[2],
@@ -158,45 +171,72 @@ def _common_constants(x: torch.Tensor, tau: float, precision: str):
         INTERPRETED=interpreted)
 
 
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _device_traits(device: torch.device) -> tuple[tuple[int, int], int]:
+    """The compute capability and multiprocessor count of a CUDA device: what the launch
+    configurations depend on."""
+    properties = torch.cuda.get_device_properties(device)
+    return (properties.major, properties.minor), properties.multi_processor_count
 
 
 def _launch(kernel, grid, interpreted: bool, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, interpreted or on the device of ``args[0]`` (x)."""
     if interpreted:
         from ecloss_fast.triton_kernels import run_interpreted
 
         run_interpreted(kernel, grid, *args, **kwargs)
-    else:
+        return
+    with torch.cuda.device(args[0].device):
         kernel[grid](*args, **kwargs)
 
 
+def _compile(kernel, grid, interpreted: bool, *args, **kwargs) -> None:
+    """Compile the launch ``kernel[grid](*args, **kwargs)`` without running it, and load it on
+    the device as its first launch would: a compile error, or ``OutOfResources`` for more
+    shared memory or threads than the device has, is raised here. Nothing to compile in
+    the interpreter."""
+    if interpreted:
+        return
+    with torch.cuda.device(args[0].device):
+        kernel.warmup(*args, grid=grid, **kwargs)._init_handles()
+
+
+def _launcher(compile_only: bool):
+    # Looked up at call time, so that bench.kernels can record launches in place of both.
+    return _compile if compile_only else _launch
+
+
 def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, rows: int,
-         templates: int, launch) -> None:
-    """Launch ``launch(config)`` with the default, interpreter or tuned configuration."""
+         templates: int, launch, compile_only: bool = False) -> None:
+    """Launch ``launch(config)`` with the default, interpreter or tuned configuration (a
+    compile-only call takes the default: ``warm_up``)."""
     from ecloss_fast.triton_kernels import configs
 
     k = x.shape[-1]
     if interpreted:
         launch(configs.interpreter(kernel_name, rows, templates, k))
         return
-    with torch.cuda.device(x.device):
-        capability = torch.cuda.get_device_capability(x.device)
-        if os.environ.get("ECLOSS_TRITON_AUTOTUNE", "0") != "1":
-            launch(configs.default(kernel_name, operands, capability, rows,
-                                   _multiprocessors(x.device), k))
-            return
-        import triton.testing
+    capability, multiprocessors = _device_traits(x.device)
+    if compile_only or os.environ.get("ECLOSS_TRITON_AUTOTUNE", "0") != "1":
+        launch(configs.default(kernel_name, operands, capability, rows, multiprocessors, k))
+        return
+    import triton.testing
 
-        # Rows bucketed by powers of two: the best tile depends on how many programs fill
-        # the chip, not on the exact batch.
-        key = (kernel_name, operands, capability, 1 << max(rows - 1, 0).bit_length(),
-               templates, k, x.dtype)
-        if key not in _TUNED:
-            timings = {config: triton.testing.do_bench(lambda config=config: launch(config))
-                       for config in configs.candidates(kernel_name, operands, capability, k)}
-            _TUNED[key] = min(timings, key=timings.get)
-        launch(_TUNED[key])
+    # Rows bucketed by powers of two: the best tile depends on how many programs fill
+    # the chip, not on the exact batch.
+    key = (kernel_name, operands, capability, 1 << max(rows - 1, 0).bit_length(),
+           templates, k, x.dtype)
+    if key not in _TUNED:
+        timings = {}
+        for config in configs.candidates(kernel_name, operands, capability, k):
+            try:
+                timings[config] = triton.testing.do_bench(lambda config=config: launch(config))
+            except Exception:  # noqa: BLE001: a candidate that does not fit is not timed
+                continue
+        if not timings:  # none fits: the default's own error, as without tuning
+            launch(configs.default(kernel_name, operands, capability, rows, multiprocessors, k))
+            return
+        _TUNED[key] = min(timings, key=timings.get)
+    launch(_TUNED[key])
 
 
 def _fused(route: str, x: torch.Tensor, operands: str, interpreted: bool) -> bool:
@@ -216,7 +256,7 @@ def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
     tensors in the accumulation dtype: ``max_t s``, ``log sum_t exp(s - row_max)`` and
     ``sum_t p (s - row_max) - log_sum``.
     """
-    return _row_stats(x, templates, tau, precision, with_grad=False)
+    return _row_stats(x, templates, tau, precision, False)
 
 
 def row_stats_with_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, precision: str
@@ -232,16 +272,21 @@ def row_stats_with_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, pr
     ``input_grad`` with unit row weights after ``row_stats``, written in the accumulation
     dtype: the same values, from two sweeps with one accumulator.
     """
+    return _row_stats_with_grad(x, templates, tau, precision)
+
+
+def _row_stats_with_grad(x, templates, tau, precision, compile_only=False):
     interpreted = _interpreted(x)
-    if _fused("row_stats_grad", x, _operands(x, precision, interpreted), interpreted):
-        return _row_stats(x, templates, tau, precision, with_grad=True)
-    row_max, log_sum, neg_entropy = row_stats(x, templates, tau, precision)
+    if _fused("row_stats_grad", x, _operands(x.dtype, precision, interpreted), interpreted):
+        return _row_stats(x, templates, tau, precision, True, compile_only)
+    row_max, log_sum, neg_entropy = _row_stats(x, templates, tau, precision, False,
+                                               compile_only)
     grad = _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, None,
-                       torch.ones_like(row_max), precision, output_dtype=row_max.dtype)
+                       torch.ones_like(row_max), precision, row_max.dtype, compile_only)
     return row_max, log_sum, neg_entropy, grad
 
 
-def _row_stats(x, templates, tau, precision, with_grad):
+def _row_stats(x, templates, tau, precision, with_grad, compile_only=False):
     from ecloss_fast.triton_kernels.row_stats import row_stats_kernel
 
     interpreted, operands, constants = _common_constants(x, tau, precision)
@@ -258,14 +303,15 @@ def _row_stats(x, templates, tau, precision, with_grad):
     def launch(config):
         dx_columns = config.dx_columns if with_grad else 0
         slices = math.ceil(pixels / dx_columns) if dx_columns else 1
-        _launch(row_stats_kernel, (math.ceil(rows / config.block_m), slices), interpreted,
+        _launcher(compile_only)(
+            row_stats_kernel, (math.ceil(rows / config.block_m), slices), interpreted,
             x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
             neg_entropy, grad, rows, count, **constants, WITH_GRAD=with_grad,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, DX_COLUMNS=dx_columns,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
     _run("row_stats_grad" if with_grad else "row_stats", x, operands, interpreted, rows, count,
-         launch)
+         launch, compile_only)
     if with_grad:
         return row_max, log_sum, neg_entropy, grad
     return row_max, log_sum, neg_entropy
@@ -279,6 +325,10 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: t
     when ``B`` spans several batch blocks their partial sums are added by ``torch.sum``
     over the block axis, a fixed order. No atomics.
     """
+    return _column_sums(x, templates, tau, row_max, log_sum, precision)
+
+
+def _column_sums(x, templates, tau, row_max, log_sum, precision, compile_only=False):
     from ecloss_fast.triton_kernels.column_sums import column_sums_kernel
 
     interpreted, operands, constants = _common_constants(x, tau, precision)
@@ -297,20 +347,22 @@ def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: t
         splits = 1
         if not interpreted:
             # Split the templates so that the grid has two programs per multiprocessor.
-            splits = min(tiles, math.ceil(2 * _multiprocessors(x.device)
+            splits = min(tiles, math.ceil(2 * _device_traits(x.device)[1]
                                           / (grid_channels * batch_blocks)))
         tiles_per_program = math.ceil(tiles / splits)
         splits = math.ceil(tiles / tiles_per_program)
         partial = torch.empty(batch_blocks, channels, count, device=x.device,
                               dtype=accumulation_dtype(x.dtype))
-        _launch(column_sums_kernel, (grid_channels, batch_blocks, splits), interpreted,
+        _launcher(compile_only)(
+            column_sums_kernel, (grid_channels, batch_blocks, splits), interpreted,
             x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
             partial, batch, channels, count, tiles_per_program,
             **constants, CHANNELS=per_program, BLOCK_B=block_b, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages)
         result["partial"] = partial
 
-    _run("column_sums", x, operands, interpreted, batch * channels, count, launch)
+    _run("column_sums", x, operands, interpreted, batch * channels, count, launch,
+         compile_only)
     partial = result["partial"]
     return partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)
 
@@ -332,11 +384,11 @@ def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: to
     (``row_prior_kernel``) first.
     """
     return _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
-                       precision, output_dtype=x.dtype)
+                       precision, x.dtype)
 
 
 def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight, precision,
-                output_dtype):
+                output_dtype, compile_only=False):
     from ecloss_fast.triton_kernels.input_grad import input_grad_kernel
     from ecloss_fast.triton_kernels.row_prior import row_prior_kernel
 
@@ -358,17 +410,19 @@ def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_wei
         offset = torch.empty_like(row_max)
 
         def launch_prior(config):
-            _launch(row_prior_kernel, (math.ceil(rows / config.block_m),), interpreted,
+            _launcher(compile_only)(
+                row_prior_kernel, (math.ceil(rows / config.block_m),), interpreted,
                 x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
                 prior, row_weight, offset, batch, channels,
                 count, **constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
-        _run("row_prior", x, operands, interpreted, rows, count, launch_prior)
+        _run("row_prior", x, operands, interpreted, rows, count, launch_prior, compile_only)
 
     def launch(config):
         slices = math.ceil(x.shape[-1] / config.dx_columns) if config.dx_columns else 1
-        _launch(input_grad_kernel, (math.ceil(rows / config.block_m), slices), interpreted,
+        _launcher(compile_only)(
+            input_grad_kernel, (math.ceil(rows / config.block_m), slices), interpreted,
             x, _operand_templates(templates, operands, config.block_n), row_max, log_sum,
             neg_entropy, prior if has_prior else row_max, offset,
             row_weight, dx, batch, channels, count, **constants, HAS_PRIOR=has_prior,
@@ -377,5 +431,47 @@ def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_wei
             num_warps=config.num_warps, num_stages=config.num_stages)
 
     name = "input_grad_prior_fused" if fused else "input_grad_prior" if has_prior else "input_grad"
-    _run(name, x, operands, interpreted, rows, count, launch)
+    _run(name, x, operands, interpreted, rows, count, launch, compile_only)
     return dx
+
+
+def warm_up(x: torch.Tensor, templates: torch.Tensor, tau: float, precision: str,
+            prior: bool) -> None:
+    """Compile, without running, every kernel that loss calls on maps like ``x`` launch, and
+    load each on ``x``'s device: raises what their first launch would raise.
+
+    ``x`` and ``templates`` as for ``row_stats`` (only their shapes, dtypes, devices and
+    alignment matter: nothing is read). The kernels are those of the forward without and
+    with the gradient, and of the backward: ``row_stats``, then ``row_stats_with_grad``
+    (uniform, ``prior`` false) or ``column_sums`` and ``input_grad`` with a prior (the
+    marginal estimator or the diversity term), each in the form ``configs.FUSED`` picks, at
+    the default configuration for ``x``'s rows. The real calls then find them compiled.
+    The backward without a prior of a forward that kept no gradient (``input_grad`` with
+    ``prior=None``, writing ``x``'s dtype) is not among them: ``ecloss`` never runs it.
+    """
+    _row_stats(x, templates, tau, precision, False, compile_only=True)
+    if not prior:
+        _row_stats_with_grad(x, templates, tau, precision, compile_only=True)
+        return
+    stats = torch.empty(x.shape[:2], device=x.device, dtype=accumulation_dtype(x.dtype))
+    _column_sums(x, templates, tau, stats, stats, precision, compile_only=True)
+    prior_terms = torch.empty(x.shape[1], templates.shape[0], device=x.device,
+                              dtype=stats.dtype)
+    _input_grad(x, templates, tau, stats, stats, stats, prior_terms, stats, precision, x.dtype,
+                compile_only=True)
+
+
+def launch_class(device: torch.device, dtype: torch.dtype, rows: int, pixels: int,
+                 precision: str):
+    """What, besides the device, dtype, ``K``, precision and prior, decides which kernels a
+    call compiles: the default configuration of each kernel at ``rows`` (``configs.default``
+    switches row tiles at one program per multiprocessor). ``None`` in the interpreter."""
+    from ecloss_fast.triton_kernels import configs
+
+    device = torch.device(device)
+    if _interpreted_on(device):
+        return None
+    operands = _operands(dtype, precision, False)
+    capability, multiprocessors = _device_traits(device)
+    return tuple(configs.default(name, operands, capability, rows, multiprocessors, pixels)
+                 for name in configs.KERNELS)

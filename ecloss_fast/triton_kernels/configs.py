@@ -1,12 +1,14 @@
 """Launch configurations of the ECLoss kernels for Hopper and Ampere, and the choice among them.
 
 None of these numbers was timed: this project has not had a GPU yet. What was checked is
-that each one fits an H100, from the compiled kernel: ``python -m bench.kernels`` compiles
-every configuration below for ``sm_90`` with the runtime JIT's own specialisation and reads
-registers, spills (``cuobjdump`` ``STACK``, ``ptxas -v`` spill stores) and shared memory;
-tests/test_triton_compile.py asserts, for every default, no spills and at most 227 KB of
-shared memory. bench/NOTES.md ("Triton kernel resources") has the table. Measure speed
-and replace (``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on first use of a shape).
+that each one fits an H100, from the compiled kernel, under triton 3.6 (the GPU machine's)
+and 3.8: ``python -m bench.kernels`` compiles every configuration below, for every route a
+loss call can take (input dtype and precision), for ``sm_90`` with the runtime JIT's own
+specialisation and reads registers, spills (``cuobjdump`` ``STACK``, ``ptxas -v`` spill
+stores) and shared memory; tests/test_triton_compile.py asserts, for every default, no
+spills (or one justified in bench/NOTES.md) and at most 227 KB of shared memory.
+bench/NOTES.md ("Triton kernel resources") has the table. Measure speed and replace
+(``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on first use of a shape).
 
 Tables are keyed by kernel (``input_grad_prior`` is ``input_grad`` with a prior: the same
 kernel with more registers live; ``row_stats_grad`` is ``row_stats`` with ``WITH_GRAD`` and
@@ -38,9 +40,9 @@ Ampere (A100: 164 KB of shared memory per block, no ``wgmma``) takes the same ti
 one stage fewer; those are not compiled by ``bench.kernels`` (Hopper only).
 
 One rule binds every table: the sweeps of one loss must recompute bitwise the scores of
-``row_stats`` (see ``_tiles``), so for the matrix-unit kinds (``bf16``, ``tf32``) every
-kernel and every candidate of one ``K`` class has the same ``block_n`` and 16 rows per
-warp. Each warpgroup then owns 64 rows and the whole template tile, and Hopper runs one
+``row_stats`` (see ``_tiles``), so for the matrix-unit kinds (``bf16``, ``fp16``, ``tf32``)
+every kernel and every candidate of one ``K`` class has the same ``block_n`` and 16 rows
+per warp. Each warpgroup then owns 64 rows and the whole template tile, and Hopper runs one
 ``wgmma`` shape (m64 x ``block_n``) in all of them (TF32 at ``K <= 1024``: 2 warps, so
 ``mma.sync`` in all of them); Ampere's ``mma.sync`` shape does not depend on the tile.
 Without that, two kernels could accumulate a score's products in a different hardware
@@ -54,7 +56,7 @@ import triton
 
 KERNELS = ("row_stats", "row_stats_grad", "column_sums", "row_prior", "input_grad",
            "input_grad_prior", "input_grad_prior_fused")
-OPERAND_KINDS = ("bf16", "tf32", "ieee", "fp64")
+OPERAND_KINDS = ("bf16", "fp16", "tf32", "ieee", "fp64")
 K_CLASSES = (256, 1024)
 
 
@@ -117,7 +119,8 @@ HOPPER: dict[tuple[str, str, int], tuple[LaunchConfig, ...]] = {
     ("row_stats_grad", "bf16", 256): (_C(128, 64, 8, 2, 64), _C(64, 64, 4, 2, 64)),
     ("row_stats_grad", "tf32", 256): (_C(128, 16, 8, 2, 128),),
     ("row_stats_grad", "ieee", 256): (_C(16, 16, 4, 2),),
-    ("row_stats_grad", "fp64", 256): (_C(32, 16, 4, 2, 64),),
+    # 32 rows spill 16 bytes inside the sweep under triton 3.6 (FUSED does not pick it).
+    ("row_stats_grad", "fp64", 256): (_C(16, 16, 4, 2, 64),),
     ("row_stats_grad", "bf16", 1024): (_C(64, 32, 4, 2, 128),),
     ("row_stats_grad", "tf32", 1024): (_C(32, 16, 2, 2, 64),),
     ("row_stats_grad", "ieee", 1024): (_C(32, 16, 4, 2, 128),),
@@ -130,6 +133,24 @@ HOPPER: dict[tuple[str, str, int], tuple[LaunchConfig, ...]] = {
     ("input_grad_prior_fused", "tf32", 1024): (_C(32, 16, 2, 2, 64),),
     ("input_grad_prior_fused", "ieee", 1024): (_C(16, 16, 4, 2, 128),),
     ("input_grad_prior_fused", "fp64", 1024): (_C(16, 16, 4, 2, 64),),
+    # float16 products (float16 maps, precision=None) take the bfloat16 tiles except where
+    # those do not fit: the dx product multiplies float32 weights by float32 copies of the
+    # template tile (TF32, see _tiles), which costs registers and shared memory that
+    # bfloat16's does not. At K <= 256, 64-template tiles spill (input_grad 128x64: 160
+    # bytes under triton 3.6 and 3.8), so every fp16 kernel there takes 32 templates (one
+    # wgmma shape: the module docstring's rule); at K <= 1024 the split backward with a prior needs
+    # 233,472 bytes of shared memory with two stages, 1 KB over the H100's 232,448, so it
+    # runs one (147 KB).
+    ("row_stats", "fp16", 256): (_C(128, 32, 8, 3), _C(64, 32, 4, 3)),
+    ("input_grad", "fp16", 256): (_C(128, 32, 8, 2), _C(64, 32, 4, 2)),
+    ("input_grad_prior", "fp16", 256): (_C(128, 32, 8, 2, 128), _C(64, 32, 4, 2, 128)),
+    ("row_stats_grad", "fp16", 256): (_C(128, 32, 8, 2, 64), _C(64, 32, 4, 2, 64)),
+    ("input_grad_prior_fused", "fp16", 256): (_C(128, 32, 8, 2, 64), _C(64, 32, 4, 2, 64)),
+    ("row_stats", "fp16", 1024): (_C(64, 32, 4, 2),),
+    ("input_grad", "fp16", 1024): (_C(64, 32, 4, 2, 128),),
+    ("input_grad_prior", "fp16", 1024): (_C(64, 32, 4, 1, 128),),
+    ("row_stats_grad", "fp16", 1024): (_C(64, 32, 4, 2, 128),),
+    ("input_grad_prior_fused", "fp16", 1024): (_C(64, 32, 4, 2, 64),),
 }
 for _kind in OPERAND_KINDS:
     for _k in K_CLASSES:
@@ -154,7 +175,7 @@ for _kind in OPERAND_KINDS:
 # except tf32 uniform and bf16/tf32 with a prior, whose fused form needs 64-column
 # slices: 11856 / 13 against 7168 / 8; and ieee with a prior, whose fused tile has 16 rows
 # (32 rows spill 1952 bytes under triton 3.6), which doubles its template re-reads.
-FUSED: dict[tuple[str, str, int], bool] = {
+FUSED: dict[tuple[str, str, int], bool] = {  # float16 products: bfloat16's choices, below
     ("row_stats_grad", "bf16", 256): False, ("row_stats_grad", "tf32", 256): False,
     ("row_stats_grad", "ieee", 256): True, ("row_stats_grad", "fp64", 256): False,
     ("row_stats_grad", "bf16", 1024): True, ("row_stats_grad", "tf32", 1024): False,
@@ -164,6 +185,7 @@ FUSED: dict[tuple[str, str, int], bool] = {
     ("input_grad_prior", "bf16", 1024): False, ("input_grad_prior", "tf32", 1024): False,
     ("input_grad_prior", "ieee", 1024): False, ("input_grad_prior", "fp64", 1024): True,
 }
+FUSED.update({(route, "fp16", k): FUSED[(route, "bf16", k)] for route, _, k in list(FUSED)})
 
 # Ampere: same tiles, one pipeline stage fewer (164 KB of shared memory on A100).
 AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in value)
@@ -171,12 +193,9 @@ AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1))
 
 
 def operand_kind(operands: str) -> str:
-    """Configuration family of a kernel ``OPERANDS`` value.
-
-    Float16 products take the bfloat16 tiles: the same operand size and the same matrix
-    instruction shapes; the interpreter's emulations are their own kind's.
-    """
-    return "bf16" if operands in ("bf16_emulated", "fp16", "fp16_emulated") else operands
+    """Configuration family of a kernel ``OPERANDS`` value: its own, the interpreter's
+    emulations their kind's (float16 products have their own tiles: see ``HOPPER``)."""
+    return operands.removesuffix("_emulated")
 
 
 def candidates(kernel: str, operands: str, capability: tuple[int, int],
