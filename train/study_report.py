@@ -121,9 +121,9 @@ def _branches_planned(budget: StudyBudget, records: dict) -> bool:
         records.get(branch.name) for branch in BRANCHES)
 
 
-def _progress(budget: StudyBudget, records: dict, arms) -> list[str]:
+def _progress(budget: StudyBudget, records: dict, arms, branches: bool) -> list[str]:
     planned = [(arm.name, seed) for arm, seed in study_jobs(budget, arms)]
-    due = _branches_planned(budget, records)
+    due = branches and _branches_planned(budget, records)
     if due:
         planned += [(branch.name, seed) for seed in budget.secondary_seeds for branch in BRANCHES]
     done = [(name, seed) for name, seed in planned if seed in records.get(name, {})]
@@ -135,7 +135,9 @@ def _progress(budget: StudyBudget, records: dict, arms) -> list[str]:
                  "have; its answers are provisional until the plan's seeds are all in.")
     else:
         line += "."
-    if not due:
+    if not branches:
+        line += " Q5's branches are not part of this run."
+    elif not due:
         line += (" Q5's branches are not among the planned runs: the primary arm's cosine rule "
                  "did not ask for them (see the cosine rule below).")
     return [line, ""]
@@ -194,18 +196,19 @@ def _q1(records: dict, dataset: str, labels: dict) -> list[str]:
     return lines
 
 
-def _secondary_tests(budget: StudyBudget, records: dict) -> list[tuple[str, str, str]]:
+def _secondary_tests(budget: StudyBudget, records: dict, branches: bool) -> list[tuple[str, str, str]]:
     """``(question, arm, baseline)`` of the secondary family: Q2-Q4, and Q5's A - B when
-    the cosine rule asks for the branches."""
+    the cosine rule asks for the branches (and ``branches``)."""
     tests = [(question, arm, baseline) for arm, baseline, question in SECONDARY]
-    if _branches_planned(budget, records):
+    if branches and _branches_planned(budget, records):
         tests.append(("Q5: the full set instead of the 400 (A - B)", BRANCH_SOURCE, BRANCHES[0].name))
     return tests
 
 
-def _secondary(budget: StudyBudget, records: dict, dataset: str, labels: dict) -> list[str]:
+def _secondary(budget: StudyBudget, records: dict, dataset: str, labels: dict,
+               branches: bool) -> list[str]:
     key, label = SECONDARY_METRIC
-    tests = _secondary_tests(budget, records)
+    tests = _secondary_tests(budget, records, branches)
     present = [t for t in tests if t[1] in records and t[2] in records]
     lines = ["## The secondary family (Q2-Q5)", ""]
     if not present:
@@ -281,7 +284,7 @@ def _positive_control(records: dict, dataset: str, labels: dict, names) -> list[
                                 "on it.", ""]
 
 
-def _cosine(budget: StudyBudget, records: dict, out: Path, labels: dict, arms) -> list[str]:
+def _cosine(budget: StudyBudget, records: dict, out: Path, labels: dict, arms, branches: bool) -> list[str]:
     total = budget.epochs * steps_per_epoch(budget)
     lines = ["## Full set against the paper's 400: the cosine rule (Q5)", "",
              f"Per ECLoss arm, the median of the logged cosine between the full set's and the "
@@ -306,6 +309,9 @@ def _cosine(budget: StudyBudget, records: dict, out: Path, labels: dict, arms) -
                      f"{'–' if math.isnan(median) else f'{median:.4f}'} | {verdict} |")
     lines += ["", "### At 28x28 maps (a measurement, no training)", ""]
     path = out / "cosine28.json"
+    if not branches:
+        return lines + ["Not part of this run: the study measures it (`python -m train.study "
+                        "--cosine-28`, docs/study/report.md).", ""]
     if not path.is_file():
         return lines + [f"Not measured yet: `python -m train.study --out {out} --cosine-28` "
                         "(a few minutes) writes `cosine28.json`.", ""]
@@ -374,8 +380,9 @@ def _wall_time(records: dict, labels: dict, names) -> list[str]:
 
 def report_markdown(budget: StudyBudget, out: Path, records: dict, arms=ARMS, *,
                     title: str = "ECLoss explainability study (docs/study/PLAN.md v2)",
-                    command: str = "python -m train.study", notes=()) -> list[str]:
-    """The report's lines, figures excluded (:func:`write_report` adds them)."""
+                    command: str = "python -m train.study", notes=(), branches: bool = True) -> list[str]:
+    """The report's lines, figures excluded (:func:`write_report` adds them); without
+    ``branches`` Q5's branches are neither planned nor tested (the demo)."""
     labels = _labels(arms)
     names = [arm.name for arm in arms if records.get(arm.name)]
     names += [branch.name for branch in BRANCHES if records.get(branch.name)]
@@ -386,18 +393,18 @@ def report_markdown(budget: StudyBudget, out: Path, records: dict, arms=ARMS, *,
              "network on the same synthetic faces (identity in the brows, eyes, nose and mouth "
              "only); every run is evaluated on identities no run saw, drawn anew per seed.", ""]
     lines += list(notes) + ([""] if notes else [])
-    lines += _progress(budget, records, arms)
+    lines += _progress(budget, records, arms, branches)
     lines += _arms_table(budget, records, arms)
     lines += ["| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in asdict(budget).items() if key != "extra"]
     lines += [""]
     lines += _gate(out)
     lines += _q1(records, dataset, labels)
-    lines += _secondary(budget, records, dataset, labels)
+    lines += _secondary(budget, records, dataset, labels, branches)
     if names:
         lines += _per_arm(records, dataset, labels, names)
         lines += _positive_control(records, dataset, labels, names)
-        lines += _cosine(budget, records, out, labels, arms)
+        lines += _cosine(budget, records, out, labels, arms, branches)
         lines += _diagnostics(records, labels, names)
         lines += _wall_time(records, labels, names)
     return lines
