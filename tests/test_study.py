@@ -228,12 +228,18 @@ def test_a_partial_study_reports_what_it_has(tiny_study, tmp_path):
     path = main(["--out", str(partial), "--budget", "tiny", "--arms", "ecloss-s3", "--report-only",
                  "--device", "cpu"])
     report = path.read_text()
-    assert not (partial / "runs").exists(), "--report-only trains nothing"
+    assert not (partial / "runs").exists() and not (partial / "data").exists(), \
+        "--report-only trains nothing"
     assert "**3 of the 4 planned runs are evaluated** (not yet: softmax seed 1)" in report
     # Q1 on the one seed both arms have: a mean, no interval.
     mean = _from_files(out, "ecloss-s3", 0, "mean_normalized_gain") - _from_files(out, "softmax", 0, "mean_normalized_gain")
     assert f"| 1 | {mean:+.3g} (one seed: no interval) | – | – | not resolved |" in report
     assert "**Answer: not shown.**" in report and "Not scored yet" in report
+    # Runs found beside their evaluations, wherever metrics.json says they were.
+    shutil.copytree(out / "runs" / "softmax-seed0", partial / "runs" / "softmax-seed0")
+    moved = study.collect_records(budget, partial, arms)
+    assert moved["softmax"][0]["run_dir"] == str(partial / "runs" / "softmax-seed0")
+    assert moved["ecloss-s3"][0]["run_dir"] == str(out / "runs" / "ecloss-s3-seed0")
 
 
 @pytest.mark.slow
@@ -265,11 +271,13 @@ def test_cosine_28_against_float64_numpy(tiny_study, tmp_path):
 
     from train.checkpoint import load_for_eval
     from train.evaluate import first_draw
-    from train.study_cosine import measure_cosine28
+    from train.study_cosine import measure_cosine28, measured_seeds
 
     budget, _, out, records = tiny_study
+    assert measured_seeds(tmp_path) is None
     result = measure_cosine28(budget, out, images=2, size=10, spreads=(1.0, 10.0))
-    assert result["seeds"] == [0] and json.loads((out / "cosine28.json").read_text()) == result
+    assert result["seeds"] == measured_seeds(out) == [0]
+    assert json.loads((out / "cosine28.json").read_text()) == result
     run = result["runs"]["0"]
     model, config = load_for_eval(out / "runs" / "ecloss-s3-seed0")
     drawn = first_draw(model, config, study.eval_settings(budget, 0))

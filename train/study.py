@@ -351,7 +351,10 @@ def branches_due(budget: StudyBudget, records: dict) -> bool:
 def _record(eval_dir: Path) -> dict:
     """What the report needs of one evaluated run, read from its evaluation and its log."""
     result = json.loads((eval_dir / "metrics.json").read_text())
-    run_dir = Path(result["run_dir"])
+    # The run beside its evaluation (the same name under DIR/runs), wherever the study ran
+    # from: metrics.json holds the path as the runner was given it, maybe relative.
+    run_dir = eval_dir.parent.parent / "runs" / eval_dir.name
+    run_dir = run_dir if run_dir.is_dir() else Path(result["run_dir"])
     seconds_path = eval_dir / "wall_seconds.txt"
     return dict(metrics=result["datasets"], last_step=_last_logged(run_dir),
                 subset_cosine=_logged_cosines(run_dir),
@@ -519,9 +522,10 @@ def main(argv=None) -> Path:
         records = collect_records(budget, out, arms)
     else:
         records = run_study(budget, out, arms)
-        if BRANCH_SOURCE in records and not (out / "cosine28.json").is_file():
-            from train.study_cosine import measure_cosine28
+        from train.study_cosine import measure_cosine28, measured_seeds
 
+        evaluated = [seed for seed in budget.secondary_seeds if seed in records.get(BRANCH_SOURCE, {})]
+        if evaluated and measured_seeds(out) != evaluated:
             measure_cosine28(budget, out)
     from train.study_report import write_report
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["IMAGES", "SIZE", "SPREADS", "SUBSET", "distinct_identities", "cosine_at", "measure_cosine28"]
+__all__ = ["IMAGES", "SIZE", "SPREADS", "SUBSET", "distinct_identities", "cosine_at", "measured_seeds",
+           "measure_cosine28"]
 
 IMAGES = 4  # held-out faces per seed
 SIZE = 28  # the side of the maps measured
@@ -64,6 +65,12 @@ def cosine_at(maps: torch.Tensor, size: int, spread: float, ecloss_config) -> tu
                                             radius=e.radius, normalize=e.normalize,
                                             diversity=e.diversity, backend="auto")
     return tau, float(cosine)
+
+
+def measured_seeds(out: Path) -> list[int] | None:
+    """The seeds ``out/cosine28.json`` measured; ``None`` when there is none."""
+    path = out / "cosine28.json"
+    return json.loads(path.read_text())["seeds"] if path.is_file() else None
 
 
 def measure_cosine28(budget, out: Path, images: int = IMAGES, size: int = SIZE,
