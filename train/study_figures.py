@@ -174,18 +174,25 @@ def _run_data(budget, record: dict, seed: int, device) -> dict:
 
 
 def figures_markdown(budget, records: dict, arms, out: Path, faces: int = 4) -> list[str]:
-    """Draw the figures into ``out/figures`` for the first seed every arm has (the arms
-    that have none are left out) and return the report's section."""
+    """Draw the figures into ``out/figures`` for one seed, the one most arms have (the
+    arms without it are left out), and return the report's section."""
     from train.report import training_curves
     from train.study_cosine import distinct_identities
 
-    present = [arm for arm in arms if records.get(arm.name)]
-    tracked = [arm for arm in present if all(
-        "channels" in record["metrics"][budget.eval_data[-1]].get("tracking", {})
-        for record in records[arm.name].values())]
+    def has_tracking(arm, seed):
+        record = records.get(arm.name, {}).get(seed)
+        return record is not None and "channels" in record["metrics"][budget.eval_data[-1]].get(
+            "tracking", {})
+
+    # The seed the most arms have (primary arms first: they go seed by seed), the lowest.
+    seeds = sorted({seed for arm in arms for seed in records.get(arm.name, {})})
+    if not seeds:
+        return ["## Figures", "", "No evaluated run yet.", ""]
+    seed = max(seeds, key=lambda s: (sum(has_tracking(arm, s) for arm in arms if arm.primary),
+                                     sum(has_tracking(arm, s) for arm in arms), -s))
+    tracked = [arm for arm in arms if has_tracking(arm, seed)]
     if not tracked:
         return ["## Figures", "", "No evaluated run with tracking metrics yet.", ""]
-    seed = min(set.intersection(*(set(records[arm.name]) for arm in tracked)))
     device = "cuda" if budget.device == "auto" and torch.cuda.is_available() else (
         "cpu" if budget.device == "auto" else budget.device)
     figures = out / "figures"

@@ -25,7 +25,7 @@ from train.study import (ARMS, BRANCH_SOURCE, BRANCHES, COSINE_THRESHOLD, METRIC
                          branch_epoch, holm, median_cosine, paired_test, steps_per_epoch, study_jobs,
                          summarise)
 
-__all__ = ["LEVEL", "Contrast", "contrast", "q1_answer", "report_markdown", "write_report"]
+__all__ = ["LEVEL", "Contrast", "q1_answer", "report_markdown", "write_report"]
 
 LEVEL = 0.05  # a test is resolved when its Holm-adjusted p is below this (docs/study/PLAN.md)
 GATE_RUNS = Path(__file__).resolve().parents[1] / "docs" / "study" / "gate"
@@ -50,10 +50,6 @@ class Contrast:
         if math.isnan(self.low):
             return f"{self.mean:+.{digits}g} (one seed: no interval)" if self.seeds else "no seeds yet"
         return f"{self.mean:+.{digits}g} [{self.low:+.{digits}g}, {self.high:+.{digits}g}]"
-
-
-def contrast(records: dict, arm: str, baseline: str, metric: str, dataset: str) -> Contrast:
-    return Contrast(records, arm, baseline, metric, dataset)
 
 
 def _value(records, arm, seed, dataset, metric) -> float:
@@ -175,12 +171,12 @@ def _gate(out: Path) -> list[str]:
 
 def _q1(records: dict, dataset: str, labels: dict) -> list[str]:
     arm, baseline, metrics = PRIMARY
-    lines = [f"## Q1 (primary): does ECLoss make channels track face parts better than softmax?", "",
+    lines = ["## Q1 (primary): does ECLoss make channels track face parts better than softmax?", "",
              f"{labels.get(arm, arm)} minus {labels.get(baseline, baseline)}, paired by seed, "
              f"{dataset} held-out faces; two co-primary metrics, Holm over the two.", ""]
     if arm not in records or baseline not in records:
         return lines + ["Not in this run: it lacks one of the two arms.", ""]
-    contrasts = [contrast(records, arm, baseline, key, dataset) for key, _ in metrics]
+    contrasts = [Contrast(records, arm, baseline, key, dataset) for key, _ in metrics]
     adjusted = holm([c.p for c in contrasts])
     lines += [f"| metric | {labels.get(arm, arm)} | {labels.get(baseline, baseline)} | seeds | "
               "difference [95% interval] | p (paired t) | Holm p | verdict |",
@@ -213,7 +209,7 @@ def _secondary(budget: StudyBudget, records: dict, dataset: str, labels: dict,
     lines = ["## The secondary family (Q2-Q5)", ""]
     if not present:
         return lines + ["Not in this run: none of its arms.", ""]
-    contrasts = [contrast(records, arm, baseline, key, dataset) for _, arm, baseline in tests]
+    contrasts = [Contrast(records, arm, baseline, key, dataset) for _, arm, baseline in tests]
     adjusted = holm([c.p if t in present else math.nan for t, c in zip(tests, contrasts)])
     lines += [f"Metric: {label}; Holm over all {len(tests)} tests of the family (a test whose "
               "arms are not in yet counts in the family as the least significant). Paired by "
@@ -224,7 +220,7 @@ def _secondary(budget: StudyBudget, records: dict, dataset: str, labels: dict,
         lines.append(f"| {question} | {labels.get(arm, arm)} minus {labels.get(baseline, baseline)} | "
                      f"{len(c.seeds)} | {c.interval()} | {_p(c.p)} | {_p(p)} | {_resolved(c.mean, p)} |")
     if BRANCHES[1].name in records:
-        floor = contrast(records, BRANCH_SOURCE, BRANCHES[1].name, key, dataset)
+        floor = Contrast(records, BRANCH_SOURCE, BRANCHES[1].name, key, dataset)
         lines += ["", f"Q5's noise floor, beside its test (no test): A minus A' ({labels[BRANCHES[1].name]}), "
                   f"{len(floor.seeds)} seeds: {floor.interval()}."]
     lines += ["", "The other metrics of the same contrasts, reported beside without tests "
@@ -232,7 +228,7 @@ def _secondary(budget: StudyBudget, records: dict, dataset: str, labels: dict,
               "| contrast | " + " | ".join(label for k, label, _, _ in METRICS if k != key) + " |",
               "|---|" + "---|" * (len(METRICS) - 1)]
     for question, arm, baseline in present:
-        cells = [contrast(records, arm, baseline, k, dataset).interval() for k, _, _, _ in METRICS if k != key]
+        cells = [Contrast(records, arm, baseline, k, dataset).interval() for k, _, _, _ in METRICS if k != key]
         lines.append(f"| {question.split(':')[0]}: {labels.get(arm, arm)} minus "
                      f"{labels.get(baseline, baseline)} | " + " | ".join(cells) + " |")
     return lines + [""]
