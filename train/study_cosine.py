@@ -16,8 +16,10 @@ Cost: the full set scores every map against every template, ``N x K = 307,721 x 
 floating-point operations per map (the 400 subset and the calibration, which uses the
 templates' ``K x K`` covariance, are small beside it; building that covariance once per
 process takes ~30 s). One seed and spread is ``images x 64`` maps: with ``IMAGES = 4``,
-256 maps, 2.5e11 operations; 5 seeds x 3 spreads, 3.8e12. Measured on one core of a busy
-2-core AMD EPYC (AVX2), 0.055 s per map: about 4 minutes in all.
+256 maps, 2.5e11 operations; 5 seeds x 3 spreads, 3.8e12. Measured on the 2-core AMD EPYC
+(AVX2), one torch thread: 0.055 s per map at load ~3 (about 4 minutes for 5 seeds); the
+study's seed-0 model took 150 s for its three spreads, the 30 s covariance included, at
+load 6-7 under ``nice -n 10`` (about 10 minutes for 5 seeds on a machine that busy).
 """
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ def _secondary(budget: StudyBudget, records: dict, dataset: str, labels: dict,
                branches: bool) -> list[str]:
     key, label = SECONDARY_METRIC
     tests = _secondary_tests(budget, records, branches)
-    present = [t for t in tests if t[1] in records and t[2] in records]
+    present = [t for t in tests if records.get(t[1]) and records.get(t[2])]
     lines = ["## The secondary family (Q2-Q5)", ""]
     if not present:
         return lines + ["Not in this run: none of its arms.", ""]
