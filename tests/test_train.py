@@ -673,3 +673,23 @@ def test_branch_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="cannot branch: model.width is 0.125"):
         fit(tiny(tmp_path, "wide", model={"width": 0.125},
                  train={"epochs": 1, "branch_from": f"{straight.run_dir}:3"}))
+
+
+def test_a_branch_finds_the_runs_data_under_another_name_of_the_same_file(tmp_path, monkeypatch):
+    """The study's runs name their data relative to where they started; a branch started
+    there may name the same file absolutely. Another file is still refused."""
+    from train.study import render_training_set
+
+    render_training_set(4, 6, 64, tmp_path / "data" / "train.rec", identity="outer")
+    monkeypatch.chdir(tmp_path)
+    data = {"source": "recordio", "path": "data/train.rec"}
+    first = fit(tiny(tmp_path, "first", data=data, train={"epochs": 1, "checkpoint_every": 3}))
+    absolute = {"source": "recordio", "path": str(tmp_path / "data" / "train.rec")}
+    branch = fit(tiny(tmp_path, "branch", data=absolute,
+                      train={"epochs": 1, "branch_from": f"{first.run_dir}:3"}))
+    _assert_same_state(load_checkpoint(first.run_dir), load_checkpoint(branch.run_dir))
+    for suffix in (".rec", ".idx"):
+        (tmp_path / f"copy{suffix}").write_bytes((tmp_path / "data" / f"train{suffix}").read_bytes())
+    with pytest.raises(ValueError, match="cannot branch: data.path is"):
+        fit(tiny(tmp_path, "other", data={"source": "recordio", "path": str(tmp_path / "copy.rec")},
+                 train={"epochs": 1, "branch_from": f"{first.run_dir}:3"}))

@@ -341,9 +341,14 @@ class Trainer:
         for section in ("model", "head", "data"):
             for key, value in current[section].items():
                 name = f"{section}.{key}"
-                if name not in self.RESUMABLE_CHANGES and saved[section].get(key) != value:
+                before = saved[section].get(key)
+                # One file named two ways (a relative path from where the run started, an
+                # absolute one now) is the same data; check_same_data checks its content.
+                same_file = (name == "data.path" and value is not None and before is not None
+                             and Path(value).resolve() == Path(before).resolve())
+                if name not in self.RESUMABLE_CHANGES and before != value and not same_file:
                     raise ValueError(f"cannot {verb}: {name} is {value!r} but the checkpoint "
-                                     f"was trained with {saved[section].get(key)!r}")
+                                     f"was trained with {before!r}")
 
     def _saved_tau(self, state: dict | None) -> float | None:
         if self.config.ecloss.tau != "auto" or state is None:
