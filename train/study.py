@@ -324,9 +324,10 @@ def branch_config(budget: StudyBudget, branch: Branch, seed: int, runs_dir: Path
 def second_half_cosines(budget: StudyBudget, record: dict) -> list[float]:
     """The run's logged ``subset_cosine`` values measured in the second half of training.
 
-    A row of step ``s`` logs the measurement of the ``subset_cosine_every`` steps before it,
-    so rows ``total/2 + 1 .. total`` (121-240 of 240) hold the measurements of the second
-    half (Q5's rule)."""
+    The trainer measures on the batch of every ``subset_cosine_every``-th step (steps 1,
+    11, 21, ... counted from 1) and logs it in the next row (steps 10, 20, 30, ...), so
+    the rows of steps ``total/2 + 1 .. total`` (121-240 of 240) hold exactly the
+    measurements taken in the second half (steps 121, 131, ..., 231): Q5's rule."""
     total = budget.epochs * steps_per_epoch(budget)
     return [value for step, value in record["subset_cosine"] if total // 2 < step <= total]
 
