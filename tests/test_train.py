@@ -594,3 +594,102 @@ def test_subset_cosine_is_logged_and_changes_nothing(tmp_path, monkeypatch):
 def test_config_rejects_a_bad_subset_cosine(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict(tiny(tmp_path, **overrides))
+
+
+# ---------------------------------------------------------------------------- branches
+
+
+def _branch_sections(**train_options):
+    """ECLoss with tau calibrated on the first batch, dropout (random numbers every step)
+    and every checkpoint kept, as the study's runs keep theirs."""
+    return dict(model={"dropout": 0.3}, ecloss={"tau": "auto", "score_spread": 3.0},
+                train={"epochs": 2, "checkpoint_every": 3, "keep_checkpoints": 10, **train_options})
+
+
+_ROW_KEYS = ("loss", "ce", "ecloss", "beta", "grad_norm", "accuracy", "lr", "mi_over_log_n", "max_p")
+
+
+@pytest.mark.parametrize("step", [3, 6])  # mid-epoch, and an epoch's end as in the study
+def test_a_branch_with_the_same_config_and_data_order_is_the_run(tmp_path, step, monkeypatch):
+    import ecloss_fast
+
+    straight = fit(tiny(tmp_path, "straight", **_branch_sections()))
+    calls = []
+    real = ecloss_fast.calibrate_tau
+    monkeypatch.setattr(ecloss_fast, "calibrate_tau", lambda *a, **k: calls.append(1) or real(*a, **k))
+    source = f"{straight.run_dir}:{step}"
+    branch = fit(tiny(tmp_path, "branch", **_branch_sections(branch_from=source)))
+    assert branch.run_dir != straight.run_dir and not calls, "a branch keeps the run's tau"
+    assert branch.calibrated_tau == straight.calibrated_tau
+    _assert_same_state(load_checkpoint(straight.run_dir), load_checkpoint(branch.run_dir))
+    # The branch's log starts after the step it branched at, row for row the run's.
+    rows, original = _log_rows(branch.run_dir), _log_rows(straight.run_dir)[step:]
+    assert [row["step"] for row in rows] == [row["step"] for row in original]
+    for row, other in zip(rows, original):
+        assert all(row[key] == other[key] for key in _ROW_KEYS), row["step"]
+    assert load_checkpoint(branch.run_dir)["config"]["train"]["branch_from"] == source
+    # Stopped, the branch resumes from its own checkpoint (train.branch_from left as it was).
+    stopped = fit(tiny(tmp_path, "stopped", **_branch_sections(branch_from=source, stop_at_step=9)))
+    assert load_checkpoint(stopped.run_dir)["step"] == 9
+    resumed = fit(tiny(tmp_path, "stopped", **_branch_sections(branch_from=source,
+                                                              resume=str(stopped.run_dir))))
+    assert "resumed at step 9 " in (resumed.run_dir / "train.log").read_text()
+    _assert_same_state(load_checkpoint(straight.run_dir), load_checkpoint(resumed.run_dir))
+
+
+def test_a_branch_takes_its_own_templates_and_data_order(tmp_path):
+    straight = fit(tiny(tmp_path, "straight", **_branch_sections()))
+    source = f"{straight.run_dir}:6"
+    subset = fit(tiny(tmp_path, "subset", ecloss={"tau": "auto", "score_spread": 3.0, "templates": 20},
+                      **{key: value for key, value in _branch_sections(branch_from=source).items()
+                         if key != "ecloss"}))
+    assert subset.criterion.templates == 20 and subset.calibrated_tau == straight.calibrated_tau
+    reordered = fit(tiny(tmp_path, "reordered", **_branch_sections(branch_from=source,
+                                                                  data_order_seed=100)))
+    # The sampler's epochs after the branch: another order of the same images.
+    order = GlobalBatchSampler(24, 4, seed=0)
+    other = GlobalBatchSampler(24, 4, seed=100)
+    order.set_epoch(1), other.set_epoch(1)
+    assert [list(b) for b in reordered.sampler] == [list(b) for b in other]
+    assert [list(b) for b in subset.sampler] == [list(b) for b in order] != list(other)
+    final = load_checkpoint(straight.run_dir)["model"]
+    for trainer in (subset, reordered):
+        state = load_checkpoint(trainer.run_dir)
+        assert state["step"] == 12
+        assert not all(torch.equal(final[key], state["model"][key]) for key in final)
+    # data_order_seed equal to the seed is the run without it.
+    same = fit(tiny(tmp_path, "same", **_branch_sections(data_order_seed=0)))
+    _assert_same_state(load_checkpoint(straight.run_dir), load_checkpoint(same.run_dir))
+
+
+def test_branch_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="train.branch_from must be RUN_DIR:STEP"):
+        config_from_dict(tiny(tmp_path, train={"branch_from": str(tmp_path)}))
+    with pytest.raises(ValueError, match="train.branch_from must be RUN_DIR:STEP"):
+        config_from_dict(tiny(tmp_path, train={"branch_from": f"{tmp_path}:0"}))
+    straight = fit(tiny(tmp_path, "straight", train={"epochs": 1, "checkpoint_every": 3}))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 4 .* \(kept steps: 3, 6\)"):
+        fit(tiny(tmp_path, "branch", train={"epochs": 1, "branch_from": f"{straight.run_dir}:4"}))
+    with pytest.raises(ValueError, match="cannot branch: model.width is 0.125"):
+        fit(tiny(tmp_path, "wide", model={"width": 0.125},
+                 train={"epochs": 1, "branch_from": f"{straight.run_dir}:3"}))
+
+
+def test_a_branch_finds_the_runs_data_under_another_name_of_the_same_file(tmp_path, monkeypatch):
+    """The study's runs name their data relative to where they started; a branch started
+    there may name the same file absolutely. Another file is still refused."""
+    from train.study import render_training_set
+
+    render_training_set(4, 6, 64, tmp_path / "data" / "train.rec", identity="outer")
+    monkeypatch.chdir(tmp_path)
+    data = {"source": "recordio", "path": "data/train.rec"}
+    first = fit(tiny(tmp_path, "first", data=data, train={"epochs": 1, "checkpoint_every": 3}))
+    absolute = {"source": "recordio", "path": str(tmp_path / "data" / "train.rec")}
+    branch = fit(tiny(tmp_path, "branch", data=absolute,
+                      train={"epochs": 1, "branch_from": f"{first.run_dir}:3"}))
+    _assert_same_state(load_checkpoint(first.run_dir), load_checkpoint(branch.run_dir))
+    for suffix in (".rec", ".idx"):
+        (tmp_path / f"copy{suffix}").write_bytes((tmp_path / "data" / f"train{suffix}").read_bytes())
+    with pytest.raises(ValueError, match="cannot branch: data.path is"):
+        fit(tiny(tmp_path, "other", data={"source": "recordio", "path": str(tmp_path / "copy.rec")},
+                 train={"epochs": 1, "branch_from": f"{first.run_dir}:3"}))

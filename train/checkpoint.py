@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "NonFiniteError", "RunInUseError", "RunLock",
-           "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "load_for_eval",
+           "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "step_checkpoint", "load_for_eval",
            "model_from_state", "payload_digest", "nonfinite_tensors", "check_writable",
            "remove_temporaries", "load_weights", "RESUME_KEYS", "MODEL_KEYS"]
 
@@ -226,6 +226,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def step_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
+    """The checkpoint a run kept at ``step`` (``checkpoints/step_<step>.pt``, see
+    ``train.keep_checkpoints``); ``FileNotFoundError`` naming the steps it kept."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    path = checkpoints / f"step_{step:09d}.pt"
+    if not path.is_file():
+        kept = sorted(int(p.stem[5:]) for p in checkpoints.glob("step_*.pt") if p.stem[5:].isdigit())
+        raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints} (kept steps: "
+                                f"{', '.join(map(str, kept)) or 'none'})")
     return path
 
 

@@ -28,7 +28,7 @@ from models.vgg import TARGET_STRIDE
 
 __all__ = ["Config", "ModelConfig", "HeadConfig", "ECLossConfig", "BetaConfig", "DataConfig",
            "OptimConfig", "RunConfig", "load_config", "parse_overrides", "config_from_dict",
-           "config_to_dict", "config_help", "check_paths"]
+           "config_to_dict", "config_help", "check_paths", "branch_point"]
 
 
 @dataclass
@@ -179,6 +179,14 @@ class RunConfig:
     # logged at the next logged step (log.csv column subset_cosine). 0: never.
     subset_cosine_every: int = 0
     subset_cosine_templates: int = 400
+    # Start from another run's checkpoint of a given step, "RUN_DIR:STEP" (its
+    # checkpoints/step_<STEP>.pt): weights, optimizer, scheduler, scaler, beta, calibrated
+    # tau, random states and position, with this run's own config; a new run directory.
+    # null: from scratch. A resume (train.resume) of the branch itself takes precedence.
+    branch_from: Optional[str] = None
+    # The seed of the data order (the batch sampler's shuffles); null: train.seed. A branch
+    # with another data order continues the same weights over other batches.
+    data_order_seed: Optional[int] = None
 
 
 @dataclass
@@ -405,6 +413,16 @@ def check_paths(config: Config) -> None:
                 raise FileNotFoundError(f"data.path={data.path}: {what} {needed} not found")
 
 
+def branch_point(text: str) -> tuple[Path, int]:
+    """``(run directory, step)`` of a ``train.branch_from`` value ``"RUN_DIR:STEP"``;
+    ``ValueError`` naming the key unless STEP is an integer >= 1 after the last colon."""
+    folder, sep, step = text.rpartition(":")
+    if not sep or not folder or not step.strip().isdigit() or int(step) < 1:
+        raise ValueError(f"train.branch_from must be RUN_DIR:STEP with STEP an integer >= 1 "
+                         f"(a step whose checkpoint the run kept), got {text!r}")
+    return Path(folder), int(step)
+
+
 def _validate(config: Config) -> None:
     """Checks across fields and of ranges that the types alone do not express."""
     positive = {"model.width": config.model.width, "model.input_size": config.model.input_size,
@@ -465,6 +483,8 @@ def _validate(config: Config) -> None:
         if isinstance(templates, int) and not 1 <= templates <= num_templates(side):
             raise ValueError(f"{key} must be {full}an int from 1 to {num_templates(side)} (the "
                              f"templates of {side}x{side} maps), got {templates}")
+    if config.train.branch_from is not None:
+        branch_point(config.train.branch_from)
     if not config.beta.max_growth > 1:
         raise ValueError(f"beta.max_growth must be above 1, got {config.beta.max_growth}")
     if not 0 <= config.beta.ema < 1:

@@ -61,7 +61,7 @@ from ecloss_fast import metrics  # noqa: E402
 from train.cli import USER_ERRORS, read_checkpoint, report_user_error  # noqa: E402
 from train.data.image import denormalize  # noqa: E402
 
-__all__ = ["EvalSettings", "evaluate_checkpoint", "evaluate_model", "main"]
+__all__ = ["EvalSettings", "evaluate_checkpoint", "evaluate_model", "first_draw", "main"]
 
 
 @dataclass
@@ -586,6 +586,23 @@ def evaluate_model(model, config, out: str | Path, data: dict[str, str] | None =
             results["figures"] = figures
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def first_draw(model, config, settings: EvalSettings, data: str = "synthetic_jitter",
+               device="cpu") -> dict:
+    """The images of the first draw of the held-out synthetic faces ``data`` that
+    :func:`evaluate_model` draws with ``settings`` -- those its tracking metrics score --
+    with ``model``'s maps of them: ``{"image", "part_masks", "label", "maps", "parts",
+    "indices"}`` (``indices``: the faces' indices in the held-out set). For figures and
+    measurements beside the evaluation, on the very faces it scored."""
+    if data not in SYNTHETIC:
+        raise ValueError(f"data must be one of {sorted(SYNTHETIC)}, got {data!r}")
+    dataset = _synthetic(config, settings, SYNTHETIC[data])["parts"]
+    indices = _draws(len(dataset), settings)[0]
+    batch = _gather(dataset, indices)
+    batch.update(maps=_maps(model.to(device).eval(), batch["image"], settings.batch_size, device),
+                 parts=tuple(dataset.parts), indices=indices)
+    return batch
 
 
 def evaluate_checkpoint(checkpoint, out, data=None, settings=None, device="auto") -> dict:

@@ -3,16 +3,20 @@
 Trains every arm of the plan over its seeds on the same synthetic faces (the parts world:
 identity lives in the brows, eyes, nose and mouth only), evaluates each run on jittered
 held-out identities drawn anew per seed, scores the gate on the softmax run of the first
-seed, and writes ``DIR/report.md`` and ``DIR/records.json``: the plan's questions answered
-with paired differences over seeds, 95% t-intervals, paired t-tests and Holm's correction
-per family, every metric beside its null, the positive control and the full-vs-400
-gradient cosine. Runs and evaluations are kept under ``DIR/runs`` and ``DIR/eval``; the
-same command resumes an interrupted study and skips what is done. Runs go in the plan's
-order: the primary arms seed by seed, then the secondary arms, so a study cut short has
-answered the primary question first.
+seed, runs Q5's full-vs-400 branches when the logged gradient cosine asks for them,
+measures the cosine at 28x28 maps (train/study_cosine.py), and writes ``DIR/report.md``,
+``DIR/records.json`` and ``DIR/figures/`` (train/study_report.py): the plan's questions
+answered with paired differences over seeds, 95% t-intervals, paired t-tests and Holm's
+correction per family, every metric beside its null, the positive control and the cosines.
+Runs and evaluations are kept under ``DIR/runs`` and ``DIR/eval``; the same command
+resumes an interrupted study and skips what is done. Runs go in the plan's order: the
+primary arms seed by seed, then the secondary arms, so a study cut short has answered the
+primary question first.
 
-``--budget study`` (the default) is the plan's; ``--budget tiny``: a smoke test of the whole
-flow in a few minutes.
+``--report-only`` writes the report from the runs evaluated so far (a study still running
+reports where it stands); ``--cosine-28`` measures the 28x28 cosine into
+``DIR/cosine28.json`` and reports, training nothing. ``--budget study`` (the default) is
+the plan's; ``--budget tiny``: a smoke test of the whole flow in a few minutes.
 """
 from __future__ import annotations
 
@@ -20,9 +24,8 @@ import argparse
 import io
 import json
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-__all__ = ["Arm", "StudyBudget", "ARMS", "PRIMARY", "SECONDARY", "BUDGETS", "arm_config",
-           "study_jobs", "run_study", "render_training_set", "training_set_path", "summarise",
-           "paired_difference", "paired_test", "holm", "report_markdown", "figures_markdown",
-           "main"]
+__all__ = ["Arm", "Branch", "StudyBudget", "ARMS", "BRANCHES", "BRANCH_SOURCE", "PRIMARY",
+           "SECONDARY", "METRICS", "BUDGETS", "arm_config", "branch_config", "branch_epoch",
+           "steps_per_epoch", "study_jobs", "eval_settings", "run_study", "collect_records",
+           "render_training_set", "training_set_path", "second_half_cosines", "median_cosine",
+           "branches_due", "summarise", "paired_test", "holm", "main"]
 
 
 @dataclass(frozen=True)
@@ -265,13 +269,140 @@ def _logged_cosines(run_dir: Path) -> list[tuple[int, float]]:
                 if row.get("subset_cosine") not in (None, "")]
 
 
-def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
+# ---------------------------------------------------------------- Q5's branches
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A continuation of the ``BRANCH_SOURCE`` run of a seed from its checkpoint after
+    ``branch_epoch(budget)`` epochs (docs/study/PLAN.md, Q5): with ``templates``, and the
+    data order of seed ``seed + data_order_offset`` (0: the run's own order)."""
+
+    name: str
+    label: str
+    templates: str | int
+    data_order_offset: int
+
+
+BRANCH_SOURCE = "ecloss-s3"
+# B, the one tested against the run itself (A); A', the noise floor A - A' beside it.
+BRANCHES = (
+    Branch("ecloss-s3-branch400", "B: 400 templates, the same data order", 400, 0),
+    Branch("ecloss-s3-reordered", "A': full set, data order seed + 100", "full", 100),
+)
+
+
+def steps_per_epoch(budget: StudyBudget) -> int:
+    """Optimiser steps per epoch of every run of ``budget`` (one process)."""
+    return max(1, budget.identities * budget.images_per_identity // budget.batch_size)
+
+
+def branch_epoch(budget: StudyBudget) -> int:
+    """The epoch after which Q5's branches start: half of training (epoch 4 of 8)."""
+    return budget.epochs // 2
+
+
+def branch_config(budget: StudyBudget, branch: Branch, seed: int, runs_dir: Path, rec_path: Path):
+    """The trainer's config of ``branch`` for ``seed``: the source arm's own config with the
+    branch's templates and data order, started from the source run's checkpoint."""
+    from train.config import config_from_dict, config_to_dict
+
+    source = next(arm for arm in ARMS if arm.name == BRANCH_SOURCE)
+    values = config_to_dict(arm_config(budget, source, seed, runs_dir, rec_path))
+    step = branch_epoch(budget) * steps_per_epoch(budget)
+    if step < 1:
+        raise ValueError(f"Q5's branches start after epoch {branch_epoch(budget)} of "
+                         f"{budget.epochs}: the budget needs at least 2 epochs")
+    values["ecloss"]["templates"] = branch.templates
+    values["train"].update(run_name=f"{branch.name}-seed{seed}",
+                           branch_from=f"{runs_dir / f'{BRANCH_SOURCE}-seed{seed}'}:{step}")
+    if branch.data_order_offset:
+        values["train"]["data_order_seed"] = seed + branch.data_order_offset
+    return config_from_dict(values)
+
+
+def second_half_cosines(budget: StudyBudget, record: dict) -> list[float]:
+    """The run's logged ``subset_cosine`` values measured in the second half of training.
+
+    The trainer measures on the batch of every ``subset_cosine_every``-th step (steps 1,
+    11, 21, ... counted from 1) and logs it in the next row (steps 10, 20, 30, ...), so
+    the rows of steps ``total/2 + 1 .. total`` (121-240 of 240) hold exactly the
+    measurements taken in the second half (steps 121, 131, ..., 231): Q5's rule."""
+    total = budget.epochs * steps_per_epoch(budget)
+    return [value for step, value in record["subset_cosine"] if total // 2 < step <= total]
+
+
+def median_cosine(budget: StudyBudget, records: dict, arm: str) -> tuple[float, int, int]:
+    """Q5's rule statistic of ``arm``: the median of its second-half cosines over all its
+    seeds, with the number of values and of seeds; NaN when it has none."""
+    runs = records.get(arm, {})
+    values = [v for record in runs.values() for v in second_half_cosines(budget, record)]
+    return (float(np.median(values)) if values else math.nan), len(values), len(runs)
+
+
+def branches_due(budget: StudyBudget, records: dict) -> bool:
+    """Q5's trigger: the primary ECLoss arm's median cosine below ``COSINE_THRESHOLD``."""
+    median, _, _ = median_cosine(budget, records, BRANCH_SOURCE)
+    return median < COSINE_THRESHOLD
+
+
+# ---------------------------------------------------------------- runs and records
+
+
+def _record(eval_dir: Path) -> dict:
+    """What the report needs of one evaluated run, read from its evaluation and its log."""
+    result = json.loads((eval_dir / "metrics.json").read_text())
+    # The run beside its evaluation (the same name under DIR/runs), wherever the study ran
+    # from: metrics.json holds the path as the runner was given it, maybe relative.
+    run_dir = eval_dir.parent.parent / "runs" / eval_dir.name
+    run_dir = run_dir if run_dir.is_dir() else Path(result["run_dir"])
+    seconds_path = eval_dir / "wall_seconds.txt"
+    return dict(metrics=result["datasets"], last_step=_last_logged(run_dir),
+                subset_cosine=_logged_cosines(run_dir),
+                calibrated_tau=result["run"]["ecloss"].get("calibrated_tau"),
+                run_dir=str(run_dir), eval_dir=str(eval_dir),
+                seconds=float(seconds_path.read_text()) if seconds_path.is_file() else math.nan)
+
+
+def _train_and_evaluate(budget: StudyBudget, config, seed: int, eval_dir: Path, device: str) -> None:
+    """Train (or resume) one run and evaluate it into ``eval_dir``, with its wall time."""
+    from train.evaluate import evaluate_checkpoint
+
+    start = time.time()
+    run_dir = _train_or_resume(config)
+    if run_dir is None:
+        raise SystemExit(f"stopped; run the same command again to resume from {eval_dir.parent.parent}")
+    evaluate_checkpoint(run_dir, eval_dir, {name: EVAL_DATA[name] for name in budget.eval_data},
+                        eval_settings(budget, seed), device)
+    # Training and evaluation of this run only (a resumed run: since the resume).
+    (eval_dir / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+
+
+def _branch_jobs(budget: StudyBudget) -> list[tuple[Branch, int]]:
+    return [(branch, seed) for seed in budget.secondary_seeds for branch in BRANCHES]
+
+
+def collect_records(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
+    """``{arm or branch: {seed: record}}`` of every run of the plan evaluated under ``out``
+    so far, without training anything (a study still running reports where it stands)."""
+    records: dict = {arm.name: {} for arm in arms}
+    jobs = [(arm.name, seed) for arm, seed in study_jobs(budget, arms)]
+    jobs += [(branch.name, seed) for branch, seed in _branch_jobs(budget)]
+    for name, seed in jobs:
+        eval_dir = out / "eval" / f"{name}-seed{seed}"
+        if (eval_dir / "metrics.json").is_file():
+            records.setdefault(name, {})[seed] = _record(eval_dir)
+    return records
+
+
+def run_study(budget: StudyBudget, out: Path, arms=ARMS, branches: bool = True) -> dict:
     """Train and evaluate every arm and seed (resuming what exists); ``{arm: {seed: record}}``.
 
     After the first primary seed's softmax run, the gate (``train.gate``) is scored on that
-    very run, into ``out/gate.json``.
+    very run, into ``out/gate.json``. With ``branches``, after every planned run, Q5's
+    branches (``BRANCHES``, secondary seeds) when the primary ECLoss arm's median cosine
+    asks for them (:func:`branches_due`); their records are under the branches' names.
     """
-    from train.evaluate import evaluate_checkpoint
     from train.gate import run_gate
 
     device = budget.device if budget.device != "auto" else (
@@ -283,216 +414,82 @@ def run_study(budget: StudyBudget, out: Path, arms=ARMS) -> dict:
     records: dict = {arm.name: {} for arm in arms}
     for arm, seed in tqdm(study_jobs(budget, arms), desc="study runs", unit="run"):
         eval_dir = out / "eval" / f"{arm.name}-seed{seed}"
-        metrics_path = eval_dir / "metrics.json"
-        seconds_path = eval_dir / "wall_seconds.txt"
-        if not metrics_path.is_file():
-            start = time.time()
-            config = arm_config(budget, arm, seed, out / "runs", rec_path)
-            run_dir = _train_or_resume(config)
-            if run_dir is None:
-                raise SystemExit(f"stopped; run the same command again to resume from {out}")
-            evaluate_checkpoint(run_dir, eval_dir, {name: EVAL_DATA[name] for name in budget.eval_data},
-                                eval_settings(budget, seed), device)
-            # Training and evaluation of this run only (a resumed run: since the resume).
-            seconds_path.write_text(f"{time.time() - start:.1f}\n")
-        result = json.loads(metrics_path.read_text())
-        run_dir = Path(result["run_dir"])
-        records[arm.name][seed] = dict(metrics=result["datasets"],
-                                       last_step=_last_logged(run_dir),
-                                       subset_cosine=_logged_cosines(run_dir),
-                                       calibrated_tau=result["run"]["ecloss"].get("calibrated_tau"),
-                                       run_dir=str(run_dir), eval_dir=str(eval_dir),
-                                       seconds=float(seconds_path.read_text())
-                                       if seconds_path.is_file() else math.nan)
+        if not (eval_dir / "metrics.json").is_file():
+            _train_and_evaluate(budget, arm_config(budget, arm, seed, out / "runs", rec_path),
+                                seed, eval_dir, device)
+        records[arm.name][seed] = _record(eval_dir)
         if arm.ecloss is None and seed == budget.primary_seeds[0] and budget.identity == "parts" \
                 and not (out / "gate.json").is_file():
             # The study's own softmax run, trained already: run_gate resumes it, finished,
             # and writes out/gate.json.
             run_gate(replace(budget, device=device), out, seed=seed)
+    if branches and BRANCH_SOURCE in records and branches_due(budget, records):
+        for branch, seed in tqdm(_branch_jobs(budget), desc="Q5 branches", unit="run"):
+            eval_dir = out / "eval" / f"{branch.name}-seed{seed}"
+            if not (eval_dir / "metrics.json").is_file():
+                _train_and_evaluate(budget, branch_config(budget, branch, seed, out / "runs", rec_path),
+                                    seed, eval_dir, device)
+            records.setdefault(branch.name, {})[seed] = _record(eval_dir)
     return records
 
 
-def _values(records, arm, dataset, metric, seeds):
-    """The metric of each seed's evaluation; NaN where the evaluation lacks it (written
-    before the metric existed, or skipped there)."""
-    return np.array([_scalar(records[arm][seed]["metrics"][dataset].get(metric, math.nan))
-                     for seed in seeds])
-
-
-def _nulls_beside(records, arm, dataset, metric, seeds) -> str:
-    """`` (nulls: mismatched masks x, best fixed cone y)``, their means over seeds, for PEI
-    and location consistency; empty for the other metrics."""
-    if metric not in ("pei", "location_consistency"):
-        return ""
-    means = [f"{name} {summarise(_values(records, arm, dataset, f'{metric}_{key}', seeds))[0]:.4g}"
-             for key, name in NULLS]
-    return f" (nulls: {', '.join(means)})"
-
-
-def _t_quantile(degrees: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, degrees))
+# ---------------------------------------------------------------- statistics
 
 
 def summarise(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error over seeds (ddof 1)."""
+    """Mean and standard error over seeds (ddof 1); the error is NaN for one seed."""
+    values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
-        return float(values.mean()), math.nan
+        return (float(values.mean()) if len(values) else math.nan), math.nan
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over seeds with its 95% t-interval ``(low, high)``."""
-    difference = a - b
+def paired_test(a, b) -> tuple[float, float, float, float]:
+    """``(mean, low, high, p)``: the mean of ``a - b`` over seeds, its 95% t-interval and
+    the two-sided paired t-test's p-value (``scipy.stats.ttest_rel``).
+
+    Fewer than two seeds: the mean alone (NaN elsewhere). Every difference equal: the
+    interval is that value and p is 1 when it is 0 (no seed differs), 0 otherwise.
+    """
+    from scipy import stats
+
+    difference = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     mean, se = summarise(difference)
     if math.isnan(se):
-        return mean, math.nan, math.nan
-    half = _t_quantile(len(difference) - 1) * se
-    return mean, mean - half, mean + half
+        return mean, math.nan, math.nan, math.nan
+    if se == 0:
+        return mean, mean, mean, 1.0 if mean == 0 else 0.0
+    degrees = len(difference) - 1
+    half = float(stats.t.ppf(0.975, degrees)) * se
+    p = 2 * float(stats.t.sf(abs(mean / se), degrees))
+    return mean, mean - half, mean + half, p
 
 
-def _verdict(low: float, high: float, higher_is_better: bool) -> str:
-    if math.isnan(low):
-        return "one seed: no interval"
-    if low == high == 0:
-        return "no difference in any seed"
-    if low > 0 or high < 0:
-        better = (low > 0) == higher_is_better
-        return "resolved: " + ("better" if better else "worse")
-    return "not resolved (interval spans 0)"
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values, in the order given.
+
+    Sorted ascending, the ``i``-th (from 0) of ``m`` becomes ``(m - i) p``, made
+    non-decreasing along the order and capped at 1; a test is resolved at family-wise
+    level ``alpha`` when its adjusted p is below ``alpha``. A NaN p (a test that could not
+    be made yet) stays NaN and still counts in ``m``, so the others are adjusted as if it
+    were the largest.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"pvalues must be one-dimensional, got shape {p.shape}")
+    finite = ~np.isnan(p)
+    if ((p[finite] < 0) | (p[finite] > 1)).any():
+        raise ValueError(f"p-values must lie in [0, 1], got {p.tolist()}")
+    adjusted = np.full(len(p), math.nan)
+    order = np.flatnonzero(finite)[np.argsort(p[finite], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
 
 
-def _diagnostics_cell(record) -> str:
-    row = record["last_step"]
-    keys = ("mi_over_log_n", "max_p", "score_std")
-    if not all(key in row and row[key] not in ("", None) for key in keys):
-        return "–"
-    cell = " / ".join(f"{float(row[key]):.3g}" for key in keys)
-    tau = record.get("calibrated_tau")
-    return cell if tau is None else f"{cell} (tau {tau:.3g})"
-
-
-# The evaluation's figures shown per arm (one seed), with their captions.
-FIGURES = (
-    ("top_activation", "Each channel's strongest image (Figure 6 of the paper), distinct identities"),
-    ("channel_parts", "Per channel: its dominant part and where its peaks land"),
-    ("part_assignment", "Which part each channel's peaks fall in"),
-    ("peak_histogram", "Peaks per map"),
-)
-
-
-def figures_markdown(records: dict, arms, out: Path, seed: int, dataset: str) -> list[str]:
-    """The figures of one seed's evaluation of every arm, copied to ``out/figures`` and shown
-    side by side (top activations also pasted into one picture); the training curves."""
-    from train.report import side_by_side, training_curves
-
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    lines = [f"## Figures (seed {seed}; maps of the {dataset} held-out faces)", ""]
-    runs = [(arm, records[arm.name][seed]) for arm in arms if seed in records[arm.name]]
-    if training_curves([(arm.label, Path(record["run_dir"])) for arm, record in runs],
-                       figures / "training_curves.png"):
-        lines += ["![training curves](figures/training_curves.png)", ""]
-    drawn = {arm.name: json.loads((Path(record["eval_dir"]) / "metrics.json").read_text())
-             .get("figures", {}) for arm, record in runs}
-    for key, caption in FIGURES:
-        cells = [(arm, Path(record["eval_dir"]) / drawn[arm.name][key]) for arm, record in runs
-                 if key in drawn[arm.name]]
-        cells = [(arm, path) for arm, path in cells if path.is_file()]
-        if not cells:
-            continue
-        lines += [f"### {caption}", ""]
-        if key == "top_activation" and len(cells) > 1:
-            combined = figures / "top_activation_side_by_side.png"
-            side_by_side([path for _, path in cells], combined)
-            lines += ["Left to right: " + ", ".join(arm.label for arm, _ in cells) + ".", "",
-                      f"![top activations](figures/{combined.name})", ""]
-            continue
-        links = []
-        for arm, path in cells:
-            shutil.copyfile(path, figures / f"{arm.name}-{path.name}")
-            links.append(f"![{arm.label}](figures/{arm.name}-{path.name})")
-        lines += ["| " + " | ".join(arm.label for arm, _ in cells) + " |",
-                  "|---" * len(cells) + "|", "| " + " | ".join(links) + " |", ""]
-    return lines
-
-
-def report_markdown(budget: StudyBudget, records: dict, arms=ARMS,
-                    title: str = "ECLoss explainability study",
-                    command: str = "python -m train.study") -> str:
-    seeds = list(budget.seeds)
-    labels = {arm.name: arm.label for arm in arms}
-    seconds = sum(record["seconds"] for arm in arms for record in records[arm.name].values())
-    lines = [
-        f"# {title}",
-        "",
-        f"`{command}` on {'a GPU' if torch.cuda.is_available() else 'a CPU'} "
-        f"(torch {torch.__version__}), {seconds / 60:.0f} minutes of training and evaluation "
-        f"(the sum over the runs; data drawing excluded). {len(arms)} arms x "
-        f"{len(seeds)} seeds (training seeds {seeds}); every arm trains the same network on the "
-        "same synthetic faces; evaluation is on identities no run saw "
-        f"({' and '.join(budget.eval_data)} faces).",
-        "Values are the mean ± standard error over seeds (not over images of one model); "
-        "differences are paired by seed with a 95% t-interval.",
-        "",
-        "| setting | value |", "|---|---|",
-    ]
-    lines += [f"| {key} | {value} |" for key, value in asdict(budget).items() if key != "extra"]
-    compared = budget.eval_data[-1]
-    for dataset in budget.eval_data:
-        lines += ["", f"## Per arm ({dataset} faces)", "",
-                  "| arm | " + " | ".join(label for _, label, _, _ in METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for arm in arms:
-            cells = []
-            for key, _, scale, _ in METRICS:
-                mean, se = summarise(_values(records, arm.name, dataset, key, seeds) * scale)
-                cells.append(f"{mean:.4g} ± {se:.2g}" + _nulls_beside(records, arm.name, dataset, key, seeds))
-            lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Diagnostics at each run's last logged step", "",
-              "MI / log N, mean max p, score std (docs/design.md, section 8.4), and the calibrated "
-              "tau where the arm calibrates it; '–' where the run logged none.", "",
-              "| arm | seed " + " | seed ".join(map(str, seeds)) + " |",
-              "|---|" + "---|" * len(seeds)]
-    for arm in arms[1:]:
-        lines.append(f"| {arm.label} | " + " | ".join(
-            _diagnostics_cell(records[arm.name][seed]) for seed in seeds) + " |")
-    for baseline, title in (("softmax", "Paired difference from softmax (same seed)"),):
-        lines += ["", f"## {title}, {compared} faces", "",
-                  "| arm | metric | difference [95% interval] | paper's VGG16 | verdict |",
-                  "|---|---|---|---|---|"]
-        for arm in arms:
-            if arm.name == baseline:
-                continue
-            for key, label, scale, higher in METRICS:
-                mean, low, high = paired_difference(
-                    _values(records, arm.name, compared, key, seeds) * scale,
-                    _values(records, baseline, compared, key, seeds) * scale)
-                paper = PAPER_DIFFERENCES.get(key)
-                lines.append(f"| {arm.label} | {label} | {mean:+.4g} [{low:+.3g}, {high:+.3g}] | "
-                             f"{'' if paper is None else f'{paper:+g}'} | "
-                             f"{_verdict(low, high, higher)} |")
-                if key in ("pei", "location_consistency"):
-                    mean, low, high = paired_difference(
-                        *(_values(records, name, compared, f"{key}_null_mismatched", seeds)
-                          for name in (arm.name, baseline)))
-                    lines.append(f"| {arm.label} | {label}, null: mismatched masks | {mean:+.4g} "
-                                 f"[{low:+.3g}, {high:+.3g}] | | a null: no verdict |")
-    asked = [(arm, baseline, question) for arm, baseline, question in COMPARISONS
-             if arm in records and baseline in records]
-    if asked:
-        lines += ["", "## The questions", ""]
-    for arm, baseline, question in asked:
-        lines += [f"**{question}** ({labels[arm]} minus {labels[baseline]}, {compared} faces)", ""]
-        for key, label, scale, higher in METRICS:
-            mean, low, high = paired_difference(
-                _values(records, arm, compared, key, seeds) * scale,
-                _values(records, baseline, compared, key, seeds) * scale)
-            lines.append(f"- {label}: {mean:+.4g} [{low:+.3g}, {high:+.3g}]: "
-                         f"{_verdict(low, high, higher)}")
-        lines.append("")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- the command
 
 
 def main(argv=None) -> Path:
@@ -502,18 +499,38 @@ def main(argv=None) -> Path:
     parser.add_argument("--arms", nargs="+", choices=[arm.name for arm in ARMS],
                         help="a subset of the arms (softmax is always included)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs evaluated so far; train nothing")
+    parser.add_argument("--cosine-28", action="store_true",
+                        help="measure Q5's 28x28 cosine (DIR/cosine28.json) and report; train nothing")
+    parser.add_argument("--cosine-images", type=int, default=None,
+                        help="held-out faces per seed of the 28x28 measurement (default: "
+                             "train.study_cosine.IMAGES)")
     args = parser.parse_args(argv)
     budget = replace(BUDGETS[args.budget], device=args.device)
     arms = ARMS if not args.arms else tuple(
         arm for arm in ARMS if arm.name == "softmax" or arm.name in args.arms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = run_study(budget, out, arms)
-    path = out / "report.md"
-    lines = [report_markdown(budget, records, arms), ""]
-    lines += figures_markdown(records, arms, out, budget.seeds[0], budget.eval_data[0])
-    path.write_text("\n".join(lines) + "\n")
-    (out / "records.json").write_text(json.dumps(records, indent=2, default=str))
+    if args.cosine_28:
+        from train.study_cosine import IMAGES, measure_cosine28
+
+        images = IMAGES if args.cosine_images is None else args.cosine_images
+        if images < 1:
+            parser.error(f"--cosine-images must be at least 1, got {images}")
+        measure_cosine28(budget, out, images=images)
+    if args.report_only or args.cosine_28:
+        records = collect_records(budget, out, arms)
+    else:
+        records = run_study(budget, out, arms)
+        from train.study_cosine import measure_cosine28, measured_seeds
+
+        evaluated = [seed for seed in budget.secondary_seeds if seed in records.get(BRANCH_SOURCE, {})]
+        if evaluated and measured_seeds(out) != evaluated:
+            measure_cosine28(budget, out)
+    from train.study_report import write_report
+
+    path = write_report(budget, out, records, arms, command=f"python -m train.study --budget {args.budget}")
     print(f"wrote {path}")
     return path
 

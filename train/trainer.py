@@ -26,6 +26,10 @@ model, the BatchNorm statistics and the optimizer state are exactly as before th
 (train/step_guard.py). SIGINT and SIGTERM finish the current step (in several processes:
 the next logged step, where they agree), save ``last.pt`` and return.
 
+``train.branch_from=RUN_DIR:STEP`` starts a new run from another run's checkpoint of that
+step (everything a resume restores), with this run's own config; ``train.data_order_seed``
+seeds the batch order instead of ``train.seed``.
+
 The run directory is locked for the run's life (``.lock``, train/checkpoint.py): a second
 trainer or resume there stops with "in use by process N". A resumed run checks that the
 data set is the one it was trained on (image and class counts, a hash of the sample list)
@@ -64,8 +68,8 @@ from train import distributed
 from train.beta import BetaSchedule
 from train.checkpoint import (CHECKPOINT_VERSION, NonFiniteError, RunLock, check_writable,
                               load_checkpoint, load_weights, remove_temporaries,
-                              resolve_checkpoint, save_checkpoint)
-from train.config import Config, config_from_dict, config_to_dict
+                              resolve_checkpoint, save_checkpoint, step_checkpoint)
+from train.config import Config, branch_point, config_from_dict, config_to_dict
 from train.data import BadDataError, build_dataset, check_same_data, collate_faces, data_identity
 from train.data.sampler import GlobalBatchSampler
 from train.logs import (RunLog, console_logger, interval_means, progress_postfix, record_error,
@@ -160,8 +164,13 @@ class Trainer:
         _seed_everything(_mix(run.seed, self.ctx.rank))
 
         state = load_checkpoint(run.resume, resume=True) if run.resume else None
-        if state is not None:
-            self._check_compatible(state)
+        # train.branch_from: another run's checkpoint to start from, into a new run directory
+        # (resuming the branch itself reads its own checkpoint instead).
+        self._branch = (None if state is not None or run.branch_from is None
+                        else step_checkpoint(*branch_point(run.branch_from)))
+        start = state if self._branch is None else load_checkpoint(self._branch, resume=True)
+        if start is not None:
+            self._check_compatible(start, "resume" if self._branch is None else "branch")
         # The data before the run directory: a data set that cannot be read leaves none.
         self.dataset = build_dataset(config.data, config.model.input_size)
         self.num_classes = self.dataset.num_classes
@@ -171,8 +180,8 @@ class Trainer:
         if getattr(self, "_leftovers", None):
             self.log.warning("removed %d temporary file(s) of an interrupted checkpoint save: %s",
                              len(self._leftovers), ", ".join(map(str, self._leftovers)))
-        if state is not None:
-            check_same_data(state.get("data"), self.data_identity, run.allow_data_change, self.log)
+        if start is not None:
+            check_same_data(start.get("data"), self.data_identity, run.allow_data_change, self.log)
         m, h = config.model, config.head
         backbone = build_model(m.arch, batch_norm=m.batch_norm, width=m.width,
                                input_size=m.input_size, embedding_dim=m.embedding_dim,
@@ -186,9 +195,10 @@ class Trainer:
         if m.sync_bn:
             backbone = distributed.sync_batchnorm(backbone, ctx)
         self.module = Recognizer(backbone, head).to(self.device)
-        if state is not None:
-            load_weights(self.module.backbone, state["model"], run.resume, "model")
-            load_weights(self.module.head, self._head_rows(state["head"], "load"), run.resume, "head")
+        origin = run.resume if self._branch is None else self._branch
+        if start is not None:
+            load_weights(self.module.backbone, start["model"], origin, "model")
+            load_weights(self.module.head, self._head_rows(start["head"], "load"), origin, "head")
         self.network = self.module  # what the forward pass calls: DDP-wrapped when distributed
         if self.ctx.distributed:
             ddp = functools.partial(nn.parallel.DistributedDataParallel,
@@ -199,7 +209,8 @@ class Trainer:
 
         self.sampler = GlobalBatchSampler(len(self.dataset), run.batch_size,
                                           world_size=self.ctx.world_size, rank=self.ctx.rank,
-                                          seed=run.seed)
+                                          seed=run.seed if run.data_order_seed is None
+                                          else run.data_order_seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = run.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.module.parameters(), config.optim)
@@ -208,17 +219,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         # ecloss.tau=auto: the tau calibrated on the run's first batch (None until then; a
         # resumed run takes it from the checkpoint). None for a configured tau.
-        self.calibrated_tau = self._saved_tau(state)
+        self.calibrated_tau = self._saved_tau(start)
         self.criterion = self._criterion()
         self.beta = BetaSchedule(config.beta, h.alpha)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.skipped_images = 0
         self.guard = StepGuard(self.module, run.max_nonfinite_steps, self.log)
         # The newest checkpoint written (or resumed from), (path, step): a diverged run names it.
-        self._last_checkpoint = (resolve_checkpoint(run.resume), state["step"]) if state else None
+        self._last_checkpoint = (resolve_checkpoint(origin), start["step"]) if start else None
         self._stop_agreed = False  # a signal seen by some rank, agreed at a logged step
-        if state is not None:
-            self._restore(state)
+        if start is not None:
+            self._restore(start)
+        if self._branch is not None:
+            self.log.info("branched from %s at step %d", self._branch, self.step)
         # train.subset_cosine_every: the last measurement, a device tensor, until logged.
         self._subset_cosine: torch.Tensor | None = None
         self.runlog = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=run.tensorboard,
@@ -321,24 +334,29 @@ class Trainer:
     RESUMABLE_CHANGES = frozenset({"head.alpha", "head.sample_rate", "data.num_workers",
                                    "data.on_bad_data"})
 
-    def _check_compatible(self, state: dict) -> None:
+    def _check_compatible(self, state: dict, verb: str = "resume") -> None:
         # Through Config, so that keys added after the checkpoint take their defaults.
         saved = config_to_dict(config_from_dict(state["config"]))
         current = config_to_dict(self.config)
         for section in ("model", "head", "data"):
             for key, value in current[section].items():
                 name = f"{section}.{key}"
-                if name not in self.RESUMABLE_CHANGES and saved[section].get(key) != value:
-                    raise ValueError(f"cannot resume: {name} is {value!r} but the checkpoint "
-                                     f"was trained with {saved[section].get(key)!r}")
+                before = saved[section].get(key)
+                # One file named two ways (a relative path from where the run started, an
+                # absolute one now) is the same data; check_same_data checks its content.
+                same_file = (name == "data.path" and value is not None and before is not None
+                             and Path(value).resolve() == Path(before).resolve())
+                if name not in self.RESUMABLE_CHANGES and before != value and not same_file:
+                    raise ValueError(f"cannot {verb}: {name} is {value!r} but the checkpoint "
+                                     f"was trained with {before!r}")
 
     def _saved_tau(self, state: dict | None) -> float | None:
         if self.config.ecloss.tau != "auto" or state is None:
             return None
         tau = state.get("calibrated_tau")  # absent from checkpoints of a configured tau
         if tau is not None:
-            self.log.info("ecloss.tau=auto: tau = %.6g, calibrated at the start of this run",
-                          tau)
+            self.log.info("ecloss.tau=auto: tau = %.6g, calibrated at the start of the run "
+                          "this one continues", tau)
         return tau
 
     def _criterion(self):
