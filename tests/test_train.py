@@ -3,6 +3,7 @@ import copy
 import csv
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -10,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 import yaml
 
 from models import build_model
@@ -79,6 +82,19 @@ def test_config_layers_file_and_overrides(tmp_path):
     (tmp_path / "b.py").write_text("config = {'head': {'kind': 'arcface'}, 'train': {'amp': 'bf16'}}\n")
     config = load_config(tmp_path / "b.py", ["train.amp=none"])
     assert config.head.kind == "arcface" and config.train.amp == "none"
+
+
+def test_config_checks_the_constraints_that_the_trainer_checked_before(tmp_path):
+    # Once in Trainer, now beside their fields: a bad config is refused when it is read.
+    with pytest.raises(ValueError, match="head.partial_fc=true or head.sample_rate=1"):
+        load_config(overrides=["head.sample_rate=0.5"])
+    sampled = load_config(overrides=["head.sample_rate=0.5", "head.partial_fc=true"])
+    assert sampled.head.sample_rate == 0.5
+    with pytest.raises(ValueError, match=r"train.verify_every must be positive, got 0"):
+        load_config(overrides=["train.verify=[a.bin]", "train.verify_every=0"])
+    assert load_config(overrides=["train.verify_every=0"]).train.verify_every == 0  # unused
+    with pytest.raises(ValueError, match=r"train.verify: the sets' file names must differ"):
+        load_config(overrides=["train.verify=[lfw.bin, other/lfw.bin]"])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "train" / "configs").iterdir()))
@@ -214,6 +230,92 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path):
     # The log of the resumed run continues where the stopped one ended.
     steps = [line.split(",")[0] for line in (resumed / "log.csv").read_text().splitlines()[1:]]
     assert steps == [str(s) for s in range(1, 13)]
+
+
+def _plain_seed(*numbers):
+    """The trainer's documented seed of several integers: SeedSequence's first 63 bits."""
+    words = np.random.SeedSequence(list(numbers)).generate_state(2, np.uint32)
+    return int(words.view(np.uint64)[0] >> 1)
+
+
+def _plain_loop(config):
+    """The documented training loop written out straight, without train/: ``(model, head,
+    optimizer, per-step (lr, loss, ce, ecloss))`` of one process's run of ``config``."""
+    import ecloss_fast
+    from models import build_head
+
+    m, h, e, o, run = config.model, config.head, config.ecloss, config.optim, config.train
+    seed = _plain_seed(run.seed, 0)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    faces = SyntheticFaces(config.data.num_identities, config.data.images_per_identity,
+                           size=m.input_size, seed=config.data.seed, identity=config.data.identity)
+    model = build_model(m.arch, batch_norm=m.batch_norm, width=m.width, input_size=m.input_size,
+                        embedding_dim=m.embedding_dim, dropout=m.dropout)
+    head = build_head(h.kind, m.embedding_dim, config.data.num_identities, s=h.s, m=h.m)
+    parameters = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=o.lr, momentum=o.momentum,
+                                weight_decay=o.weight_decay)
+    steps_per_epoch = len(faces) // run.batch_size
+    warmup, total = round(o.warmup_epochs * steps_per_epoch), run.epochs * steps_per_epoch
+
+    def factor(step):  # linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    criterion = ecloss_fast.ECLoss(tau=e.tau, radius=e.radius, templates=e.templates)
+    history, step = [], 0
+    with ecloss_fast.flush_subnormals(True):  # as the trainer does on the CPU
+        for epoch in range(run.epochs):
+            order = torch.randperm(len(faces), generator=torch.Generator().manual_seed(
+                run.seed * 1_000_003 + epoch))
+            for batch in order[:steps_per_epoch * run.batch_size].view(-1, run.batch_size):
+                images = torch.stack([faces[int(i)]["image"] for i in batch])
+                labels = torch.tensor([faces[int(i)]["label"] for i in batch])
+                coins = torch.rand(len(batch), generator=torch.Generator().manual_seed(
+                    _plain_seed(run.seed, step, 0)))
+                images = torch.where((coins < 0.5)[:, None, None, None], images.flip(-1), images)
+                out = model(images)
+                ce = F.cross_entropy(head(out.embedding, labels).float(), labels)
+                ecl = criterion(out.maps)
+                loss = h.alpha * ce + config.beta.value * ecl
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, o.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                history.append((scheduler.get_last_lr()[0], *(t.double().item() for t in (loss, ce, ecl))))
+                step += 1
+    return model, head, optimizer, history
+
+
+def test_the_trainer_is_the_plain_training_loop_bit_for_bit(tmp_path):
+    # The trainer's step, written out straight from its documentation (module docstrings of
+    # train/trainer.py, train/data/sampler.py, train/optim.py): seeds, model and head
+    # initialisation, data order, flips, dropout, CE + beta * ECLoss, clipping, SGD and its
+    # schedule. Its weights, momentum and logged losses must be the trainer's exactly, so
+    # a reorganisation of train/ that changes what a step computes, or the order of its
+    # random numbers, fails here.
+    sections = dict(model={"dropout": 0.3}, beta={"schedule": "constant", "value": 1e-3},
+                    ecloss={"templates": 50},
+                    train={"epochs": 2, "deterministic": False, "checkpoint_every": 0})
+    run_dir = train(tiny(tmp_path, **sections))
+    model, head, optimizer, history = _plain_loop(config_from_dict(tiny(tmp_path, **sections)))
+    state = load_checkpoint(run_dir)
+    for part, module in (("model", model), ("head", head)):
+        for key, value in module.state_dict().items():
+            assert torch.equal(state[part][key], value), f"{part}.{key}"
+    parameters = optimizer.param_groups[0]["params"]
+    momenta = {i: optimizer.state[p]["momentum_buffer"] for i, p in enumerate(parameters)}
+    saved = state["optimizer"]["state"]
+    assert momenta.keys() == saved.keys()
+    assert all(torch.equal(value, saved[i]["momentum_buffer"]) for i, value in momenta.items())
+    with open(run_dir / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(float(r["lr"]), float(r["loss"]), float(r["ce"]), float(r["ecloss"])) for r in rows] == history
 
 
 def test_nonfinite_step_is_skipped_and_reported(tmp_path):
@@ -445,7 +547,7 @@ def _without_batchnorm(monkeypatch=None):
     BatchNorm statistics are per process (SyncBatchNorm needs a GPU), so only a model
     without them has a DDP gradient equal to the one-process gradient of the global batch.
     """
-    import train.trainer
+    import train.network
 
     def build(*args, **kwargs):
         model = build_model(*args, **kwargs)
@@ -453,9 +555,9 @@ def _without_batchnorm(monkeypatch=None):
         return model
 
     if monkeypatch is None:
-        train.trainer.build_model = build
+        train.network.build_model = build
     else:
-        monkeypatch.setattr(train.trainer, "build_model", build)
+        monkeypatch.setattr(train.network, "build_model", build)
 
 
 def _ddp_worker(rank, world_size, port, config):

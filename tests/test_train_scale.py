@@ -14,6 +14,7 @@ from train import distributed
 from train.checkpoint import load_for_eval
 from train.config import config_from_dict
 from train.data.synthetic import SyntheticFaces
+from train.logs import LogInterval
 from train.trainer import Trainer
 from train.verification import pair_accuracy, read_bin, synthetic_pairs
 
@@ -60,9 +61,9 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error_before_the_run(tmp_path):
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-def _count_host_reads(monkeypatch, trainer, methods, excluded):
-    """Counts, per name, the HOST_READS calls made inside the trainer's ``methods`` but
-    outside its ``excluded`` ones."""
+def _count_host_reads(monkeypatch, methods, excluded):
+    """Counts, per name, the HOST_READS calls made inside ``methods`` but outside the
+    ``excluded`` ones, each an ``(object, attribute name)`` (a class's: every instance's)."""
     counts, inside = {name: 0 for name in HOST_READS}, [0]
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -72,8 +73,8 @@ def _count_host_reads(monkeypatch, trainer, methods, excluded):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    for method in methods:
-        original = getattr(trainer, method)
+    for owner, method in methods:
+        original = getattr(owner, method)
 
         def inside_method(*args, _original=original, **kwargs):
             inside[0] += 1
@@ -82,9 +83,9 @@ def _count_host_reads(monkeypatch, trainer, methods, excluded):
             finally:
                 inside[0] -= 1
 
-        monkeypatch.setattr(trainer, method, inside_method)
-    for method in excluded:
-        original = getattr(trainer, method)
+        monkeypatch.setattr(owner, method, inside_method)
+    for owner, method in excluded:
+        original = getattr(owner, method)
 
         def outside(*args, _original=original, **kwargs):
             depth, inside[0] = inside[0], 0
@@ -93,7 +94,7 @@ def _count_host_reads(monkeypatch, trainer, methods, excluded):
             finally:
                 inside[0] = depth
 
-        monkeypatch.setattr(trainer, method, outside)
+        monkeypatch.setattr(owner, method, outside)
     return counts
 
 
@@ -101,20 +102,21 @@ def _count_host_reads(monkeypatch, trainer, methods, excluded):
 def test_training_steps_read_one_flag_on_the_host(tmp_path, monkeypatch, head):
     # A step (_train_step) reads one thing on the host: its finite flag, before the
     # optimizer step (train/step_guard.py). Everything else it does, adds to the log
-    # interval (_accumulate) and asks before the next (_should_stop) stays on the device;
-    # the logged step's row (_log_row) reads the interval once. Measured on the CPU, where
-    # a host read costs nothing, by counting the calls that would wait for a GPU. Not
-    # counted: the gradient norms that beta measures every beta.update_every steps (by
-    # design a read; here at the first step only).
+    # interval (LogInterval.add) and asks before the next (_should_stop) stays on the
+    # device; the logged step's row (_log_row) reads the interval once. Measured on the
+    # CPU, where a host read costs nothing, by counting the calls that would wait for a
+    # GPU. Not counted: the gradient norms that beta measures every beta.update_every
+    # steps (by design a read; here at the first step only).
     config = config_from_dict(tiny(tmp_path, head=head, beta={"update_every": 1000},
                                    data={"num_identities": 40, "images_per_identity": 1},
                                    train={"epochs": 1, "log_every": 100}))
     trainer = Trainer(config, distributed.setup("cpu"))
     if head:
         assert trainer.module.head.num_sample < trainer.module.head.num_local  # sampling on
-    step_reads = _count_host_reads(monkeypatch, trainer, ["_train_step", "_accumulate", "_should_stop"],
-                                   excluded=["_measure_gradients"])
-    log_reads = _count_host_reads(monkeypatch, trainer, ["_log_row"], excluded=[])
+    step_reads = _count_host_reads(
+        monkeypatch, [(trainer, "_train_step"), (LogInterval, "add"), (trainer, "_should_stop")],
+        excluded=[(trainer, "_measure_gradients")])
+    log_reads = _count_host_reads(monkeypatch, [(trainer, "_log_row")], excluded=[])
     trainer.run()
     assert trainer.step == 10
     assert step_reads == {name: 10 * (name == "__bool__") for name in HOST_READS}
@@ -139,9 +141,9 @@ def test_nonfinite_streak_stops_the_run_at_the_step_that_reaches_the_limit(tmp_p
 
 
 def test_sample_rate_without_partial_fc_is_an_error(tmp_path):
-    config = config_from_dict(tiny(tmp_path, head={"sample_rate": 0.5}))
     with pytest.raises(ValueError, match="head.partial_fc=true"):
-        Trainer(config, distributed.setup("cpu"))
+        config_from_dict(tiny(tmp_path, head={"sample_rate": 0.5}))
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ verification sets

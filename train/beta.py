@@ -22,11 +22,14 @@ target weights, which see the input activations, ``beta`` follows and the same r
 from __future__ import annotations
 
 import math
+from typing import Callable
+
+import torch
 
 from ecloss_fast.beta import GradientRatioBeta
 from train.config import BetaConfig
 
-__all__ = ["BetaSchedule"]
+__all__ = ["BetaSchedule", "gradient_norms"]
 
 
 class BetaSchedule:
@@ -89,3 +92,25 @@ class BetaSchedule:
         if self.auto is not None:  # the trainer counts steps itself: beta is the whole state
             self.auto.log_beta = state["log_beta"]
         self.ratio, self.measurements = state["ratio"], state["measurements"]
+
+
+def gradient_norms(ce: torch.Tensor, ecl: torch.Tensor, target: torch.Tensor, measure_at: str,
+                   ctx, scale: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """``(|dCE/dz|, |dECL/dz|)`` at ``target`` (``z``: the target conv's weight for
+    ``measure_at="weights"``, its output maps for ``"maps"``) over all ranks of ``ctx``.
+
+    Both losses are scaled by ``scale`` as the backward pass scales them (fp16 would
+    underflow otherwise); the ratio of the norms does not depend on the scale.
+    ``autograd.grad`` leaves ``.grad`` and DDP alone. A host read.
+    """
+    grad_ce, = torch.autograd.grad(scale(ce), target, retain_graph=True)
+    grad_ecl, = torch.autograd.grad(scale(ecl), target, retain_graph=True)
+    if measure_at == "weights":
+        # The gradient DDP will apply is the mean over ranks: average, then the norms.
+        both = ctx.all_reduce_sum(torch.stack([grad_ce.float(), grad_ecl.float()]))
+        norms = both.flatten(1).norm(dim=1) / ctx.world_size
+    else:  # maps are per sample: the global norm sums the squares of every rank
+        squares = torch.stack([grad_ce.float().square().sum(), grad_ecl.float().square().sum()])
+        norms = ctx.all_reduce_sum(squares).sqrt()
+    ce_norm, ecl_norm = norms.tolist()
+    return ce_norm, ecl_norm

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "NonFiniteError", "RunInUseError", "RunLock",
-           "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "step_checkpoint", "load_for_eval",
-           "model_from_state", "payload_digest", "nonfinite_tensors", "check_writable",
-           "remove_temporaries", "load_weights", "RESUME_KEYS", "MODEL_KEYS"]
+           "save_checkpoint", "save_run_checkpoint", "load_checkpoint", "resolve_checkpoint",
+           "step_checkpoint", "load_for_eval", "model_from_state", "payload_digest",
+           "nonfinite_tensors", "check_writable", "remove_temporaries", "load_weights",
+           "RESUME_KEYS", "MODEL_KEYS"]
 
 CHECKPOINT_VERSION = 1
 CHECKSUM_KEY = "sha256"
@@ -162,6 +163,17 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         if temporary is not None:  # failed or interrupted: the previous file stays
             Path(temporary).unlink(missing_ok=True)
     return path
+
+
+def save_run_checkpoint(state: dict, path: Path, keep: int = 0) -> None:
+    """Write ``state`` to ``path`` (a run's ``checkpoints/last.pt``) and, when ``keep > 0``,
+    beside it as ``step_<step>.pt`` too, keeping the newest ``keep`` of those."""
+    save_checkpoint(state, path)
+    if keep > 0:
+        save_checkpoint(state, path.with_name(f"step_{state['step']:09d}.pt"))
+        kept = sorted(path.parent.glob("step_*.pt"))
+        for old in kept[:-keep]:
+            old.unlink()
 
 
 def check_writable(folder: str | os.PathLike) -> None:

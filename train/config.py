@@ -31,19 +31,49 @@ __all__ = ["Config", "ModelConfig", "HeadConfig", "ECLossConfig", "BetaConfig", 
            "config_to_dict", "config_help", "check_paths", "branch_point"]
 
 
+def _ruled(default, test, rule: str):
+    """A field whose numeric values must pass ``test``; ``rule`` says how in the error
+    (``"<section>.<key> <rule>, got <value>"``). ``None`` and words (``tau: auto``) pass."""
+    return field(default=default, metadata={"rule": (test, rule)})
+
+
+def _positive(default):
+    return _ruled(default, lambda value: 0 < value < math.inf, "must be positive")
+
+
+def _non_negative(default):
+    return _ruled(default, lambda value: 0 <= value < math.inf, "must be a finite number >= 0")
+
+
+def _fraction(default):
+    return _ruled(default, lambda value: 0 <= value < 1, "must be in [0, 1)")
+
+
 @dataclass
 class ModelConfig:
     """The backbone; see :func:`models.build_model`."""
 
     arch: Literal["vgg13", "vgg16", "vgg19"] = "vgg16"
     batch_norm: bool = False
-    width: float = 1.0
-    input_size: int = 112
-    embedding_dim: int = 512
-    dropout: float = 0.0
+    width: float = _positive(1.0)
+    input_size: int = _positive(112)  # a multiple of the target maps' stride (see _check)
+    embedding_dim: int = _positive(512)
+    dropout: float = _fraction(0.0)
     # Without the pool before conv5: 14x14 target maps (19,307 templates) at 112x112 input.
     drop_last_pool: bool = False
     sync_bn: bool = False  # BatchNorm statistics over all processes (CUDA only)
+
+    def target_stride(self) -> int:
+        """The stride of the target maps (models/vgg.py)."""
+        return TARGET_STRIDE // 2 if self.drop_last_pool else TARGET_STRIDE
+
+    def _check(self) -> None:
+        # The models' rule, checked here so that a run fails before it starts.
+        stride = self.target_stride()
+        if self.input_size % stride:
+            raise ValueError(f"model.input_size must be a multiple of {stride} (the stride of the "
+                             f"target maps{' without the last pool' if stride != TARGET_STRIDE else ''}),"
+                             f" got {self.input_size}")
 
 
 @dataclass
@@ -51,11 +81,16 @@ class HeadConfig:
     """The classification head and its loss weight ``alpha`` (paper: 1)."""
 
     kind: Literal["softmax", "cosface", "arcface"] = "softmax"
-    s: float = 64.0
+    s: float = _positive(64.0)
     m: Optional[float] = None  # None: 0.4 for CosFace, 0.5 for ArcFace
-    alpha: float = 1.0
+    alpha: float = _non_negative(1.0)
     partial_fc: bool = False  # class centres sharded over the processes (train/partial_fc.py)
     sample_rate: float = 1.0  # partial_fc: share of each shard's classes scored per step
+
+    def _check(self) -> None:
+        if self.sample_rate != 1 and not self.partial_fc:
+            raise ValueError("head.sample_rate samples the classes of a partial FC head; "
+                             "set head.partial_fc=true or head.sample_rate=1")
 
 
 @dataclass
@@ -74,12 +109,19 @@ class ECLossConfig:
     templates: Union[Literal["full"], int] = "full"  # "full" or k, the paper's evenly spaced subset (400)
     estimator: Literal["uniform", "marginal"] = "uniform"
     backend: str = "auto"  # "auto" or one of ecloss_fast's backends
-    tau: Union[float, Literal["auto"]] = 1e-3
-    score_spread: float = 1.0  # tau=auto: the target mean std of the scores over templates
-    radius: float = 4.0
+    tau: Union[float, Literal["auto"]] = _positive(1e-3)
+    # tau=auto: the target mean std of the scores over templates
+    score_spread: float = _positive(1.0)
+    radius: float = _positive(4.0)
     precision: Optional[str] = None  # one of ecloss_fast's precisions; null: the library's choice
-    diversity: float = 0.0  # lambda of the channel diversity term; 0: off
+    diversity: float = _non_negative(0.0)  # lambda of the channel diversity term; 0: off
     normalize: bool = False  # score each map divided by its L2 norm
+
+    def _check(self) -> None:
+        for key, value in (("ecloss.backend", self.backend), ("ecloss.precision", self.precision)):
+            if value not in LIBRARY_CHOICES[key]:
+                raise ValueError(f"{key} must be one of "
+                                 f"{', '.join(map(_show, LIBRARY_CHOICES[key]))}; got {value!r}")
 
 
 @dataclass
@@ -96,20 +138,27 @@ class BetaConfig:
     """
 
     schedule: Literal["constant", "warmup", "auto"] = "auto"
-    value: float = 1e-5
-    warmup_steps: int = 0
-    grad_ratio: float = 0.25
+    value: float = 1e-5  # >= 0; > 0 for auto
+    warmup_steps: int = _non_negative(0)
+    grad_ratio: float = 0.25  # >= 0
     # A measurement costs one more ECLoss backward and a host sync: every step would add
     # about a third of ECLoss's own cost to each step (docs/design.md: "every few steps").
-    update_every: int = 10
-    ema: float = 0.9
-    max_growth: float = 2.0  # auto: beta grows at most by this factor per measurement
+    update_every: int = _positive(10)
+    ema: float = _fraction(0.9)
+    # auto: beta grows at most by this factor per measurement
+    max_growth: float = _ruled(2.0, lambda value: value > 1, "must be above 1")
     # auto: never above this. Near a uniform template softmax (start of training) the
     # ECLoss gradient is tiny and the matching beta reaches 1e8-1e9, which overflowed the
     # maps once they sharpened (VGG16-BN, 7x7, synthetic faces: docs/demo/report.md);
     # 1e5 trained there, 1e6 let ECLoss dominate.
-    max_value: float = 1e5
+    max_value: float = _positive(1e5)
     measure_at: Literal["weights", "maps"] = "weights"  # the target conv's weights, or maps
+
+    def _check(self) -> None:
+        if self.value < 0 or self.grad_ratio < 0:
+            raise ValueError("beta.value and beta.grad_ratio must be non-negative")
+        if self.schedule == "auto" and not self.value > 0:
+            raise ValueError("beta.value seeds the automatic beta and must be positive")
 
 
 @dataclass
@@ -117,19 +166,27 @@ class DataConfig:
     """Where images come from; ``model.input_size`` sets their size."""
 
     source: Literal["synthetic", "folder", "recordio"] = "synthetic"
-    path: Optional[str] = None  # folder: the root; recordio: train.rec (train.idx beside it)
-    num_identities: int = 100  # synthetic only
-    images_per_identity: int = 40  # synthetic only
+    # folder: the root; recordio: train.rec (train.idx beside it); required for both
+    path: Optional[str] = None
+    num_identities: int = _positive(100)  # synthetic only
+    images_per_identity: int = _positive(40)  # synthetic only
     seed: int = 0  # synthetic only: which faces are drawn
     jitter: bool = False  # synthetic only: the pose spread of unaligned detector crops
     # Where identity lives in the synthetic faces ("parts": brows, eyes, nose, mouth;
     # "outer": everything, the faces of before): those trained on, and with any source the
     # held-out faces the evaluation draws.
     identity: Literal["parts", "outer"] = "parts"
-    num_classes: Optional[int] = None  # recordio: override the count read from the data
+    num_classes: Optional[int] = _positive(None)  # recordio: override the count read from the data
     flip: bool = True  # random horizontal flips
-    num_workers: int = 2
+    num_workers: int = _non_negative(2)
     on_bad_data: Literal["skip", "stop"] = "stop"
+
+    def _check(self) -> None:
+        if self.jitter and self.source != "synthetic":
+            raise ValueError("data.jitter draws the synthetic faces in other poses; "
+                             f"data.source={self.source!r} has its own")
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
 
 
 @dataclass
@@ -137,25 +194,26 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (paper: SGD, lr 0.03, batch 64)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.03
-    momentum: float = 0.9
+    lr: float = _positive(0.03)
+    momentum: float = _fraction(0.9)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
+    weight_decay: float = _non_negative(5e-4)
+    warmup_epochs: float = _non_negative(0.0)
     decay: Literal["cosine", "step", "none"] = "cosine"
     milestones: tuple[float, ...] = ()  # step decay: epochs at which lr is multiplied by gamma
-    gamma: float = 0.1
-    min_lr: float = 0.0
-    grad_clip: Optional[float] = 5.0  # max global gradient norm (arcface_torch's); null: off
+    gamma: float = _positive(0.1)
+    min_lr: float = _non_negative(0.0)
+    # max global gradient norm (arcface_torch's); null: off
+    grad_clip: Optional[float] = _positive(5.0)
 
 
 @dataclass
 class RunConfig:
     """Everything about the run itself rather than the model."""
 
-    epochs: int = 10
-    batch_size: int = 64  # per process; the global batch is batch_size * world size
+    epochs: int = _positive(10)
+    batch_size: int = _positive(64)  # per process; the global batch is batch_size * world size
     amp: Literal["none", "bf16", "fp16"] = "none"
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is there, else cpu
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -165,20 +223,22 @@ class RunConfig:
     run_name: Optional[str] = None  # None: <arch>-<source>-<date>-<time>
     resume: Optional[str] = None  # a checkpoint file or a run directory
     allow_data_change: bool = False  # resume on a data set other than the checkpoint's
-    stop_at_step: Optional[int] = None  # save and stop there, as if interrupted
-    log_every: int = 10
-    checkpoint_every: int = 500  # steps between kept checkpoints; last.pt is also rewritten
-    keep_checkpoints: int = 3
+    stop_at_step: Optional[int] = _positive(None)  # save and stop there, as if interrupted
+    log_every: int = _positive(10)
+    checkpoint_every: int = 500  # >= 0; steps between kept checkpoints; last.pt is also rewritten
+    keep_checkpoints: int = 3  # >= 0
     progress: bool = True
     tensorboard: bool = True
-    max_nonfinite_steps: int = 50  # consecutive skipped steps before the run stops
-    verify: tuple[str, ...] = ()  # InsightFace .bin pair sets scored during training
-    verify_every: int = 2000  # steps between those scores, at the next logged step
+    max_nonfinite_steps: int = _positive(50)  # consecutive skipped steps before the run stops
+    # InsightFace .bin pair sets scored during training; their file names (the log.csv
+    # columns verify_<name>) must differ
+    verify: tuple[str, ...] = ()
+    verify_every: int = 2000  # with verify, > 0: steps between scores, at the next logged step
     # A diagnostic of ECLoss (docs/design.md 7.3): every this many steps, the cosine between
     # the full set's and the subset_cosine_templates subset's gradients at the batch's maps,
     # logged at the next logged step (log.csv column subset_cosine). 0: never.
-    subset_cosine_every: int = 0
-    subset_cosine_templates: int = 400
+    subset_cosine_every: int = _ruled(0, lambda value: value >= 0, "must be >= 0 (0: off)")
+    subset_cosine_templates: int = 400  # from 1 to the target maps' templates
     # Start from another run's checkpoint of a given step, "RUN_DIR:STEP" (its
     # checkpoints/step_<STEP>.pt): weights, optimizer, scheduler, scaler, beta, calibrated
     # tau, random states and position, with this run's own config; a new run directory.
@@ -187,6 +247,19 @@ class RunConfig:
     # The seed of the data order (the batch sampler's shuffles); null: train.seed. A branch
     # with another data order continues the same weights over other batches.
     data_order_seed: Optional[int] = None
+
+    def _check(self) -> None:
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("train.checkpoint_every and train.keep_checkpoints must be >= 0")
+        if self.verify:
+            if self.verify_every < 1:
+                raise ValueError(f"train.verify_every must be positive, got {self.verify_every}")
+            names = [Path(path).stem for path in self.verify]
+            if len(set(names)) < len(names):
+                raise ValueError(f"train.verify: the sets' file names must differ (they name the "
+                                 f"log.csv columns), got {list(self.verify)}")
+        if self.branch_from is not None:
+            branch_point(self.branch_from)
 
 
 @dataclass
@@ -424,58 +497,22 @@ def branch_point(text: str) -> tuple[Path, int]:
 
 
 def _validate(config: Config) -> None:
-    """Checks across fields and of ranges that the types alone do not express."""
-    positive = {"model.width": config.model.width, "model.input_size": config.model.input_size,
-                "model.embedding_dim": config.model.embedding_dim,
-                "train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,
-                "train.log_every": config.train.log_every, "optim.lr": config.optim.lr,
-                "ecloss.radius": config.ecloss.radius,
-                "ecloss.score_spread": config.ecloss.score_spread,
-                "beta.update_every": config.beta.update_every, "head.s": config.head.s,
-                "data.num_identities": config.data.num_identities,
-                "data.images_per_identity": config.data.images_per_identity,
-                "optim.gamma": config.optim.gamma, "beta.max_value": config.beta.max_value,
-                "train.max_nonfinite_steps": config.train.max_nonfinite_steps}
-    optional = {"ecloss.tau": None if config.ecloss.tau == "auto" else config.ecloss.tau,
-                "train.stop_at_step": config.train.stop_at_step,
-                "data.num_classes": config.data.num_classes, "optim.grad_clip": config.optim.grad_clip}
-    positive.update({key: value for key, value in optional.items() if value is not None})
-    for key, value in positive.items():
-        if not 0 < value < math.inf:
-            raise ValueError(f"{key} must be positive, got {value}")
-    non_negative = {"head.alpha": config.head.alpha, "data.num_workers": config.data.num_workers,
-                    "optim.weight_decay": config.optim.weight_decay,
-                    "optim.warmup_epochs": config.optim.warmup_epochs,
-                    "optim.min_lr": config.optim.min_lr, "beta.warmup_steps": config.beta.warmup_steps}
-    for key, value in non_negative.items():
-        if not 0 <= value < math.inf:
-            raise ValueError(f"{key} must be a finite number >= 0, got {value}")
-    for key, value in (("model.dropout", config.model.dropout), ("optim.momentum", config.optim.momentum)):
-        if not 0 <= value < 1:
-            raise ValueError(f"{key} must be in [0, 1), got {value}")
-    for key, value in (("ecloss.backend", config.ecloss.backend),
-                       ("ecloss.precision", config.ecloss.precision)):
-        if value not in LIBRARY_CHOICES[key]:
-            raise ValueError(f"{key} must be one of {', '.join(map(_show, LIBRARY_CHOICES[key]))}; "
-                             f"got {value!r}")
-    if not 0 <= config.ecloss.diversity < math.inf:
-        raise ValueError(f"ecloss.diversity must be a finite number >= 0, got {config.ecloss.diversity}")
-    if config.data.jitter and config.data.source != "synthetic":
-        raise ValueError("data.jitter draws the synthetic faces in other poses; "
-                         f"data.source={config.data.source!r} has its own")
-    # The models' rule (models/vgg.py), checked here so that a run fails before it starts.
-    stride = TARGET_STRIDE // 2 if config.model.drop_last_pool else TARGET_STRIDE
-    if config.model.input_size % stride:
-        raise ValueError(f"model.input_size must be a multiple of {stride} (the stride of the "
-                         f"target maps{' without the last pool' if stride != TARGET_STRIDE else ''}),"
-                         f" got {config.model.input_size}")
-    if config.train.subset_cosine_every < 0:
-        raise ValueError(f"train.subset_cosine_every must be >= 0 (0: off), got "
-                         f"{config.train.subset_cosine_every}")
+    """The rules of the fields (:func:`_ruled`) and of each section (its ``_check``), then
+    the checks across sections."""
+    for name in (item.name for item in dataclasses.fields(config)):
+        section = getattr(config, name)
+        for item in dataclasses.fields(section):
+            value = getattr(section, item.name)
+            if "rule" in item.metadata and isinstance(value, (int, float)):
+                test, rule = item.metadata["rule"]
+                if not test(value):
+                    raise ValueError(f"{name}.{item.name} {rule}, got {value}")
+        if hasattr(section, "_check"):
+            section._check()
     if config.train.subset_cosine_every and not config.ecloss.enabled:
         raise ValueError("train.subset_cosine_every measures ECLoss's gradients; it needs "
                          "ecloss.enabled=true")
-    side = config.model.input_size // stride
+    side = config.model.input_size // config.model.target_stride()
     subsets = {"ecloss.templates": (config.ecloss.templates, "'full' or ")}
     if config.train.subset_cosine_every:
         subsets["train.subset_cosine_templates"] = (config.train.subset_cosine_templates, "")
@@ -483,17 +520,3 @@ def _validate(config: Config) -> None:
         if isinstance(templates, int) and not 1 <= templates <= num_templates(side):
             raise ValueError(f"{key} must be {full}an int from 1 to {num_templates(side)} (the "
                              f"templates of {side}x{side} maps), got {templates}")
-    if config.train.branch_from is not None:
-        branch_point(config.train.branch_from)
-    if not config.beta.max_growth > 1:
-        raise ValueError(f"beta.max_growth must be above 1, got {config.beta.max_growth}")
-    if not 0 <= config.beta.ema < 1:
-        raise ValueError(f"beta.ema must be in [0, 1), got {config.beta.ema}")
-    if config.beta.value < 0 or config.beta.grad_ratio < 0:
-        raise ValueError("beta.value and beta.grad_ratio must be non-negative")
-    if config.beta.schedule == "auto" and not config.beta.value > 0:
-        raise ValueError("beta.value seeds the automatic beta and must be positive")
-    if config.data.source != "synthetic" and not config.data.path:
-        raise ValueError(f"data.path is required for data.source={config.data.source!r}")
-    if config.train.checkpoint_every < 0 or config.train.keep_checkpoints < 0:
-        raise ValueError("train.checkpoint_every and train.keep_checkpoints must be >= 0")

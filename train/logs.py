@@ -12,10 +12,14 @@ import csv
 import io
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 __all__ = ["RunLog", "CSV_FIELDS", "console_logger", "release_console_logger", "record_error",
-           "interval_means", "progress_postfix"]
+           "interval_means", "progress_postfix", "LogInterval", "IntervalMeans"]
 
 CSV_FIELDS = ("step", "epoch", "lr", "loss", "ce", "ecloss", "beta", "grad_ratio", "accuracy",
               "images_per_s", "grad_norm", "amp_scale", "skipped_steps", "skipped_images",
@@ -67,6 +71,65 @@ def interval_means(sums: dict, applied_steps: float) -> dict:
     if applied_steps == 0:
         return {key: None for key in sums}
     return {key: total / applied_steps for key, total in sums.items()}
+
+
+class IntervalMeans(NamedTuple):
+    """A log interval over every rank (:meth:`LogInterval.means`)."""
+
+    losses: dict  # loss, ce, ecloss, grad_norm: means over the applied steps (interval_means)
+    applied_steps: float
+    accuracy: float
+    images_per_s: float
+    diagnostics: dict  # the ECLoss diagnostics of the logged step, over the global batch
+    stop: bool  # some rank asked to stop
+
+
+class LogInterval:
+    """The sums of a log interval's steps on one rank, kept on the device: adding a step
+    reads nothing on the host; :meth:`means` reads the interval once."""
+
+    def __init__(self, device: torch.device):
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        self.sums = {key: zero.clone() for key in ("loss", "ce", "ecloss", "correct", "grad_norm",
+                                                    "finite_steps")}
+        self.images = self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, result: dict) -> None:
+        """Add a step: its ``loss``, ``ce``, ``ecloss`` and ``grad_norm`` when it was applied
+        (``finite``), its ``correct`` and ``images`` always."""
+        finite = result["finite"]
+        self.steps += 1
+        self.images += result["images"]
+        self.sums["correct"] += result["correct"]
+        self.sums["finite_steps"] += finite
+        for key in ("loss", "ce", "ecloss", "grad_norm"):
+            self.sums[key] += torch.where(finite, result[key].double(), 0.0)
+
+    def means(self, ctx, diagnostics: dict, stop: bool) -> IntervalMeans:
+        """The interval over every rank of ``ctx`` with this rank's request to ``stop``, in
+        one all-reduce: the interval's one host synchronisation.
+
+        ``diagnostics`` are the ECLoss diagnostics of the logged step's call (device
+        scalars), read in that all-reduce rather than with a synchronisation of their own.
+        Each rank holds its maps' share, weighted as its loss is, so their mean over the
+        ranks is the global batch's value.
+        """
+        sums = self.sums
+        local = torch.stack([sums["loss"], sums["ce"], sums["ecloss"], sums["correct"],
+                             sums["grad_norm"], sums["finite_steps"],
+                             *diagnostics.values()]).to(torch.float64)
+        host = torch.tensor([self.images, float(stop)], dtype=torch.float64, device=local.device)
+        summed = ctx.all_reduce_sum(torch.cat([local, host])).tolist()
+        loss, ce, ecl, correct, grad_norm, finite_steps = summed[:6]
+        count = len(diagnostics)
+        shares, (images, stops) = summed[6:6 + count], summed[6 + count:8 + count]
+        elapsed = time.perf_counter() - self.start
+        return IntervalMeans(
+            interval_means({"loss": loss, "ce": ce, "ecloss": ecl, "grad_norm": grad_norm},
+                           finite_steps),
+            finite_steps, correct / max(images, 1), images / max(elapsed, 1e-9),
+            {name: share / ctx.world_size for name, share in zip(diagnostics, shares)}, stops > 0)
 
 
 def progress_postfix(row: dict) -> dict:

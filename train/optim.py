@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from train.config import OptimConfig
+from train.partial_fc import PartialFC
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "clip_gradients"]
 
 
 def build_optimizer(parameters, config: OptimConfig) -> torch.optim.Optimizer:
@@ -41,3 +43,23 @@ def lr_factor(step: int, config: OptimConfig, steps_per_epoch: int, total_steps:
 def build_scheduler(optimizer, config: OptimConfig, steps_per_epoch: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config, steps_per_epoch, total_steps))
+
+
+def clip_gradients(module: nn.Module, max_norm: float | None, ctx) -> torch.Tensor:
+    """Clip the gradients of ``module`` (a backbone and a head) to ``max_norm`` by their
+    global norm (``None``: no clipping); returns the norm before clipping.
+
+    A partial FC shard's squared norm is summed over the ranks of ``ctx``; the rest of the
+    gradient is the same on every rank after DDP's average.
+    """
+    parameters = [p for p in module.parameters() if p.grad is not None]
+    if isinstance(module.head, PartialFC) and ctx.distributed:
+        shard = [p.grad for p in module.head.parameters() if p.grad is not None]
+        replicated = [p.grad for p in module.backbone.parameters() if p.grad is not None]
+        squares = ctx.all_reduce_sum(nn.utils.get_total_norm(shard).square())
+        norm = (nn.utils.get_total_norm(replicated).square() + squares).sqrt()
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in parameters])
+    if max_norm is not None:
+        nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm

@@ -33,7 +33,7 @@ from torch import nn
 
 from models.heads import DEFAULT_MARGINS, check_head_size, cosine, margin_logits
 
-__all__ = ["PartialFC"]
+__all__ = ["PartialFC", "head_state_rows", "optimizer_state_rows"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -209,3 +209,46 @@ class PartialFC(nn.Module):
         if full.shape[0] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} rows, got {tuple(full.shape)}")
         return full[self.class_start:self.class_start + self.num_local]
+
+
+# -- checkpoints hold the full classifier, so that a run resumes on any number of processes
+#    and load_for_eval needs nothing else
+
+
+def _by_rows(head: PartialFC, direction: str):
+    """The conversion of one state value: ``"save"`` gathers a tensor of ``num_local``
+    rows from every rank (a collective), ``"load"`` takes this rank's rows of a tensor of
+    ``num_classes``; other values are left as they are."""
+    rows, convert = ((head.num_local, head.gather_rows) if direction == "save"
+                     else (head.num_classes, lambda full: head.shard_rows(full).clone()))
+
+    def by_rows(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+            return convert(value)
+        return value
+    return by_rows
+
+
+def head_state_rows(head: nn.Module, state: dict, direction: str) -> dict:
+    """A partial FC ``head``'s state dict gathered from its shards for a checkpoint
+    (``direction="save"``, a collective) or this rank's rows of a checkpoint's
+    (``"load"``); ``state`` unchanged for a replicated head."""
+    if not isinstance(head, PartialFC):
+        return state
+    by_rows = _by_rows(head, direction)
+    return {key: by_rows(value) for key, value in state.items()}
+
+
+def optimizer_state_rows(head: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                         direction: str) -> dict:
+    """:func:`head_state_rows` for ``optimizer``'s state dict ``state``: the entries of a
+    partial FC head's parameters (e.g. their momentum) gathered or split by rows."""
+    if not isinstance(head, PartialFC):
+        return state
+    by_rows = _by_rows(head, direction)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {id(p) for p in head.parameters()}
+    states = dict(state["state"])
+    for index in sorted(i for i, p in enumerate(params) if id(p) in sharded and i in states):
+        states[index] = {key: by_rows(value) for key, value in states[index].items()}
+    return {**state, "state": states}

@@ -79,6 +79,15 @@ class StepGuard:
         self.streak += 1
         return False
 
+    def optimizer_step(self, finite: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler) -> bool:
+        """:meth:`step` with ``optimizer.step``, through ``scaler`` when it is enabled (fp16)."""
+        if not scaler.is_enabled():
+            return self.step(finite, optimizer.step)
+        applied = self.step(finite, lambda: scaler.step(optimizer))
+        scaler.update()  # its new scale follows the found-inf flags of unscale_
+        return applied
+
     def report(self, step: int, values: list[float], scale: float | None,
                last_checkpoint: tuple[Path, int] | None) -> None:
         """Log a skipped ``step`` with its (loss, ce, ecloss) ``values``; stop the run when

@@ -19,7 +19,7 @@ from ecloss_fast.metrics import verification_accuracy
 from train.data.image import BadDataError, decode_image, normalize
 
 __all__ = ["VerificationPairs", "load_bin", "read_bin", "read_pairs_list", "synthetic_pairs",
-           "embed", "pair_accuracy"]
+           "embed", "pair_accuracy", "RunVerification"]
 
 
 @dataclass
@@ -144,3 +144,46 @@ def pair_accuracy(model, pairs: VerificationPairs, batch_size: int = 64, folds: 
     embeddings = embed(model, pairs.images, batch_size, flip=True, device=device, desc=f"embed {pairs.name}")
     mean, std = verification_accuracy(embeddings[0::2], embeddings[1::2], pairs.issame, folds=folds)
     return {"accuracy": mean, "std": std, "pairs": len(pairs)}
+
+
+class RunVerification:
+    """A training run's ``train.verify`` sets, scored every ``every`` steps (at the next
+    logged step) by rank 0 (the backbone is the same on every rank; the others go on to
+    the next collective and wait there).
+
+    Checked before the run starts: ``FileNotFoundError`` naming the missing files, then,
+    where ``read`` (the scoring rank), each read at ``size`` and checked to hold the 10
+    pairs that the 10-fold protocol needs at least.
+    """
+
+    def __init__(self, paths, every: int, size: int, read: bool):
+        missing = [path for path in paths if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"train.verify: no file at {', '.join(missing)}")
+        self.enabled, self.every, self.scored_at = bool(paths), every, 0
+        self.sets = [read_bin(path, size) for path in paths] if read else []
+        for path, pairs in zip(paths, self.sets):
+            if len(pairs) < 10:
+                raise ValueError(f"train.verify: {path} holds {len(pairs)} pairs; the 10-fold "
+                                 "protocol needs at least 10")
+
+    def due(self, step: int) -> bool:
+        """Whether a multiple of ``every`` was passed since the last scores (or the start,
+        ``scored_at``)."""
+        return self.enabled and step // self.every > self.scored_at // self.every
+
+    def scores(self, backbone, step: int, batch_size: int, device, log) -> dict:
+        """``{"verify_<name>": accuracy}`` of ``backbone`` at ``step`` on each set (none
+        on the other ranks), logged; the backbone is back in training mode afterwards."""
+        self.scored_at = step
+        if not self.sets:
+            return {}
+        try:
+            scores = {f"verify_{pairs.name}": pair_accuracy(backbone, pairs, batch_size=batch_size,
+                                                            device=device)["accuracy"]
+                      for pairs in self.sets}
+        finally:
+            backbone.train()
+        log.info("step %d: verification accuracy %s", step,
+                 ", ".join(f"{name[7:]} {value:.4f}" for name, value in scores.items()))
+        return scores

@@ -10,7 +10,8 @@ import torch
 
 from train.data.image import BadDataError
 
-__all__ = ["BadDataError", "build_dataset", "collate_faces", "data_identity", "check_same_data"]
+__all__ = ["BadDataError", "build_dataset", "collate_faces", "random_flips", "data_identity",
+           "check_same_data"]
 
 
 def build_dataset(config, size: int):
@@ -25,6 +26,14 @@ def build_dataset(config, size: int):
     from train.data.recordio import RecordIODataset
     return RecordIODataset(config.path, size=size, on_bad_data=config.on_bad_data,
                            num_classes=config.num_classes)
+
+
+def random_flips(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """``images (B, C, H, W)``, each mirrored with probability 1/2: the coins come from a
+    generator of their own seeded with ``seed``, so no random state is involved."""
+    generator = torch.Generator().manual_seed(seed)
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 def collate_faces(items: list) -> dict:
