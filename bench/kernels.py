@@ -343,7 +343,7 @@ def _compiled(kernel, args, kwargs, target):
 def _measure_or_error(case) -> dict:
     try:
         return measure(*case)
-    except Exception as error:  # noqa: BLE001: reported per case
+    except Exception as error:  # noqa: BLE001 -- reported per case
         kernel, k, dtype_name, precision, operands, config, default = case
         return dict(kernel=kernel, prior=KERNELS[kernel].prior, K=k, input=dtype_name,
                     precision=precision, operands=operands, config=dataclasses.asdict(config),

@@ -133,7 +133,7 @@ def _warm_up_failure(name, module, x, templates, tau, precision, prior) -> tuple
         _VERDICTS[key] = None
     except torch.OutOfMemoryError:
         raise  # the device's memory, not the route: every backend needs some
-    except Exception as error:  # noqa: BLE001: any failure of a route means the next backend
+    except Exception as error:  # noqa: BLE001 -- any failure of a route means the next backend
         text = " ".join(f"{type(error).__name__}: {error}".split())  # a compile error's source
         _VERDICTS[key] = text if len(text) <= 400 else text[:400] + " ..."
     return _VERDICTS[key], True

@@ -230,7 +230,7 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
         for config in configs.candidates(kernel_name, operands, capability, k):
             try:
                 timings[config] = triton.testing.do_bench(lambda config=config: launch(config))
-            except Exception:  # noqa: BLE001: a candidate that does not fit is not timed
+            except Exception:  # noqa: BLE001 -- a candidate that does not fit is not timed
                 continue
         if not timings:  # none fits: the default's own error, as without tuning
             launch(configs.default(kernel_name, operands, capability, rows, multiprocessors, k))
