@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (README.md):
 #   make demo   trains baseline and ECLoss models on the embedded synthetic faces, writes a report
 #   make test   runs the test suite (CI's .ci/run calls it in a new virtual environment)
+#   make lint   runs ruff over the tree (pyproject.toml's [tool.ruff]; CI runs it too)
 #
 # Everything runs in the active virtual environment (or conda environment) if there is one,
 # else in .venv, created here. .venv sees the system's packages when the system Python has a
@@ -26,7 +27,7 @@ COMPATIBLE_TORCH = import sys, torch; \
 	minor = lambda version: tuple(int(part) for part in version.split("+")[0].split(".")[:2]); \
 	sys.exit(not minor("$(TORCH_MIN)") <= minor(torch.__version__) < minor("$(TORCH_BELOW)"))
 
-.PHONY: install test demo
+.PHONY: install test lint demo
 .DEFAULT_GOAL := install
 
 $(VENV)/bin/python:
@@ -43,6 +44,9 @@ install: | $(if $(ACTIVE_ENV),,$(VENV)/bin/python)
 
 test: install
 	$(PYTHON) -m pytest
+
+lint: install
+	$(PYTHON) -m ruff check .
 
 demo: install
 	$(PYTHON) -m train.demo --out $(DEMO_OUT)

@@ -28,7 +28,7 @@ import shutil
 import sys
 import textwrap
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The CUDA kernels, one translation unit per precision (csrc/cuda_sweep.cuh holds their code)
@@ -219,7 +219,7 @@ def _extensions():
             _say(f"ecloss_fast._C: building {what} against torch {torch.__version__}")
             try:
                 super().run()
-            except Exception as error:  # noqa: BLE001: any compiler failure means "no extension"
+            except Exception as error:  # noqa: BLE001 -- any compiler failure means "no extension"
                 if os.environ.get("ECLOSS_FAST_REQUIRE_EXTENSION") == "1":
                     raise
                 _notice(f"building ecloss_fast._C failed ({error}), so ecloss_fast is "

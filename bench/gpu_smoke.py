@@ -65,7 +65,7 @@ def _check(shape_name, dtype, precision, estimator, backends) -> bool:
         try:
             loss, grad = _loss_and_grad(maps, backend, estimator, precision)
             torch.cuda.synchronize()
-        except Exception as error:  # noqa: BLE001: report every failure, go on to the next
+        except Exception as error:  # noqa: BLE001 -- report every failure, go on to the next
             print(f"FAIL {backend:6s} {shape_name:6s} {str(dtype)[6:]:8s} {precision:4s} "
                   f"{estimator:8s} raised {type(error).__name__}: {error}")
             ok = False
@@ -118,7 +118,7 @@ def _check_training_sweeps(shape_name, dtype, precision) -> bool:
                 try:
                     got = _contract_outputs(triton_fused, maps, templates, prior, precision)
                     torch.cuda.synchronize()
-                except Exception as error:  # noqa: BLE001: report every failure, go on
+                except Exception as error:  # noqa: BLE001 -- report every failure, go on
                     print(f"FAIL triton {form:5s} {shape_name:6s} {str(dtype)[6:]:8s} "
                           f"{precision:4s} {prior_name:8s} raised {type(error).__name__}: {error}")
                     ok = False

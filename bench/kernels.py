@@ -268,12 +268,12 @@ def record_launch(kernel_name: str, k: int, dtype: torch.dtype, precision: str, 
 
 def cases(ks=(196, 784), defaults_only=False, routes=ROUTES):
     """``(kernel, K, input dtype, precision, operands, config, default)`` to compile."""
-    from ecloss_fast.backends import triton_fused
+    from ecloss_fast._precision import triton_operands
     from ecloss_fast.triton_kernels import configs
 
     for k in ks:
         for dtype_name, precision in routes:
-            operands = triton_fused._operands(getattr(torch, dtype_name), precision, False)
+            operands = triton_operands(getattr(torch, dtype_name), precision, False)
             for name, kernel in KERNELS.items():
                 chosen = configs.default(kernel.configs, operands, (9, 0), PAPER_ROWS,
                                          H100["multiprocessors"], k)
@@ -286,7 +286,7 @@ def cases(ks=(196, 784), defaults_only=False, routes=ROUTES):
 def parse_case(text: str) -> tuple:
     """A case of ``cases`` from ``KERNEL:K:INPUT:PRECISION:MxNwWsS[dD]`` (``default`` false):
     ``M x N`` tile, ``W`` warps, ``S`` stages, ``D`` the ``dx`` slice width."""
-    from ecloss_fast.backends import triton_fused
+    from ecloss_fast._precision import triton_operands
     from ecloss_fast.triton_kernels import configs
 
     match = re.fullmatch(r"(\w+):(\d+):(\w+):(\w+):(\d+)x(\d+)w(\d+)s(\d+)(?:d(\d+))?",
@@ -298,7 +298,7 @@ def parse_case(text: str) -> tuple:
     if kernel not in KERNELS or int(k) not in SIDES:
         raise argparse.ArgumentTypeError(f"unknown kernel or K in {text!r}")
     tiles = [int(tile or 0) for tile in tiles]
-    operands = triton_fused._operands(getattr(torch, dtype_name), precision, False)
+    operands = triton_operands(getattr(torch, dtype_name), precision, False)
     return kernel, int(k), dtype_name, precision, operands, configs.LaunchConfig(*tiles), False
 
 
@@ -343,7 +343,7 @@ def _compiled(kernel, args, kwargs, target):
 def _measure_or_error(case) -> dict:
     try:
         return measure(*case)
-    except Exception as error:  # noqa: BLE001: reported per case
+    except Exception as error:  # noqa: BLE001 -- reported per case
         kernel, k, dtype_name, precision, operands, config, default = case
         return dict(kernel=kernel, prior=KERNELS[kernel].prior, K=k, input=dtype_name,
                     precision=precision, operands=operands, config=dataclasses.asdict(config),

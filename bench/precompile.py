@@ -60,7 +60,7 @@ def _compile(index, capability, multiprocessors, stages):
     try:
         compile_like_runtime(kernel, args, kwargs, target)
         error = None
-    except Exception as failure:  # noqa: BLE001: reported; the launch will raise it again
+    except Exception as failure:  # noqa: BLE001 -- reported; the launch will raise it again
         error = f"{type(failure).__name__}: {failure}".splitlines()[0][:300]
     return index, time.perf_counter() - started, _describe(launches[index]), error
 

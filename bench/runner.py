@@ -79,8 +79,8 @@ def _time_passes(loss, inputs, device: torch.device, plan: TimingPlan, clock: st
     results = {"forward": measure(lambda i: loss(inputs[i]), count, device, plan, clock)}
     losses = [loss(x) for x in inputs]
     results["backward"] = measure(
-        lambda i: torch.autograd.grad(losses[i], inputs[i], retain_graph=True), count, device,
-        plan, clock)
+        lambda i: torch.autograd.grad(losses[i], inputs[i],  # noqa: F821 -- run before the del
+                                      retain_graph=True), count, device, plan, clock)
     del losses
     results["forward_backward"] = measure(
         lambda i: torch.autograd.grad(loss(inputs[i]), inputs[i]), count, device, plan, clock)
@@ -99,7 +99,8 @@ def _measure_route(case: Case, route: Route, inputs, device: torch.device, plan:
         record["first_call_s"] = time.perf_counter() - started
         if memory:
             x = inputs[0]
-            record["peak_bytes"] = peak_bytes(lambda: torch.autograd.grad(loss(x), x), device)
+            record["peak_bytes"] = peak_bytes(
+                lambda: torch.autograd.grad(loss(x), x), device)  # noqa: F821 -- run before the del
         record["timings"] = _time_passes(loss, inputs, device, plan, clock)
     except Exception as error:  # noqa: BLE001 -- every failure is recorded, the grid goes on
         record["status"] = "oom" if _is_oom(error) else f"error: {type(error).__name__}: {error}"

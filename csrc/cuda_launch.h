@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "ecloss_layout.h"
 #include "ecloss_precision.h"
 
 namespace ecloss::gpu {
@@ -20,7 +21,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kWarpRows = 16;                     // rows per warp: one WMMA tile high
 constexpr int kBlockRows = kWarps * kWarpRows;    // 64
-constexpr int kBlockTemplates = 32;               // templates per tile: one per lane
+constexpr int kBlockTemplates = kTemplateTile;    // templates per tile: one per lane
 constexpr int kScoreStride = kBlockTemplates + 4;  // floats; a multiple of 4 for WMMA
 constexpr int kGradStride = kBlockTemplates + 8;   // bf16 gradients; a multiple of 8
 

@@ -77,12 +77,12 @@ Arguments make_arguments(const at::Tensor& x, const at::Tensor& templates,
   const at::Tensor& operands = *operand_templates;
   const int64_t padded_templates =
       (templates.size(0) + kBlockTemplates - 1) / kBlockTemplates * kBlockTemplates;
-  const int64_t padded_pixels = (x.size(2) + 15) / 16 * 16;
+  const int64_t padded_pixels = (x.size(2) + kPixelStep - 1) / kPixelStep * kPixelStep;
   const at::ScalarType operand_type = precision == Precision::kBf16 ? at::kBFloat16 : at::kFloat;
   TORCH_CHECK_VALUE(operands.dim() == 2 && operands.size(0) == padded_templates &&
                         operands.size(1) == padded_pixels,
                     "cuda backend: operand_templates must be (", padded_templates, ", ",
-                    padded_pixels, ") (N, K rounded up to ", kBlockTemplates, " and 16), got "
+                    padded_pixels, ") (N, K rounded up to ", kBlockTemplates, " and ", kPixelStep, "), got "
                     "shape ", operands.sizes());
   TORCH_CHECK_TYPE(operands.scalar_type() == operand_type, "cuda backend: operand_templates "
                    "must be ", operand_type, " for this precision, got ", operands.scalar_type());

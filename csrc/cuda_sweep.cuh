@@ -1,5 +1,5 @@
 // The fused CUDA kernels of ECLoss: row_stats, row_stats_with_grad, column_sums and input_grad of
-// the backend contract (ecloss_fast/backends/__init__.py) for float32, float16 and bfloat16
+// the backend contract (docs/design.md section 9) for float32, float16 and bfloat16
 // input.
 //
 // One kernel template, five modes. A block of 4 warps owns kBlockRows = 64 rows (feature

@@ -1,5 +1,5 @@
 // Declarations shared by the op schema (ops.cpp) and the per-device kernels: the argument
-// checks of the backend contract (ecloss_fast/backends/__init__.py), done once in C++ so
+// checks of the backend contract (docs/design.md section 9), done once in C++ so
 // both devices reject the same malformed calls with the same messages.
 #pragma once
 

@@ -1,23 +1,40 @@
 // The schema of the ECLoss kernels (namespace ecloss_fast_C), their Meta (shape-only)
 // implementations, the argument checks both devices share, and the Python module that
 // loading ecloss_fast._C runs. The kernels register per device: cpu_kernels.cpp (CPU) and
-// cuda_kernels.cu (CUDA). Semantics: the backend contract in ecloss_fast/backends/__init__.py.
+// cuda_ops.cpp (CUDA). Semantics: the backend contract, docs/design.md section 9.
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <c10/util/StringUtil.h>
+
+#include <iterator>
+#include <string>
+#include <vector>
+
 #include "ecloss_build_info.h"
+#include "ecloss_layout.h"
 #include "ecloss_ops.h"
 
 namespace ecloss {
 
-Precision parse_precision(c10::string_view precision) {
-  if (precision == "ieee") return Precision::kIeee;
-  if (precision == "tf32") return Precision::kTf32;
-  if (precision == "bf16") return Precision::kBf16;
-  TORCH_CHECK_VALUE(false, "precision must be 'ieee', 'tf32' or 'bf16', got '", precision, "'");
+static_assert(std::size(kPrecisionNames) == static_cast<size_t>(Precision::kBf16) + 1,
+              "kPrecisionNames names every Precision, in its order");
+
+std::vector<std::string> precision_names() {
+  return {std::begin(kPrecisionNames), std::end(kPrecisionNames)};
 }
+
+Precision parse_precision(c10::string_view precision) {
+  for (size_t i = 0; i < std::size(kPrecisionNames); ++i) {
+    if (precision == kPrecisionNames[i]) return static_cast<Precision>(i);
+  }
+  TORCH_CHECK_VALUE(false, "precision must be one of ", c10::Join(", ", precision_names()),
+                    ", got '", precision, "'");
+}
+
+std::vector<int64_t> operand_layout() { return {kTemplateTile, kPixelStep}; }
 
 at::ScalarType accumulation_type(at::ScalarType input_type) {
   return input_type == at::kDouble ? at::kDouble : at::kFloat;
@@ -109,9 +126,13 @@ at::Tensor input_grad_meta(const at::Tensor& x, const at::Tensor& templates, dou
 }  // namespace ecloss
 
 // operand_templates: the CUDA kernels read templates from this padded copy in the operand
-// type (ecloss_fast/backends/cpp_cuda.py makes and caches it; csrc/cuda_kernels.cu checks
-// it); the CPU kernels pack their own from templates and ignore it.
+// type (ecloss_fast/backends/cpp_cuda.py makes and caches it; csrc/cuda_ops.cpp checks
+// it); the CPU kernels pack their own from templates and ignore it. precisions() and
+// operand_layout() give the Python side the names and the layout above, to check its own
+// against (ecloss_fast/_precision.py, ecloss_fast/backends/cpp_cuda.py).
 TORCH_LIBRARY(ecloss_fast_C, m) {
+  m.def("precisions() -> str[]", &ecloss::precision_names);
+  m.def("operand_layout() -> int[]", &ecloss::operand_layout);
   m.def(
       "row_stats(Tensor x, Tensor templates, float tau, str precision, "
       "Tensor? operand_templates=None) -> (Tensor, Tensor, Tensor)");

@@ -17,4 +17,4 @@ from ecloss_fast.module import ECLoss
 
 __all__ = ["ecloss", "ECLoss", "calibrate_tau", "make_templates", "num_templates",
            "available_backends", "BackendUnavailableError", "GradientRatioBeta",
-           "flush_subnormals"]
+           "flush_subnormals", "__version__"]

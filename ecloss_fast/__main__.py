@@ -20,6 +20,7 @@ import torch
 
 import ecloss_fast
 from ecloss_fast import _dispatch
+from ecloss_fast._precision import resolve_precision
 
 _EXTENSION = "ecloss_fast._C"
 
@@ -119,7 +120,7 @@ def report() -> str:
         lines.append((f"backend {name}", "available" if why_not is None else why_not))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         lines.append((f"precision=None, {str(dtype).removeprefix('torch.')}",
-                      _dispatch.resolve_precision("", dtype)))
+                      resolve_precision("", dtype)))
     lines.append(("float32 matmul precision", repr(torch.get_float32_matmul_precision())))
     lines.append(("cpu backend path", _cpu_path()))
     lines.append(("extension built against", _extension_torch()))

@@ -20,13 +20,13 @@ from types import ModuleType
 
 import torch
 
+# Re-exported: the trainer's config and the benchmarks name the precisions through here.
+from ecloss_fast._precision import PRECISIONS, resolve_precision
+
 __all__ = ["BACKENDS", "PRECISIONS", "available_backends", "backend_module", "resolve_backend",
            "choose_backend", "auto_choice", "resolve_precision", "BackendUnavailableError"]
 
 BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
-PRECISIONS = ("ieee", "tf32", "bf16")
-_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
-_HALF_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _MODULES = {
     "torch": "ecloss_fast.backends.streaming",
@@ -35,12 +35,9 @@ _MODULES = {
     "cpu": "ecloss_fast.backends.cpp_cpu",
 }
 
-# Fastest first, per device type (bench/NOTES.md, "auto on the CPU"). CPU, measured on the
-# 2-core AMD EPYC build box (AVX-512 BF16), 2 threads, fwd+bwd, best of 3-7, float32 ieee:
-# cpu ahead of torch at every size tried: 14x14 full set (B=8, C=64) 81 vs 89 ms uniform,
-# 170 vs 262 ms marginal; 7x7 2.6 vs 4.0 ms; 28x28 (B=2, C=8) 346 vs 516 ms uniform, 815 vs
-# 904 ms marginal. The torch backend needs no compiler, so it stays as the fallback. CUDA:
-# not yet measured (no GPU run yet); the fused kernels first, by their flop and byte counts.
+# Fastest first, per device type; the torch backend needs no compiler, so it is the
+# fallback. The CPU order is measured, the CUDA order is by the fused kernels' flop and
+# byte counts: bench/NOTES.md ("auto on the CPU") and README.md (Benchmarks) say how far.
 _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
@@ -133,7 +130,7 @@ def _warm_up_failure(name, module, x, templates, tau, precision, prior) -> tuple
         _VERDICTS[key] = None
     except torch.OutOfMemoryError:
         raise  # the device's memory, not the route: every backend needs some
-    except Exception as error:  # noqa: BLE001: any failure of a route means the next backend
+    except Exception as error:  # noqa: BLE001 -- any failure of a route means the next backend
         text = " ".join(f"{type(error).__name__}: {error}".split())  # a compile error's source
         _VERDICTS[key] = text if len(text) <= 400 else text[:400] + " ..."
     return _VERDICTS[key], True
@@ -187,22 +184,3 @@ def auto_choice(device: torch.device, dtype: torch.dtype, shape: tuple[int, int,
         if _VERDICTS.get(key) is None:
             return candidate
     return "torch"
-
-
-def resolve_precision(precision: str, dtype: torch.dtype = torch.float32) -> str:
-    """The matrix-unit precision for maps of ``dtype``; ``""`` is the API's ``precision=None``.
-
-    ``None`` gives float16 and bfloat16 maps products in their own half type (``"fp16"``,
-    which only this resolution produces, and ``"bf16"``), so half-precision maps never take
-    the slow float32 path; float32 maps follow ``torch.get_float32_matmul_precision()``
-    ("highest" ieee, "high" tf32, "medium" bf16); float64 maps compute in float64, which
-    every backend does for them whatever the precision. Resolved inside the ops, at run
-    time, so a compiled graph follows the setting too.
-    """
-    if precision:
-        return precision
-    if dtype in _HALF_PRECISION:
-        return _HALF_PRECISION[dtype]
-    if dtype == torch.float64:
-        return "ieee"
-    return _MATMUL_PRECISION[torch.get_float32_matmul_precision()]

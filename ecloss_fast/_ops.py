@@ -9,18 +9,22 @@ never rebuilds them.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional
+import typing
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
-from ecloss_fast._dispatch import backend_module, choose_backend, resolve_precision
+from ecloss_fast._dispatch import backend_module, choose_backend
 from ecloss_fast._dtypes import accumulation_dtype
+from ecloss_fast._math import covariance_factor
+from ecloss_fast._precision import resolve_precision
 from ecloss_fast._templates import count_for_pixels, template_matrix
 
 __all__ = ["channel_loss", "input_grad", "register_process_group", "accumulation_dtype",
-           "DIAGNOSTICS"]
+           "DIAGNOSTICS", "LossInputs", "LossOutputs", "channel_loss_outputs"]
 
 # The names of the diagnostics vector, in its order (docs/design.md section 8.4).
 DIAGNOSTICS = ("mi_over_log_n", "max_p", "score_std")
@@ -33,6 +37,52 @@ def register_process_group(group) -> str:
     name = group.group_name if group is not dist.group.WORLD else "WORLD"
     _PROCESS_GROUPS[name] = group
     return name
+
+
+class LossInputs(NamedTuple):
+    """The arguments of ``ecloss_fast::channel_loss``, in the order of its schema."""
+    x: torch.Tensor
+    templates: Optional[torch.Tensor]  # (N, H*W) in the accumulation dtype; None: built-in set
+    radius: float
+    subset: int  # k of the built-in set, 0 for all of it
+    tau: float
+    marginal: bool
+    diversity: float
+    diagnostics: bool
+    precision: str  # "" is the API's precision=None, resolved inside the op
+    backend: str
+    group: str  # a name of register_process_group, "" for none
+    with_grad: bool
+
+
+class LossOutputs(NamedTuple):
+    """What ``ecloss_fast::channel_loss`` returns, in its order (its docstring says what each is)."""
+    loss: torch.Tensor  # (C,)
+    row_max: torch.Tensor  # (B, C)
+    log_sum: torch.Tensor  # (B, C)
+    neg_entropy: torch.Tensor  # (B, C)
+    pbar: torch.Tensor  # (C, N) or empty
+    map_weight: torch.Tensor  # 0-d
+    summary: torch.Tensor  # (len(DIAGNOSTICS),) or empty
+    neg_entropy_grad: torch.Tensor  # (B, C, K) or empty
+
+
+def _schema(inputs: type, outputs: type) -> str:
+    """The schema of an op taking the fields of the NamedTuple ``inputs`` and returning those
+    of ``outputs`` (tensors), as ``torch.library.infer_schema`` reads it from a signature."""
+    def prototype():
+        pass
+
+    prototype.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+         for name, annotation in typing.get_type_hints(inputs).items()],
+        return_annotation=tuple[(torch.Tensor,) * len(outputs._fields)])
+    return torch.library.infer_schema(prototype, mutates_args=())
+
+
+def channel_loss_outputs(inputs: LossInputs) -> LossOutputs:
+    """``ecloss_fast::channel_loss`` of ``inputs``, its outputs by name."""
+    return LossOutputs(*torch.ops.ecloss_fast.channel_loss(*inputs))
 
 
 def _templates_for(x, templates, radius, subset):
@@ -49,18 +99,15 @@ def _num_templates(x, templates, subset):
     return subset if subset > 0 else count_for_pixels(x.shape[-2] * x.shape[-1])
 
 
-@torch.library.custom_op("ecloss_fast::channel_loss", mutates_args=())
-def channel_loss(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float, subset: int,
-                 tau: float, marginal: bool, diversity: float, diagnostics: bool, precision: str,
-                 backend: str, group: str, with_grad: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss[c], row_max[b,c], log_sum[b,c], neg_entropy[b,c], pbar[c,t], map_weight, summary,
-    neg_entropy_grad[b,c,k])``.
+@torch.library.custom_op("ecloss_fast::channel_loss", mutates_args=(),
+                         schema=_schema(LossInputs, LossOutputs))
+def channel_loss(*inputs) -> tuple[torch.Tensor, ...]:
+    """``LossOutputs`` ``(loss[c], row_max[b,c], log_sum[b,c], neg_entropy[b,c], pbar[c,t],
+    map_weight, summary, neg_entropy_grad[b,c,k])`` of the ``LossInputs`` ``inputs``.
 
     The loss of docs/design.md sections 2 and 8.1,
     ``loss[c] = -MI[c] - diversity * KL(pbar[c] || mean_c pbar[c])``, with the per-row
-    statistics of ``ecloss_fast.backends`` that its backward needs. ``templates`` is
+    statistics of the backend contract (docs/design.md section 9) that its backward needs. ``templates`` is
     ``(N, H*W)`` in the accumulation dtype, or ``None`` for the built-in set (``subset = 0``
     for all of it). ``pbar`` is the batch marginal (global under the process group named
     ``group``) when the marginal estimator or the diversity term needs it, else empty.
@@ -74,9 +121,9 @@ def channel_loss(x: torch.Tensor, templates: Optional[torch.Tensor], radius: flo
     backward is then a scaling of it, with no sweep of its own. Else it is empty.
     Everything stays a tensor: no host synchronisation.
     """
-    with torch.autocast(x.device.type, enabled=False):  # accumulation dtype, not autocast's
-        return _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
-                             precision, backend, group, with_grad)
+    inputs = LossInputs(*inputs)
+    with torch.autocast(inputs.x.device.type, enabled=False):  # accumulation dtype, not autocast's
+        return tuple(_channel_loss(inputs))
 
 
 def _global_batch(local_sums, batch, group, like):
@@ -131,34 +178,32 @@ def _diversity_prior(pbar, upstream):
     return upstream[:, None] * log_ratio - spread / pbar.shape[0]
 
 
-def _diagnostics(x, rows, templates, radius, subset, tau, information, log_sum, map_weight):
+def _diagnostics(inputs, rows, information, log_sum, map_weight):
     """``DIAGNOSTICS`` as one vector: the mean MI over ``log N``, the mean largest ``p`` (it is
     ``exp(-log_sum)``: the row statistics hold it) and the mean std of the scores over the
     templates through their covariance factor (one ``K x K`` product of the rows)."""
-    from ecloss_fast.calibration import covariance_factor  # calibration imports this module
-
+    x, templates, subset = inputs.x, inputs.templates, inputs.subset
     height, width = x.shape[-2:]
-    factor = covariance_factor(templates, height, width, radius, subset if subset > 0 else None,
+    factor = covariance_factor(templates, height, width, inputs.radius, subset or None,
                                x.device, log_sum.dtype)
     std = torch.linalg.vector_norm(rows.to(log_sum.dtype) @ factor.T, dim=-1)  # (B, C)
-    per_map = torch.stack([torch.exp(-log_sum), tau * std]).sum(1).mean(-1) * map_weight
+    per_map = torch.stack([torch.exp(-log_sum), inputs.tau * std]).sum(1).mean(-1) * map_weight
     num_templates = _num_templates(x, templates, subset)
     return torch.cat([(information.mean() / math.log(num_templates))[None], per_map])
 
 
-def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagnostics,
-                  precision, backend, group, with_grad):
-    precision = resolve_precision(precision, x.dtype)
-    given_templates = templates
-    templates = _templates_for(x, templates, radius, subset)
+def _channel_loss(inputs: LossInputs) -> LossOutputs:
+    x, tau, diversity = inputs.x, inputs.tau, inputs.diversity
+    precision = resolve_precision(inputs.precision, x.dtype)
+    templates = _templates_for(x, inputs.templates, inputs.radius, inputs.subset)
     batch, channels = x.shape[:2]
     rows = x.reshape(batch, channels, -1).contiguous()
-    needs_marginal = marginal or diversity > 0
+    needs_marginal = inputs.marginal or diversity > 0
     # The backward resolves the same route to the same backend (choose_backend keeps its
     # verdicts): the statistics saved here assume this backend's scores.
-    module = backend_module(choose_backend(backend, rows, templates, tau, precision,
+    module = backend_module(choose_backend(inputs.backend, rows, templates, tau, precision,
                                            needs_marginal))
-    if with_grad and not needs_marginal:
+    if inputs.with_grad and not needs_marginal:
         row_max, log_sum, neg_entropy, neg_entropy_grad = module.row_stats_with_grad(
             rows, templates, tau, precision)
     else:
@@ -166,13 +211,13 @@ def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagno
         neg_entropy_grad = neg_entropy.new_empty(0)
     local_sums = (module.column_sums(rows, templates, tau, row_max, log_sum, precision)
                   if needs_marginal else None)
-    totals, count, map_weight = _global_batch(local_sums, batch, group, neg_entropy)
+    totals, count, map_weight = _global_batch(local_sums, batch, inputs.group, neg_entropy)
     pbar = neg_entropy.new_empty(0)
     if needs_marginal:
         # The p of the column sums sum to 1 only to a few ulps over N terms: pbar is taken
         # over its own mass (B in exact arithmetic).
         pbar = totals / totals.sum(-1, keepdim=True)
-    if marginal:
+    if inputs.marginal:
         # sum_b D[b] = sum_b neg_entropy[b] - sum_t (sum_b p[b,t]) log pbar[t], every p of
         # the column sums formed as in row_stats. An excess mass d of the local sums would
         # move the second term by d log N: they too are taken over their mass, and the two
@@ -186,26 +231,30 @@ def _channel_loss(x, templates, radius, subset, tau, marginal, diversity, diagno
     loss = -information
     if diversity > 0:
         loss = loss - diversity * _channel_diversity(pbar)
-    summary = (_diagnostics(x, rows, given_templates, radius, subset, tau, information, log_sum,
-                            map_weight) if diagnostics else neg_entropy.new_empty(0))
-    return loss, row_max, log_sum, neg_entropy, pbar, map_weight, summary, neg_entropy_grad
+    summary = (_diagnostics(inputs, rows, information, log_sum, map_weight)
+               if inputs.diagnostics else neg_entropy.new_empty(0))
+    return LossOutputs(loss, row_max, log_sum, neg_entropy, pbar, map_weight, summary,
+                       neg_entropy_grad)
 
 
 @channel_loss.register_fake
-def _(x, templates, radius, subset, tau, marginal, diversity, diagnostics, precision, backend,
-      group, with_grad):
+def _(*inputs):
+    inputs = LossInputs(*inputs)
+    x = inputs.x
     batch, channels = x.shape[:2]
     dtype = accumulation_dtype(x.dtype)
-    n = _num_templates(x, templates, subset)
+    n = _num_templates(x, inputs.templates, inputs.subset)
     stats = x.new_empty((batch, channels), dtype=dtype)
-    pbar = x.new_empty((channels, n) if marginal or diversity > 0 else (0,), dtype=dtype)
-    summary = x.new_empty((len(DIAGNOSTICS) if diagnostics else 0,), dtype=dtype)
-    fused = with_grad and not (marginal or diversity > 0)
-    neg_entropy_grad = x.new_empty((batch, channels, x.shape[-2] * x.shape[-1]) if fused else (0,),
-                                   dtype=dtype)
-    return (x.new_empty((channels,), dtype=dtype), stats, torch.empty_like(stats),
-            torch.empty_like(stats), pbar, x.new_empty((), dtype=dtype), summary,
-            neg_entropy_grad)
+    needs_marginal = inputs.marginal or inputs.diversity > 0
+    fused = inputs.with_grad and not needs_marginal
+    return tuple(LossOutputs(
+        loss=x.new_empty((channels,), dtype=dtype), row_max=stats,
+        log_sum=torch.empty_like(stats), neg_entropy=torch.empty_like(stats),
+        pbar=x.new_empty((channels, n) if needs_marginal else (0,), dtype=dtype),
+        map_weight=x.new_empty((), dtype=dtype),
+        summary=x.new_empty((len(DIAGNOSTICS) if inputs.diagnostics else 0,), dtype=dtype),
+        neg_entropy_grad=x.new_empty(
+            (batch, channels, x.shape[-2] * x.shape[-1]) if fused else (0,), dtype=dtype)))
 
 
 @torch.library.custom_op("ecloss_fast::input_grad", mutates_args=())
@@ -234,11 +283,11 @@ def _(x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, r
 
 
 def _setup_context(ctx, inputs, output):
-    x, templates, radius, subset, tau, marginal, diversity, _, precision, backend, _, _ = inputs
-    _, row_max, log_sum, neg_entropy, pbar, map_weight, _, neg_entropy_grad = output
-    ctx.save_for_backward(x, templates, row_max, log_sum, neg_entropy, pbar, map_weight,
-                          neg_entropy_grad)
-    ctx.options = (radius, subset, tau, marginal, diversity, precision, backend)
+    inputs, output = LossInputs(*inputs), LossOutputs(*output)
+    ctx.save_for_backward(inputs.x, inputs.templates, output.row_max, output.log_sum,
+                          output.neg_entropy, output.pbar, output.map_weight,
+                          output.neg_entropy_grad)
+    ctx.inputs = inputs._replace(x=None, templates=None)  # the tensors are saved above
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
@@ -248,21 +297,22 @@ def _backward(ctx, grad_loss, *_unused_grads):
     the forward ran ``row_stats_with_grad``: ``dx = row_weight * neg_entropy_grad``."""
     x, templates, row_max, log_sum, neg_entropy, pbar, map_weight, neg_entropy_grad = \
         ctx.saved_tensors
-    radius, subset, tau, marginal, diversity, precision, backend = ctx.options
+    inputs = ctx.inputs
+    no_grads = (None,) * (len(LossInputs._fields) - 1)  # only x gets a gradient
     upstream = grad_loss.to(row_max.dtype)
     channel_weight = upstream * -map_weight
-    prior = channel_weight[:, None] * _log_floored(pbar) if marginal else None
-    if diversity > 0:
-        term = (diversity * map_weight) * _diversity_prior(pbar, upstream)
+    prior = channel_weight[:, None] * _log_floored(pbar) if inputs.marginal else None
+    if inputs.diversity > 0:
+        term = (inputs.diversity * map_weight) * _diversity_prior(pbar, upstream)
         prior = term if prior is None else prior + term
     row_weight = channel_weight.expand_as(row_max).contiguous()
     if prior is None and neg_entropy_grad.numel() > 0:
         grad_x = (row_weight[..., None] * neg_entropy_grad).view(x.shape).to(x.dtype)
-        return grad_x, *(None,) * 11
+        return grad_x, *no_grads
     grad_x = torch.ops.ecloss_fast.input_grad(
-        x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, row_weight,
-        precision, backend)
-    return grad_x, *(None,) * 11
+        x, templates, inputs.radius, inputs.subset, inputs.tau, row_max, log_sum, neg_entropy,
+        prior, row_weight, inputs.precision, inputs.backend)
+    return grad_x, *no_grads
 
 
 channel_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -1,14 +1,18 @@
 """``ecloss``: the public entry point of docs/design.md section 5, with its input validation."""
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from ecloss_fast import _ops
-from ecloss_fast._dispatch import BACKENDS, PRECISIONS
-from ecloss_fast._templates import num_templates, template_matrix
+from ecloss_fast._dispatch import BACKENDS
+from ecloss_fast._dtypes import accumulation_dtype
+from ecloss_fast._precision import PRECISIONS
+from ecloss_fast._templates import template_matrix
+from ecloss_fast._validation import (check_choice, check_diversity, check_flag, check_input,
+                                     check_positive, check_process_group, check_templates,
+                                     selected_templates)
 from ecloss_fast.backends import reference
 
 __all__ = ["ecloss", "ESTIMATORS", "REDUCTIONS", "PRECISIONS"]
@@ -17,70 +21,33 @@ ESTIMATORS = ("uniform", "marginal")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+class LossOptions(NamedTuple):
+    """The options of ``ecloss`` and ``ECLoss`` (docs/design.md section 5.1)."""
+    tau: float
+    radius: float
+    templates: object
+    estimator: str
+    reduction: str
+    backend: str
+    precision: str | None
+    process_group: object
+    diversity: float
+    normalize: bool
 
 
-def _check_input(x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W); got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, C, H, W); got {x.dim()} dimensions "
-                         f"{tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty; got shape (B, C, H, W) = {tuple(x.shape)}")
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
-    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument
-    # is a SymFloat, which math.* cannot take; a NaN fails both comparisons.
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name} must be positive and finite; got {value}")
-    return value if isinstance(value, float) else float(value)
-
-
-def _check_diversity(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"diversity must be a float; got {type(value).__name__}")
-    if not 0 <= value < math.inf:  # comparisons: see _check_positive
-        raise ValueError(f"diversity must be finite and at least 0; got {value}")
-    return value if isinstance(value, float) else float(value)
-
-
-def _check_normalize(value):
-    if not isinstance(value, bool):
-        raise TypeError(f"normalize must be True or False; got {type(value).__name__}")
-    return value
-
-
-def _check_process_group(group):
-    if group is None:
-        return None
-    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-        raise TypeError("process_group must be a torch.distributed ProcessGroup (for example "
-                        f"torch.distributed.group.WORLD) or None; got {type(group).__name__}")
-    return group
-
-
-def _template_tensor(templates, x, dtype):
-    if templates.dim() != 3:
-        raise ValueError(f"templates must have shape (N, H, W); got {tuple(templates.shape)}")
-    if templates.shape[1:] != x.shape[2:]:
-        raise ValueError(f"templates must have the maps' H x W = {tuple(x.shape[2:])}; "
-                         f"got templates of shape {tuple(templates.shape)}")
-    if templates.shape[0] == 0:
-        raise ValueError("templates must hold at least one template; got N = 0")
-    if not templates.dtype.is_floating_point:
-        raise TypeError(f"templates must be a floating tensor; got {templates.dtype}")
-    if templates.is_meta and not x.is_meta:
-        raise ValueError("templates must hold values; got a tensor on the meta device (shape "
-                         f"{tuple(templates.shape)} only), for x on {x.device}")
-    return templates.detach().to(x.device, dtype).reshape(templates.shape[0], -1).contiguous()
+def checked_options(options: LossOptions) -> LossOptions:
+    """``options`` checked (docs/design.md section 5.4), numbers as floats; ``templates`` as
+    far as it can be without the maps (``selected_templates`` checks it against them)."""
+    check_choice("estimator", options.estimator, ESTIMATORS)
+    check_choice("reduction", options.reduction, REDUCTIONS)
+    check_choice("backend", options.backend, BACKENDS + ("auto",))
+    check_choice("precision", options.precision, PRECISIONS + (None,))
+    check_templates(options.templates)
+    return options._replace(tau=check_positive("tau", options.tau),
+                            radius=check_positive("radius", options.radius),
+                            process_group=check_process_group(options.process_group),
+                            diversity=check_diversity(options.diversity),
+                            normalize=check_flag("normalize", options.normalize))
 
 
 def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates="full",
@@ -115,10 +82,10 @@ def ecloss(x: torch.Tensor, *, tau: float = 1e-3, radius: float = 4.0, templates
     losses, and of the gradients (as DDP averages them), equals the loss and gradient of
     one process holding the whole batch. See docs/design.md for every definition.
     """
-    return loss_and_diagnostics(x, tau=tau, radius=radius, templates=templates,
-                                estimator=estimator, reduction=reduction, backend=backend,
-                                precision=precision, process_group=process_group,
-                                diversity=diversity, normalize=normalize, diagnostics=False)[0]
+    options = LossOptions(tau=tau, radius=radius, templates=templates, estimator=estimator,
+                          reduction=reduction, backend=backend, precision=precision,
+                          process_group=process_group, diversity=diversity, normalize=normalize)
+    return loss_and_diagnostics(x, options, diagnostics=False)[0]
 
 
 def normalized_maps(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +96,7 @@ def normalized_maps(x: torch.Tensor) -> torch.Tensor:
     derivative there, ``1 / eps`` (about 1e38 in float32), is an artefact of the floor that
     would turn any upstream gradient into an infinite one.
     """
-    dtype = _ops.accumulation_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         maps = x.to(dtype)
         norm = torch.linalg.vector_norm(maps, dim=(-2, -1), keepdim=True)
@@ -139,57 +106,39 @@ def normalized_maps(x: torch.Tensor) -> torch.Tensor:
     return scaled.to(x.dtype)
 
 
-def loss_and_diagnostics(x, *, tau, radius, templates, estimator, reduction, backend, precision,
-                         process_group, diversity, normalize, diagnostics):
-    """``ecloss``'s value and, with ``diagnostics``, the ``_ops.DIAGNOSTICS`` vector, else None."""
-    _check_input(x)
-    tau = _check_positive("tau", tau)
-    radius = _check_positive("radius", radius)
-    _choice("estimator", estimator, ESTIMATORS)
-    _choice("reduction", reduction, REDUCTIONS)
-    _choice("backend", backend, BACKENDS + ("auto",))
-    _choice("precision", precision, PRECISIONS + (None,))
-    process_group = _check_process_group(process_group)
-    diversity = _check_diversity(diversity)
-    normalize = _check_normalize(normalize)
-    marginal = estimator == "marginal"
-    dtype = _ops.accumulation_dtype(x.dtype)
-    height, width = x.shape[-2:]
+def loss_and_diagnostics(x: torch.Tensor, options: LossOptions,
+                         diagnostics: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ecloss``'s value with ``options`` and, with ``diagnostics``, the
+    ``_ops.DIAGNOSTICS`` vector, else None."""
+    check_input(x)
+    options = checked_options(options)
+    tau, radius, diversity = options.tau, options.radius, options.diversity
+    marginal = options.estimator == "marginal"
+    dtype = accumulation_dtype(x.dtype)
+    template_rows, subset = selected_templates(options.templates, x, dtype)
 
-    template_rows, subset = None, 0
-    if isinstance(templates, torch.Tensor):
-        template_rows = _template_tensor(templates, x, dtype)
-    elif isinstance(templates, str):
-        _choice("templates", templates, ("full",))
-    elif isinstance(templates, int) and not isinstance(templates, bool):
-        total = num_templates(height, width)
-        if not 1 <= templates <= total:
-            raise ValueError(f"templates (the subset size k) must be between 1 and "
-                             f"num_templates({height}, {width}) = {total}; got {templates}")
-        subset = templates
-    else:
-        raise TypeError("templates must be 'full', an int k or a tensor (N, H, W); "
-                        f"got {type(templates).__name__}")
-
-    if normalize:
+    if options.normalize:
         x = normalized_maps(x)
-    if backend == "reference":
+    if options.backend == "reference":
         if template_rows is None:
-            template_rows = template_matrix(height, width, radius, subset or None, x.device, dtype)
+            template_rows = template_matrix(*x.shape[-2:], radius, subset or None, x.device,
+                                            dtype)
         per_channel, summary = reference.channel_loss(x, template_rows, tau, marginal, diversity,
-                                                      process_group, diagnostics)
+                                                      options.process_group, diagnostics)
     else:
         # The op resolves "auto" and precision=None itself, at run time (see ecloss_fast._ops).
-        group = _ops.register_process_group(process_group) if process_group is not None else ""
-        with_grad = torch.is_grad_enabled() and x.requires_grad
-        outputs = torch.ops.ecloss_fast.channel_loss(
-            x, template_rows, radius, subset, tau, marginal, diversity, diagnostics,
-            precision or "", backend, group, with_grad)
-        per_channel, summary = outputs[0], (outputs[6] if diagnostics else None)
+        group = ("" if options.process_group is None
+                 else _ops.register_process_group(options.process_group))
+        outputs = _ops.channel_loss_outputs(_ops.LossInputs(
+            x=x, templates=template_rows, radius=radius, subset=subset, tau=tau,
+            marginal=marginal, diversity=diversity, diagnostics=diagnostics,
+            precision=options.precision or "", backend=options.backend, group=group,
+            with_grad=torch.is_grad_enabled() and x.requires_grad))
+        per_channel, summary = outputs.loss, (outputs.summary if diagnostics else None)
 
-    if reduction == "mean":
+    if options.reduction == "mean":
         loss = per_channel.mean()
-    elif reduction == "sum":
+    elif options.reduction == "sum":
         loss = per_channel.sum()
     else:
         loss = per_channel

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ecloss_fast._ops import DIAGNOSTICS
-from ecloss_fast.functional import loss_and_diagnostics
+from ecloss_fast.functional import LossOptions, checked_options, loss_and_diagnostics
 
 __all__ = ["ECLoss"]
 
@@ -29,6 +29,10 @@ class ECLoss(torch.nn.Module):
 
     Under ``process_group`` each process holds its own maps' share, weighted as its loss
     is: their mean over the processes is the value of the global batch.
+
+    The arguments are checked here, as ``ecloss`` checks them (``ValueError`` or
+    ``TypeError`` naming the argument), except what depends on the maps (a subset ``k``
+    beyond ``num_templates(H, W)``, templates of another ``H x W``), which each call checks.
     """
 
     def __init__(self, tau: float = 1e-3, radius: float = 4.0, templates="full",
@@ -36,18 +40,17 @@ class ECLoss(torch.nn.Module):
                  precision: str | None = None, process_group=None, diversity: float = 0.0,
                  normalize: bool = False):
         super().__init__()
-        self.tau, self.radius, self.templates = tau, radius, templates
-        self.estimator, self.reduction, self.backend = estimator, reduction, backend
-        self.precision, self.process_group = precision, process_group
-        self.diversity, self.normalize = diversity, normalize
+        options = checked_options(LossOptions(
+            tau=tau, radius=radius, templates=templates, estimator=estimator,
+            reduction=reduction, backend=backend, precision=precision,
+            process_group=process_group, diversity=diversity, normalize=normalize))
+        for name, value in options._asdict().items():  # self.tau, self.radius, ...
+            setattr(self, name, value)
         self.last_diagnostics: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        loss, summary = loss_and_diagnostics(
-            x, tau=self.tau, radius=self.radius, templates=self.templates,
-            estimator=self.estimator, reduction=self.reduction, backend=self.backend,
-            precision=self.precision, process_group=self.process_group,
-            diversity=self.diversity, normalize=self.normalize, diagnostics=True)
+        options = LossOptions(*(getattr(self, name) for name in LossOptions._fields))
+        loss, summary = loss_and_diagnostics(x, options, diagnostics=True)
         self.last_diagnostics = dict(zip(DIAGNOSTICS, summary.unbind()))
         return loss
 

@@ -1,4 +1,5 @@
-"""The backend contract (ecloss_fast.backends) by einsum, for testing each backend's pieces."""
+"""The backend contract (docs/design.md section 9) by einsum, for testing each backend's pieces."""
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -52,3 +53,25 @@ def evaluate_contract(x, templates, row_weight, marginal, tau=1e-3, prior=None) 
     neg_entropy_grad = tau * torch.einsum("bcn,nk->bck", p * (log_p - neg_entropy[..., None]),
                                           templates)
     return Contract(row_max, log_sum, neg_entropy, sums, log_q, dx, neg_entropy_grad)
+
+
+def dx_scale(row_weight, num_templates, numel, tau=1e-3):
+    """Size of the terms whose difference dx is, in norm: tau * row_weight * log N per entry."""
+    return tau * row_weight * math.log(num_templates) * math.sqrt(numel)
+
+
+def marginal_prior(column_sums, channel_weight):
+    """The prior of the marginal estimator's ``input_grad``, ``w_c log max(pbar, tiny)``, with
+    ``pbar`` the column sums over their own mass, as ``ecloss_fast._ops`` forms it."""
+    pbar = column_sums / column_sums.sum(-1, keepdim=True)
+    return channel_weight[:, None] * pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()
+
+
+def prior_dx(x, templates, row_weight, prior, tau=1e-3):
+    """``dx`` of the backend contract for a general ``prior (C, N)``, at the arguments' dtype:
+    ``tau sum_k p_k (w log p_k - prior_k - D) T_k``, ``D = sum_t p_t (w log p_t - prior_t)``."""
+    log_p = torch.log_softmax(tau * torch.einsum("bck,nk->bcn", x, templates), dim=-1)
+    z = row_weight[..., None] * log_p - prior
+    p = log_p.exp()
+    grad = p * (z - (p * z).sum(-1, keepdim=True))
+    return tau * torch.einsum("bcn,nk->bck", grad, templates)

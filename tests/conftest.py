@@ -3,12 +3,11 @@
 ``_isolated_process_state`` (autouse) puts back, after each test, the process-wide state a
 test or the code under test may change: environment variables, torch's global switches
 (matmul precision, threads, determinism, subnormal flushing, default dtype, grad mode), the
-global random generators, and Triton's language modules. The last one is not a test's
-doing: Triton's interpreter (3.8) patches ``triton.language.core`` for every device-function
-call an interpreted kernel makes (``tl.sum``, ``tl.max``: ``InterpretedFunction.__call__``
-drops the patch scope it opens) and never restores it, so any later ``triton.compile`` in
-the same process builds with the interpreter's ``cast`` and fails with "'ir.value' object
-has no attribute 'dtype'" -- whenever Triton's on-disk cache does not already hold the kernel.
+global random generators, and Triton's language modules as imported. The last one is not a
+test's doing: Triton's interpreter (3.8) leaves its patches of ``triton.language`` in place,
+so a later ``triton.compile`` in the process would fail (see
+``ecloss_fast.triton_kernels.interpreter``, which undoes them after each launch and whose
+snapshot and restore this isolation shares).
 """
 import contextlib
 import os
@@ -18,10 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    import triton.language as _tl
-except ImportError:
-    _tl = None
+from ecloss_fast.triton_kernels import interpreter as triton_interpreter
 
 
 def pytest_configure(config):
@@ -43,31 +39,10 @@ def _flushes_subnormals() -> bool:
     return (torch.tensor(1e-40) * 1.0).item() == 0.0
 
 
-def _triton_namespaces():
-    """What Triton's interpreter patches: the language modules and their core classes."""
-    if _tl is None:
-        return []
-    core = _tl.core
-    return [_tl, core, _tl.math, core.tensor, core.dtype, core.tensor_descriptor_base]
-
-
-def _names(namespace) -> dict:
-    return dict(vars(namespace))
-
-
-# Taken at import, before any test ran: Triton as it is without the interpreter.
-_TRITON_AS_IMPORTED = [(namespace, _names(namespace)) for namespace in _triton_namespaces()]
-
-
-def _restore_triton():
-    """Put back every name the interpreter replaced. Names it added stay: the interpreter's
-    rewritten functions, cached per function, look them up (and ``tl.semantic`` is a
-    submodule, set by the import system)."""
-    for namespace, names in _TRITON_AS_IMPORTED:
-        current = vars(namespace)
-        for name, value in names.items():
-            if current.get(name) is not value:
-                setattr(namespace, name, value)
+try:  # taken at import, before any test ran: Triton as it is without the interpreter
+    _TRITON_AS_IMPORTED = triton_interpreter.language_names()
+except ImportError:  # no triton
+    _TRITON_AS_IMPORTED = []
 
 
 @contextlib.contextmanager
@@ -122,7 +97,7 @@ def _isolated_process_state():
         try:
             yield
         finally:
-            _restore_triton()
+            triton_interpreter.restore_language(_TRITON_AS_IMPORTED)
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import ecloss_fast as ef
+from ecloss_fast._ops import LossInputs, LossOutputs
 from ecloss_fast.testing import peaked_maps, random_maps
 
 
-@pytest.mark.parametrize("make_input, kwargs, error, words", [
+BAD_INPUTS = [
     (lambda: [[1.0]], {}, TypeError, "x must be a torch.Tensor"),
     (lambda: torch.rand(2, 3, 4), {}, ValueError, "(B, C, H, W)"),
     (lambda: torch.ones(2, 3, 4, 4, dtype=torch.int64), {}, TypeError, "torch.int64"),
@@ -43,13 +44,39 @@ from ecloss_fast.testing import peaked_maps, random_maps
     (lambda: torch.rand(2, 3, 4, 4), dict(diversity=True), TypeError, "diversity"),
     (lambda: torch.rand(2, 3, 4, 4), dict(normalize=1), TypeError, "normalize"),
     (lambda: torch.rand(2, 3, 4, 4), dict(normalize="yes"), TypeError, "normalize"),
-])
+]
+
+
+@pytest.mark.parametrize("make_input, kwargs, error, words", BAD_INPUTS)
 def test_bad_input_errors(make_input, kwargs, error, words):
     with pytest.raises(error) as info:
         ef.ecloss(make_input(), **kwargs)
     assert words in str(info.value)
     with pytest.raises(error) as info:  # the Module checks on its call, as the function does
         ef.ECLoss(**kwargs)(make_input())
+    assert words in str(info.value)
+
+
+# What only the maps show to be wrong: a subset k beyond num_templates(H, W), templates of
+# another H x W, templates without values (meta).
+NEEDS_MAPS = ("num_templates(4, 4) = 137", "H x W", "templates must hold values")
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (kwargs, error, words) for _, kwargs, error, words in BAD_INPUTS
+    if kwargs and words not in NEEDS_MAPS])
+def test_module_checks_its_arguments_when_built(kwargs, error, words):
+    with pytest.raises(error) as info:
+        ef.ECLoss(**kwargs)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("make_input, kwargs, error, words", [
+    case for case in BAD_INPUTS if case[3] in NEEDS_MAPS])
+def test_module_checks_what_depends_on_the_maps_on_its_call(make_input, kwargs, error, words):
+    criterion = ef.ECLoss(**kwargs)
+    with pytest.raises(error) as info:
+        criterion(make_input())
     assert words in str(info.value)
 
 
@@ -185,14 +212,24 @@ def test_custom_ops_pass_opcheck():
     for marginal, diversity, diagnostics, with_grad in (
             (False, 0.0, False, True), (False, 0.0, True, False), (True, 0.0, True, True),
             (False, 0.5, True, True), (True, 0.5, False, False)):
-        torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default,
-                              (x, None, 4.0, 0, 1e-3, marginal, diversity, diagnostics, "ieee",
-                               "torch", "", with_grad))
+        torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default, tuple(LossInputs(
+            x=x, templates=None, radius=4.0, subset=0, tau=1e-3, marginal=marginal,
+            diversity=diversity, diagnostics=diagnostics, precision="ieee", backend="torch",
+            group="", with_grad=with_grad)))
     row_max, log_sum, neg_entropy = torch.zeros(2, 3), torch.full((2, 3), math.log(7)), torch.zeros(2, 3)
     for prior in (None, torch.full((3, 7), -math.log(7))):
         torch.library.opcheck(torch.ops.ecloss_fast.input_grad.default,
                               (x.detach(), None, 4.0, 7, 1e-3, row_max, log_sum, neg_entropy,
                                prior, torch.ones(2, 3), "ieee", "torch"))
+
+
+def test_the_loss_op_takes_and_returns_the_named_fields():
+    """The schema derived from ``LossInputs`` and ``LossOutputs``: their fields, in order."""
+    schema = torch.ops.ecloss_fast.channel_loss.default._schema
+    assert [argument.name for argument in schema.arguments] == list(LossInputs._fields)
+    assert [str(argument.type) for argument in schema.arguments[:5]] == [
+        "Tensor", "Optional[Tensor]", "float", "int", "float"]
+    assert [str(result.type) for result in schema.returns] == ["Tensor"] * len(LossOutputs._fields)
 
 
 def test_torch_compile_fullgraph_equals_eager():

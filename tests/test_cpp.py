@@ -28,14 +28,14 @@ from hypothesis import strategies as st
 import ecloss_fast as ef
 from ecloss_fast.backends import cpp_cpu, cpp_cuda, streaming
 from ecloss_fast.testing import peaked_maps, random_maps
-from _contract import contract_templates, evaluate_contract
+from _contract import (contract_templates, dx_scale, evaluate_contract, marginal_prior,
+                       prior_dx)
+from _tolerance import PRECISION_RELATIVE, assert_close, rounded, tf32_products
 from bench import cpu as bench_cpu
 from conftest import CPU_ISA_PATHS
 
 TAU = 1e-3
 RELATIVE = {torch.float64: 1e-12, torch.float32: 1e-5}
-GPU_RELATIVE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 3e-2}
-BASELINE_MARGIN = 8.0  # the kernel may be this many times less exact than torch's float32
 TAIL = 40.0  # a template this far below a row's max score has p < e^-40: no sum sees it
 OPS = ("row_stats", "row_stats_with_grad", "column_sums", "input_grad")
 
@@ -54,39 +54,8 @@ def _cuda_toolkit_present() -> bool:
                      shutil.which("nvcc"))))
 
 
-def _dx_scale(row_weight, num_templates, numel):
-    """Size of the terms whose difference dx is, in norm: tau * row_weight * log N per entry."""
-    return TAU * row_weight * math.log(num_templates) * math.sqrt(numel)
-
-
-def _assert_close(name, got, truth, baseline, relative, scale=0.0):
-    """``got`` within ``relative`` of ``truth`` (or of ``scale``, the size of the terms whose
-    difference ``truth`` is), or within a few times ``baseline``'s own error."""
-    error = (got.double() - truth).norm().item()
-    allowed = max(relative * max(truth.norm().item(), scale),
-                  BASELINE_MARGIN * (baseline.double() - truth).norm().item(), 1e-300)
-    assert error <= allowed, f"{name}: error {error:.3g} > allowed {allowed:.3g}"
-
-
 def _scores(x, templates):
     return TAU * torch.einsum("bck,nk->bcn", x, templates)
-
-
-def _marginal_prior(column_sums, channel_weight):
-    """The prior of the marginal estimator's ``input_grad``, ``w_c log max(pbar, tiny)``, with
-    ``pbar`` the column sums over their own mass, as ``ecloss_fast._ops`` forms it."""
-    pbar = column_sums / column_sums.sum(-1, keepdim=True)
-    return channel_weight[:, None] * pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()
-
-
-def _prior_dx(x, templates, row_weight, prior):
-    """float64 ``dx`` of the backend contract for a general ``prior (C, N)``:
-    ``tau sum_k p_k (w log p_k - prior_k - D) T_k``, ``D = sum_t p_t (w log p_t - prior_t)``."""
-    log_p = torch.log_softmax(_scores(x, templates), dim=-1)
-    z = row_weight[..., None] * log_p - prior
-    p = log_p.exp()
-    grad = p * (z - (p * z).sum(-1, keepdim=True))
-    return TAU * torch.einsum("bcn,nk->bck", grad, templates)
 
 
 def _near_ties(x, templates):
@@ -125,49 +94,43 @@ def _check_contract(backend, x, size, marginal, precision="ieee", seed=0):
     weight = channel_weight.expand(batch, channels).to(x.device)
     truth = evaluate_contract(x.double(), templates.double(), weight, marginal)
 
-    def rounded(tensor):  # the GPU kernels' operand rounding; tf32 through torch's own switch
-        return tensor.bfloat16().float() if precision == "bf16" else tensor.float()
-
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = x.is_cuda and precision == "tf32"
-    try:
-        baseline = evaluate_contract(rounded(x), rounded(templates), weight.float(), marginal)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    with tf32_products(x.is_cuda and precision == "tf32"):
+        baseline = evaluate_contract(rounded(x, precision), rounded(templates, precision),
+                                     weight.float(), marginal)
     # The CPU computes tf32 in full precision; bf16 with bfloat16 products where it has them.
-    relative = (GPU_RELATIVE[precision] if x.is_cuda or precision == "bf16"
+    relative = (PRECISION_RELATIVE[precision] if x.is_cuda or precision == "bf16"
                 else RELATIVE[accumulation])
     log_n = math.log(templates.shape[0])
 
     row_max, log_sum, neg_entropy = backend.row_stats(x, templates, TAU, precision)
     for statistic in (row_max, log_sum, neg_entropy):
         assert statistic.dtype == accumulation and statistic.shape == (batch, channels)
-    _assert_close("row_max", row_max, truth.row_max, baseline.row_max, relative)
-    _assert_close("log_sum", log_sum, truth.log_sum, baseline.log_sum, relative,
+    assert_close("row_max", row_max, truth.row_max, baseline.row_max, relative)
+    assert_close("log_sum", log_sum, truth.log_sum, baseline.log_sum, relative,
                   scale=log_n * batch * channels)
-    _assert_close("neg_entropy", neg_entropy, truth.neg_entropy, baseline.neg_entropy, relative,
+    assert_close("neg_entropy", neg_entropy, truth.neg_entropy, baseline.neg_entropy, relative,
                   scale=log_n * batch * channels)
 
     *statistics, neg_entropy_grad = backend.row_stats_with_grad(x, templates, TAU, precision)
     for name, statistic, expected, own in zip(("row_max", "log_sum", "neg_entropy"), statistics,
                                               truth, baseline):
-        _assert_close(f"{name} (with grad)", statistic, expected, own, relative,
+        assert_close(f"{name} (with grad)", statistic, expected, own, relative,
                       scale=0.0 if name == "row_max" else log_n * batch * channels)
     assert neg_entropy_grad.dtype == accumulation and neg_entropy_grad.shape == x.shape
-    _assert_close("neg_entropy_grad", neg_entropy_grad, truth.neg_entropy_grad,
+    assert_close("neg_entropy_grad", neg_entropy_grad, truth.neg_entropy_grad,
                   baseline.neg_entropy_grad, relative,
-                  scale=_dx_scale(1.0, templates.shape[0], x.numel()))
+                  scale=dx_scale(1.0, templates.shape[0], x.numel()))
 
     sums = backend.column_sums(x, templates, TAU, row_max, log_sum, precision)
     assert sums.dtype == accumulation and sums.shape == (channels, templates.shape[0])
-    _assert_close("column_sums", sums, truth.column_sums, baseline.column_sums, relative)
+    assert_close("column_sums", sums, truth.column_sums, baseline.column_sums, relative)
 
-    prior = _marginal_prior(sums, channel_weight.to(sums)) if marginal else None
+    prior = marginal_prior(sums, channel_weight.to(sums)) if marginal else None
     dx = backend.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior,
                             weight.to(accumulation).contiguous(), precision)
     assert dx.dtype == x.dtype and dx.shape == x.shape
-    _assert_close("dx", dx, truth.dx, baseline.dx, relative,
-                  scale=_dx_scale(weight.max().item(), templates.shape[0], x.numel()))
+    assert_close("dx", dx, truth.dx, baseline.dx, relative,
+                  scale=dx_scale(weight.max().item(), templates.shape[0], x.numel()))
 
 
 def _scaled_to_scores(x, templates, score_scale):
@@ -367,11 +330,11 @@ def test_input_grad_with_a_general_prior(maps, dtype, cpu_isa):
     row_max, log_sum, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "ieee")
     dx = cpp_cpu.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior.to(dtype),
                             weight.to(dtype).contiguous(), "ieee")
-    truth = _prior_dx(x.double(), templates.double(), weight, prior)
-    baseline = _prior_dx(x.float(), templates.float(), weight.float(), prior.float())
+    truth = prior_dx(x.double(), templates.double(), weight, prior)
+    baseline = prior_dx(x.float(), templates.float(), weight.float(), prior.float())
     size_of_terms = TAU * (prior.abs().max().item() + math.log(templates.shape[0])) * math.sqrt(
         x.numel())
-    _assert_close("dx", dx, truth, baseline, RELATIVE[dtype], scale=size_of_terms)
+    assert_close("dx", dx, truth, baseline, RELATIVE[dtype], scale=size_of_terms)
 
 
 @needs_extension
@@ -404,7 +367,7 @@ def test_results_are_deterministic_and_independent_of_threads(shape, cpu_isa):
         row_max, log_sum, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "ieee")
         sums = cpp_cpu.column_sums(x, templates, TAU, row_max, log_sum, "ieee")
         dx = cpp_cpu.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy,
-                                _marginal_prior(sums, channel_weight),
+                                marginal_prior(sums, channel_weight),
                                 channel_weight.expand(batch, channels).contiguous(), "ieee")
         with_grad = cpp_cpu.row_stats_with_grad(x, templates, TAU, "ieee")
         return row_max, log_sum, neg_entropy, sums, dx, *with_grad
@@ -456,7 +419,7 @@ def test_opcheck_schema_and_meta_kernels():
     x = peaked_maps(2, 3, 3, 4, seed=5).reshape(2, 3, 12)
     templates = contract_templates(3, 4, torch.float32)
     row_max, log_sum, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "ieee")
-    prior = _marginal_prior(cpp_cpu.column_sums(x, templates, TAU, row_max, log_sum, "ieee"),
+    prior = marginal_prior(cpp_cpu.column_sums(x, templates, TAU, row_max, log_sum, "ieee"),
                             torch.ones(3))
     cases = {
         "row_stats": (x, templates, TAU, "ieee"),
@@ -554,7 +517,7 @@ def test_marginal_loss_of_identical_maps_is_zero(maps, batch, value, cpu_isa):
     n = ef.num_templates(7)
     assert abs(loss.item()) <= RELATIVE[torch.float32] * math.log(n)
     # A minimum: the gradient vanishes too, to rounding of the terms it is a difference of.
-    assert dx.norm().item() <= RELATIVE[torch.float32] * _dx_scale(1 / batch, n, x.numel())
+    assert dx.norm().item() <= RELATIVE[torch.float32] * dx_scale(1 / batch, n, x.numel())
 
 
 def _maps_sharing_templates(seed):
@@ -592,7 +555,7 @@ def test_marginal_loss_of_peaked_maps_matches_float64_at_every_score_scale(score
     assert (loss.double() - expected).abs().max().item() <= rounding, (loss, expected)
     assert (loss >= -math.log(min(n, 8)) - rounding).all() and (loss <= rounding).all()
     assert torch.isfinite(dx).all()
-    scale = max(expected_dx.norm().item(), _dx_scale(1 / 8, n, x.numel()))
+    scale = max(expected_dx.norm().item(), dx_scale(1 / 8, n, x.numel()))
     assert (dx.double() - expected_dx).norm().item() <= RELATIVE[torch.float32] * scale
 
 
@@ -640,7 +603,7 @@ def test_ecloss_cpu_matches_reference(shape, maps, reduction, estimator, cpu_isa
     assert (loss.double() - expected).abs().max().item() <= 1e-5 * max(size, 1.0)
     assert dx.dtype == x.dtype
     row_weight = upstream.max().item() / shape[0] / (shape[1] if reduction == "mean" else 1)
-    scale = max(expected_dx.norm().item(), _dx_scale(row_weight, n, x.numel()))
+    scale = max(expected_dx.norm().item(), dx_scale(row_weight, n, x.numel()))
     assert (dx.double() - expected_dx).norm().item() <= 1e-5 * scale
 
 
@@ -769,7 +732,7 @@ def test_ecloss_cuda_matches_reference(estimator, precision, dtype):
     expected = ef.ecloss(reference_x, backend="reference", estimator=estimator)
     (dx,) = torch.autograd.grad(loss, x_in)
     (expected_dx,) = torch.autograd.grad(expected, reference_x)
-    relative = GPU_RELATIVE[precision]
+    relative = PRECISION_RELATIVE[precision]
     log_n = torch.log(torch.tensor(float(ef.num_templates(14)))).item()
     assert abs(loss.item() - expected.item()) <= relative * max(abs(expected.item()), log_n)
     assert dx.dtype == dtype

@@ -3,40 +3,24 @@
 ``row_stats_with_grad`` (statistics and ``neg_entropy_grad`` from one sweep) and
 ``input_grad`` with a prior (``D`` and ``dx`` from one sweep). Both fall back to the
 two-sweep kernels where the fused kernel would hold fewer blocks per SM
-(csrc/cuda_kernels.cu, ``runs_fused``): the small grids here run fused, the large grid
+(csrc/cuda_ops.cpp, ``runs_fused``): the small grids here run fused, the large grid
 test runs whichever the GPU picks for bf16 at K = 196. Every test needs a CUDA device.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
 
+from ecloss_fast._precision import PRECISIONS
 from ecloss_fast.backends import cpp_cuda
 from ecloss_fast.testing import peaked_maps, random_maps
-from _contract import contract_templates, evaluate_contract
-from test_cpp import GPU_RELATIVE, TAU, _assert_close, _dx_scale, _marginal_prior, _prior_dx
+from _contract import contract_templates, dx_scale, evaluate_contract, marginal_prior, prior_dx
+from _tolerance import PRECISION_RELATIVE, assert_close, rounded, tf32_products
 
-PRECISIONS = ["ieee", "tf32", "bf16"]
+TAU = 1e-3
 SHAPES = [(3, 5, 4, 6), (2, 3, 14, 14), (70, 2, 7, 7)]
-
-
-def _rounded(tensor, precision):
-    """The kernels' operand rounding; tf32 through torch's own switch (``_tf32_products``)."""
-    return tensor.bfloat16().float() if precision == "bf16" else tensor.float()
-
-
-@contextlib.contextmanager
-def _tf32_products(precision):
-    """torch's float32 GEMMs in TF32 for ``"tf32"``, for the float32 baselines; restored."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _check_row_stats_with_grad(x, size, precision, truth_rows=None):
@@ -53,20 +37,20 @@ def _check_row_stats_with_grad(x, size, precision, truth_rows=None):
     part = slice(0, truth_rows or batch)
     unit_weight = torch.ones(x[part].shape[:2], dtype=torch.float64, device=x.device)
     truth = evaluate_contract(x[part].double(), templates.double(), unit_weight, False)
-    with _tf32_products(precision):
-        baseline = evaluate_contract(_rounded(x[part], precision),
-                                     _rounded(templates, precision), unit_weight.float(), False)
-    relative = GPU_RELATIVE[precision]
+    with tf32_products(precision == "tf32"):
+        baseline = evaluate_contract(rounded(x[part], precision),
+                                     rounded(templates, precision), unit_weight.float(), False)
+    relative = PRECISION_RELATIVE[precision]
     log_n = math.log(templates.shape[0])
     rows = unit_weight.numel()
-    _assert_close("row_max", row_max[part], truth.row_max, baseline.row_max, relative)
-    _assert_close("log_sum", log_sum[part], truth.log_sum, baseline.log_sum, relative,
+    assert_close("row_max", row_max[part], truth.row_max, baseline.row_max, relative)
+    assert_close("log_sum", log_sum[part], truth.log_sum, baseline.log_sum, relative,
                   scale=log_n * rows)
-    _assert_close("neg_entropy", neg_entropy[part], truth.neg_entropy, baseline.neg_entropy,
+    assert_close("neg_entropy", neg_entropy[part], truth.neg_entropy, baseline.neg_entropy,
                   relative, scale=log_n * rows)
-    _assert_close("neg_entropy_grad", grad[part], truth.neg_entropy_grad,
+    assert_close("neg_entropy_grad", grad[part], truth.neg_entropy_grad,
                   baseline.neg_entropy_grad, relative,
-                  scale=_dx_scale(1.0, templates.shape[0], x[part].numel()))
+                  scale=dx_scale(1.0, templates.shape[0], x[part].numel()))
 
     # The same scores as row_stats: the same maxima (a max is exact); the sums to rounding.
     expected_max, expected_log_sum, expected_neg_entropy = cpp_cuda.row_stats(
@@ -78,9 +62,9 @@ def _check_row_stats_with_grad(x, size, precision, truth_rows=None):
     expected_grad = cpp_cuda.input_grad(x.float(), templates, TAU, expected_max,
                                         expected_log_sum, expected_neg_entropy, None,
                                         torch.ones_like(expected_max), precision)
-    _assert_close("neg_entropy_grad against input_grad", grad, expected_grad.double(),
+    assert_close("neg_entropy_grad against input_grad", grad, expected_grad.double(),
                   expected_grad, relative,
-                  scale=_dx_scale(1.0, templates.shape[0], x.numel()))
+                  scale=dx_scale(1.0, templates.shape[0], x.numel()))
 
 
 @pytest.mark.gpu
@@ -118,13 +102,13 @@ def _check_prior_input_grad(x, size, precision, prior, channel_weight):
     dx = cpp_cuda.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior.float(),
                              weight.float().contiguous(), precision)
     assert dx.dtype == x.dtype and dx.shape == x.shape
-    truth = _prior_dx(x.double(), templates.double(), weight, prior)
-    with _tf32_products(precision):
-        baseline = _prior_dx(_rounded(x, precision), _rounded(templates, precision),
+    truth = prior_dx(x.double(), templates.double(), weight, prior)
+    with tf32_products(precision == "tf32"):
+        baseline = prior_dx(rounded(x, precision), rounded(templates, precision),
                              weight.float(), prior.float())
     size_of_terms = TAU * (prior.abs().max().item() + math.log(templates.shape[0])) * math.sqrt(
         x.numel()) * weight.abs().max().item()
-    _assert_close("dx", dx, truth, baseline, GPU_RELATIVE[precision], scale=size_of_terms)
+    assert_close("dx", dx, truth, baseline, PRECISION_RELATIVE[precision], scale=size_of_terms)
 
 
 @pytest.mark.gpu
@@ -138,7 +122,7 @@ def test_input_grad_with_a_marginal_prior_matches_float64(shape, maps, precision
     generator = torch.Generator().manual_seed(b)
     channel_weight = (torch.rand(c, generator=generator, dtype=torch.float64) + 0.5).cuda()
     sums = evaluate_contract(x.double(), templates, channel_weight.expand(b, c), True).column_sums
-    _check_prior_input_grad(x, (h, w), precision, _marginal_prior(sums, channel_weight),
+    _check_prior_input_grad(x, (h, w), precision, marginal_prior(sums, channel_weight),
                             channel_weight)
 
 
@@ -165,4 +149,4 @@ def test_input_grad_with_a_prior_of_half_maps(dtype):
     channel_weight = torch.full((c,), 0.25, dtype=torch.float64, device="cuda")
     sums = evaluate_contract(x.double(), templates, channel_weight.expand(b, c), True).column_sums
     _check_prior_input_grad(x, (14, 14), "bf16" if dtype == torch.bfloat16 else "tf32",
-                            _marginal_prior(sums, channel_weight), channel_weight)
+                            marginal_prior(sums, channel_weight), channel_weight)

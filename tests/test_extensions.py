@@ -13,6 +13,7 @@ tests/test_distributed.py (its cases include ``diversity``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -122,12 +123,12 @@ def test_reference_diversity_is_the_definition_in_float64():
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
 def test_diversity_gradcheck_float64(estimator):
     x = random_maps(3, 3, 3, 2, dtype=torch.float64, seed=11).requires_grad_()
-    fn = lambda t: ef.ecloss(t, tau=0.7, estimator=estimator, reduction="none", backend="torch",
-                             diversity=1.3)
+    fn = functools.partial(ef.ecloss, tau=0.7, estimator=estimator, reduction="none",
+                           backend="torch", diversity=1.3)
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
     x = peaked_maps(3, 2, 3, 3, dtype=torch.float64, seed=12, scale=30.0).requires_grad_()
-    fn = lambda t: ef.ecloss(t, tau=0.05, estimator=estimator, templates=20, backend="torch",
-                             diversity=0.4, reduction="sum")
+    fn = functools.partial(ef.ecloss, tau=0.05, estimator=estimator, templates=20,
+                           backend="torch", diversity=0.4, reduction="sum")
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -203,8 +204,8 @@ def test_normalize_matches_the_definition(backend, maps, estimator, reduction):
 def test_normalize_gradcheck_float64():
     x = random_maps(3, 2, 3, 3, dtype=torch.float64, seed=4).requires_grad_()
     for estimator in ("uniform", "marginal"):
-        fn = lambda t: ef.ecloss(t, tau=3.0, estimator=estimator, reduction="none",
-                                 backend="torch", normalize=True, diversity=0.6)
+        fn = functools.partial(ef.ecloss, tau=3.0, estimator=estimator, reduction="none",
+                               backend="torch", normalize=True, diversity=0.6)
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 

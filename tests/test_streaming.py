@@ -1,4 +1,5 @@
 """Backend ``torch`` (streaming) against the reference: values and gradients."""
+import functools
 import math
 
 import pytest
@@ -103,10 +104,12 @@ def test_very_peaked_scores_do_not_overflow(monkeypatch):
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
 def test_gradcheck_float64(estimator):
     x = random_maps(2, 3, 3, 2, dtype=torch.float64, seed=11).requires_grad_()
-    fn = lambda t: ef.ecloss(t, tau=0.7, estimator=estimator, reduction="none", backend="torch")
+    fn = functools.partial(ef.ecloss, tau=0.7, estimator=estimator, reduction="none",
+                           backend="torch")
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
     x = peaked_maps(3, 2, 3, 3, dtype=torch.float64, seed=12, scale=30.0).requires_grad_()
-    fn = lambda t: ef.ecloss(t, tau=0.05, estimator=estimator, templates=20, backend="torch")
+    fn = functools.partial(ef.ecloss, tau=0.05, estimator=estimator, templates=20,
+                           backend="torch")
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 

@@ -1,8 +1,8 @@
 """Backend ``cpu``: the fused C++ kernels of csrc/cpu_kernels.cpp, float32 and float64.
 
 Each function is one call of ``torch.ops.ecloss_fast_C.*`` (schema in csrc/ops.cpp), which
-the extension ``ecloss_fast._C`` registers when imported; see ``ecloss_fast.backends`` for
-the contract. ``precision="bf16"`` on float32 and bfloat16 maps uses bfloat16 products
+the extension ``ecloss_fast._C`` registers when imported: the contract of docs/design.md
+section 9. ``precision="bf16" on float32 and bfloat16 maps uses bfloat16 products
 (``vdpbf16ps``, float32 accumulation) where the CPU has AVX-512 BF16, and full float32
 elsewhere; ``"ieee"`` and ``"tf32"`` compute in full float32 (float64 maps in float64).
 float16 inputs run in float32 (``"fp16"``, the resolution of ``precision=None`` for float16
@@ -26,6 +26,7 @@ import os
 import torch
 
 from ecloss_fast._build_info import recorded_torch_version
+from ecloss_fast._precision import PRECISIONS, extension_precision
 
 __all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
            "column_sums", "input_grad", "extension_error", "extension_torch_version", "TAKES",
@@ -55,6 +56,20 @@ def _torch_mismatch(path: str | None) -> str | None:
             f"or `pip install --no-build-isolation -e .`")
 
 
+def _other_sources() -> str | None:
+    """Why the loaded extension does not fit this package's Python: its precision names
+    (``precisions()``, from csrc/ecloss_precision.h) are not ``_precision.PRECISIONS`` (a
+    build older than this change of the sources, or names changed on one side only)."""
+    ops = torch.ops.ecloss_fast_C
+    names = tuple(ops.precisions()) if hasattr(ops, "precisions") else None
+    if names == PRECISIONS:
+        return None
+    return (f"the C++ extension {_EXTENSION} does not match this package's Python: it names "
+            f"the precisions {names or '(no list: an older build)'}, the Python "
+            f"{PRECISIONS}; rebuild it with `python setup.py build_ext --inplace` or "
+            f"`pip install --no-build-isolation -e .`")
+
+
 def _import_extension() -> tuple[str | None, str | None]:
     """(why the extension is unavailable, why its build does not fit this process)."""
     mismatch = _torch_mismatch(_extension_path())
@@ -65,7 +80,8 @@ def _import_extension() -> tuple[str | None, str | None]:
     except ImportError as error:
         return (f"the C++ extension {_EXTENSION} was not built or does not load ({error}); "
                 f"{_BUILD_HINT}"), None
-    return None, None
+    mismatch = _other_sources()
+    return mismatch, mismatch
 
 
 extension_error, _build_problem = _import_extension()
@@ -124,12 +140,6 @@ def isa_in_use() -> str:
     """The path the kernels run: ``ECLOSS_FAST_CPU_ISA`` if set, else the best this CPU has."""
     _apply_isa_variable()
     return torch.ops.ecloss_fast_C.cpu_isa()
-
-
-def extension_precision(precision: str, float16_products: str) -> str:
-    """The extension's name for ``precision``: it knows ``"ieee"``, ``"tf32"`` and ``"bf16"``,
-    and ``"fp16"`` takes ``float16_products``."""
-    return float16_products if precision == "fp16" else precision
 
 
 def row_stats(x, templates, tau, precision):

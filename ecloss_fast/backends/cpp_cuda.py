@@ -1,4 +1,4 @@
-"""Backend ``cuda``: the fused tensor-core kernels of csrc/cuda_kernels.cu.
+"""Backend ``cuda``: the fused tensor-core kernels of csrc/cuda_sweep.cuh (csrc/cuda_ops.cpp).
 
 float32, float16 and bfloat16 inputs; ``precision`` picks the matrix unit: ``"tf32"`` and
 ``"bf16"`` run WMMA (mma.sync) on the tensor cores (operands rounded, float32
@@ -6,24 +6,28 @@ accumulation), ``"ieee"`` plain float32 FMAs. The kernels have no float16 produc
 ``"fp16"`` (``precision=None`` for float16 maps) runs TF32 products instead: a TF32
 operand holds every float16 value exactly (the same 10-bit mantissa, a wider exponent) and
 the templates are rounded to that mantissa, so float16 maps lose nothing against float16
-matrix units; the cost is the TF32 rate, half the float16 one. Not run on
-a GPU yet: see bench/NOTES.md. Each function is one call of ``torch.ops.ecloss_fast_C.*``,
-as in the CPU backend: the dispatcher sends CUDA tensors to the CUDA kernels, which read the
-templates from ``operand_templates(templates, precision)``, made once and cached.
+matrix units; the cost is the TF32 rate, half the float16 one. Each function is one call
+of ``torch.ops.ecloss_fast_C.*``, as in the CPU backend: the dispatcher sends CUDA tensors
+to the CUDA kernels, which read the templates from ``operand_templates(templates,
+precision)``, made once and cached. The contract: docs/design.md section 9.
 """
 from __future__ import annotations
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ecloss_fast._precision import extension_precision
 from ecloss_fast._templates import prepared_templates
-from ecloss_fast.backends.cpp_cpu import build_problem, extension_error, extension_precision
+from ecloss_fast.backends.cpp_cpu import build_problem, extension_error
 
 __all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
            "column_sums", "input_grad", "warm_up", "operand_templates", "round_to_tf32", "TAKES"]
 
-TEMPLATE_TILE = 32  # kBlockTemplates of csrc/cuda_kernels.cu: templates per tile
-PIXEL_MULTIPLE = 16  # the kernels pad K to the bf16 WMMA k step
+# The operand layout of the kernels (csrc/ecloss_layout.h), checked against the extension's
+# operand_layout() when this module loads: templates per tile, and the multiple that K is
+# padded to (the bf16 WMMA k step).
+TEMPLATE_TILE = 32
+PIXEL_MULTIPLE = 16
 
 # The float32 operand copy of prepared_templates -> its TF32 rounding: an entry goes with
 # that copy, which goes with its source matrix or an in-place change of it.
@@ -34,9 +38,28 @@ def _has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("ecloss_fast_C::row_stats", "CUDA")
 
 
+def _layout_problem() -> str | None:
+    """Why the extension's operand layout is not this module's (``None``: it is)."""
+    if extension_error is not None:
+        return None
+    layout = tuple(torch.ops.ecloss_fast_C.operand_layout())
+    if layout == (TEMPLATE_TILE, PIXEL_MULTIPLE):
+        return None
+    return (f"the extension ecloss_fast._C lays out operand templates in tiles of {layout[0]} "
+            f"templates with K padded to a multiple of {layout[1]}, this module in "
+            f"{TEMPLATE_TILE} and {PIXEL_MULTIPLE}: rebuild it with `python setup.py build_ext "
+            f"--inplace`, and if that does not help, make csrc/ecloss_layout.h and "
+            f"ecloss_fast/backends/cpp_cuda.py agree")
+
+
+_LAYOUT_PROBLEM = _layout_problem()
+
+
 def availability() -> str | None:
     if extension_error is not None:
         return extension_error
+    if _LAYOUT_PROBLEM is not None:
+        return _LAYOUT_PROBLEM
     if not _has_cuda_kernels():
         return ("the extension ecloss_fast._C was built without its CUDA kernels (no CUDA "
                 "toolkit or a CPU build of torch at build time); install the CUDA toolkit "

@@ -3,13 +3,15 @@
 It walks the templates in chunks sized so that a ``rows x chunk`` score block stays near
 ``_CHUNK_ELEMENTS``, keeps the online-softmax state per row, and recomputes the scores in
 the backward pass, so nothing of size ``B x C x N`` is allocated. It is the fused
-kernels' algorithm written with library GEMMs; see ``ecloss_fast.backends`` for the contract.
+kernels' algorithm written with library GEMMs, for the contract of docs/design.md section 9.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from ecloss_fast._precision import HALF_OPERAND_DTYPES
 
 __all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
            "input_grad", "TAKES"]
@@ -41,7 +43,6 @@ def _chunks(num_rows: int, num_templates: int):
 # Half-precision products are emulated exactly (operands rounded, float32 GEMM: a product of
 # two bfloat16 or two float16 values is exact in float32), so they need full float32 GEMMs.
 _GEMM_SETTING = {"ieee": "highest", "tf32": "high", "bf16": "highest", "fp16": "highest"}
-_HALF_OPERANDS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def _matmul_precision(precision: str):
 def _operands(x: torch.Tensor, templates: torch.Tensor, precision: str):
     """Rows ``(B*C, K)`` and templates in the accumulation dtype, rounded for ``bf16``/``fp16``."""
     rows = x.reshape(-1, x.shape[-1]).to(templates.dtype)
-    half = _HALF_OPERANDS.get(precision)
+    half = HALF_OPERAND_DTYPES.get(precision)
     if half is not None and templates.dtype == torch.float32:
         return rows.to(half).float(), templates.to(half).float()
     return rows, templates

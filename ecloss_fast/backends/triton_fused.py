@@ -1,6 +1,6 @@
 """The ``triton`` backend: fused Triton kernels for ECLoss, forward and backward.
 
-Implements the contract of ``ecloss_fast.backends`` (``availability``, ``supports``,
+Implements the backend contract of docs/design.md section 9 (``availability``, ``supports``,
 ``row_stats``, ``row_stats_with_grad``, ``column_sums``, ``input_grad``, and ``warm_up`` with
 its ``launch_class``, which ``backend="auto"`` runs before a route's first call). The
 kernels, one per file, are in ``ecloss_fast.triton_kernels``; this module picks the compiled or the
@@ -43,6 +43,7 @@ import os
 import torch
 
 from ecloss_fast._dtypes import accumulation_dtype
+from ecloss_fast._precision import FP64, HALF_OPERAND_DTYPES, operand_kind, triton_operands
 
 __all__ = ["availability", "supports", "row_stats", "row_stats_with_grad", "column_sums",
            "input_grad", "warm_up", "launch_class", "TAKES"]
@@ -78,8 +79,8 @@ def supports(device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
     """CUDA devices (CPU only under ``TRITON_INTERPRET=1``: Triton's interpreter); float16,
     bfloat16, float32 and float64 maps of at most 1024 pixels (``configs.K_CLASSES``).
 
-    Float64 runs float64 matrix instructions (``mma`` f64 on Ampere and Hopper, about
-    1/15 of the bfloat16 rate) with float64 accumulation (docs/design.md section 4).
+    Float64 maps run float64 matrix instructions (``mma.sync`` f64: ``configs`` says
+    which shape) with float64 accumulation (docs/design.md section 4.3).
     """
     device = torch.device(device)
     on_device = device.type == "cuda" or (device.type == "cpu" and _interpret_requested())
@@ -94,32 +95,6 @@ def _interpreted_on(device: torch.device) -> bool:
     return device.type == "cpu" or _interpret_requested()
 
 
-def _operands(dtype: torch.dtype, precision: str, interpreted: bool) -> str:
-    """The kernels' ``OPERANDS`` value: what the matrix unit multiplies (see ``_tiles``).
-
-    ``precision`` is ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"`` (the resolution of
-    ``precision=None`` for float16 maps). The one place that routes products to their
-    emulated kinds under the interpreter: half-precision products to float32 products of
-    half-rounded operands, since its bfloat16 ``tl.dot`` is wrong (triton 3.8), and float32
-    products to float64 sums (``"ieee_emulated"``), since its float32 ``tl.dot`` (numpy's
-    matmul) sums in an order that depends on the tile shape and the CPU, so two kernels
-    would round the same score differently (docs/design.md section 4.1). The interpreter
-    has no TF32: ``"tf32"`` is emulated as ``"ieee"``.
-    """
-    if dtype == torch.float64:
-        return "fp64"
-    if precision not in ("ieee", "tf32", "bf16", "fp16"):
-        raise ValueError(f"precision must be 'ieee', 'tf32', 'bf16' or 'fp16', got {precision!r}")
-    if interpreted:
-        return "ieee_emulated" if precision in ("ieee", "tf32") else f"{precision}_emulated"
-    return precision
-
-
-_OPERAND_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_HALF_ROUNDING = {**_OPERAND_DTYPE, "bf16_emulated": torch.bfloat16,
-                  "fp16_emulated": torch.float16}
-
-
 def _operand_maps(x: torch.Tensor, operands: str) -> torch.Tensor:
     """``x`` as the kernels read it. For half products: rounded once to the half type, as the
     kernels' ``to_operand`` would round it (to nearest even); that halves its traffic and
@@ -128,7 +103,7 @@ def _operand_maps(x: torch.Tensor, operands: str) -> torch.Tensor:
     exact, as the kernels would widen each tile; so these routes run float32 maps' kernels,
     where widening a half row tile in registers spilled (bfloat16 ``row_stats`` at ieee, 304
     bytes; ``input_grad`` at tf32, 112; bench/NOTES.md) and would be more compiles."""
-    half = _HALF_ROUNDING.get(operands)
+    half = HALF_OPERAND_DTYPES.get(operand_kind(operands))
     if half is None and x.dtype in (torch.float16, torch.bfloat16):
         half = torch.float32
     return (x if half is None else x.to(half)).contiguous()
@@ -140,7 +115,7 @@ def _operand_templates(templates: torch.Tensor, operands: str, block_n: int) -> 
     chunks' total and rows to whole ``block_n`` tiles, so template loads need no mask."""
     from ecloss_fast._templates import prepared_templates
 
-    dtype = _OPERAND_DTYPE.get(operands, templates.dtype)
+    dtype = HALF_OPERAND_DTYPES.get(operands, templates.dtype)  # emulations round in-kernel
     return prepared_templates(templates, dtype, sum(_chunks(templates.shape[-1])), block_n)
 
 
@@ -163,11 +138,11 @@ def _common_constants(x: torch.Tensor, tau: float, precision: str):
     import triton.language as tl
 
     interpreted = _interpreted(x)
-    operands = _operands(x.dtype, precision, interpreted)
+    operands = triton_operands(x.dtype, precision, interpreted)
     chunks = _chunks(x.shape[-1])
     return interpreted, operands, dict(
         TAU=float(tau), K=x.shape[-1], K0=chunks[0], K1=chunks[1], K2=chunks[2],
-        OPERANDS=operands, ACC=tl.float64 if operands == "fp64" else tl.float32,
+        OPERANDS=operands, ACC=tl.float64 if operands == FP64 else tl.float32,
         INTERPRETED=interpreted)
 
 
@@ -230,7 +205,7 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
         for config in configs.candidates(kernel_name, operands, capability, k):
             try:
                 timings[config] = triton.testing.do_bench(lambda config=config: launch(config))
-            except Exception:  # noqa: BLE001: a candidate that does not fit is not timed
+            except Exception:  # noqa: BLE001 -- a candidate that does not fit is not timed
                 continue
         if not timings:  # none fits: the default's own error, as without tuning
             launch(configs.default(kernel_name, operands, capability, rows, multiprocessors, k))
@@ -249,24 +224,14 @@ def _fused(route: str, x: torch.Tensor, operands: str, interpreted: bool) -> boo
 
 def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
               precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``row_max``, ``log_sum`` and ``neg_entropy`` per feature map, one sweep (contract).
-
-    ``x``: ``(B, C, K)`` contiguous, float16/bfloat16/float32/float64. ``templates``:
-    ``(N, K)`` contiguous, unit-scaled, accumulation dtype. Returns three ``(B, C)``
-    tensors in the accumulation dtype: ``max_t s``, ``log sum_t exp(s - row_max)`` and
-    ``sum_t p (s - row_max) - log_sum``.
-    """
+    """docs/design.md section 9: one online-softmax sweep (``row_stats_kernel``)."""
     return _row_stats(x, templates, tau, precision, False)
 
 
 def row_stats_with_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, precision: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``row_stats`` and ``neg_entropy_grad`` from the same sweep of exponentials (contract).
-
-    ``neg_entropy_grad[b,c,:] = tau * sum_t p ((s - row_max) - E) T[t,:]``, ``(B, C, K)`` in
-    the accumulation dtype, from the online sums ``U = sum e^(s-m) T`` and
-    ``V = sum e^(s-m) (s-m) T`` (``row_stats_kernel`` with ``WITH_GRAD``). The statistics
-    are bitwise ``row_stats``' (the same score product). Where a configuration keeps the
+    """docs/design.md section 9: ``row_stats_kernel`` with ``WITH_GRAD`` (the online sums
+    ``U`` and ``V``; the statistics bitwise ``row_stats``'). Where a configuration keeps the
     gradient in column slices (``dx_columns``), each slice repeats the score product and
     the exponentials; where that is predicted slower (``configs.FUSED``) the gradient is
     ``input_grad`` with unit row weights after ``row_stats``, written in the accumulation
@@ -277,7 +242,7 @@ def row_stats_with_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, pr
 
 def _row_stats_with_grad(x, templates, tau, precision, compile_only=False):
     interpreted = _interpreted(x)
-    if _fused("row_stats_grad", x, _operands(x.dtype, precision, interpreted), interpreted):
+    if _fused("row_stats_grad", x, triton_operands(x.dtype, precision, interpreted), interpreted):
         return _row_stats(x, templates, tau, precision, True, compile_only)
     row_max, log_sum, neg_entropy = _row_stats(x, templates, tau, precision, False,
                                                compile_only)
@@ -319,7 +284,7 @@ def _row_stats(x, templates, tau, precision, with_grad, compile_only=False):
 
 def column_sums(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: torch.Tensor,
                 log_sum: torch.Tensor, precision: str) -> torch.Tensor:
-    """``sum_b p[b,c,t]`` as a ``(C, N)`` tensor in the accumulation dtype (contract).
+    """docs/design.md section 9 (``column_sums_kernel``).
 
     Deterministic: a program owns ``channels x block_b`` maps and a range of templates;
     when ``B`` spans several batch blocks their partial sums are added by ``torch.sum``
@@ -370,16 +335,8 @@ def _column_sums(x, templates, tau, row_max, log_sum, precision, compile_only=Fa
 def input_grad(x: torch.Tensor, templates: torch.Tensor, tau: float, row_max: torch.Tensor,
                log_sum: torch.Tensor, neg_entropy: torch.Tensor, prior: torch.Tensor | None,
                row_weight: torch.Tensor, precision: str) -> torch.Tensor:
-    """``dx`` of ECLoss, scores recomputed, shape and dtype of ``x`` (contract)::
-
-        log p     = (s - row_max) - log_sum,      E = neg_entropy + log_sum
-        no prior: dx[b,c,:] = tau * w * sum_k p_k ((s_k - row_max) - E) T[k,:]
-        prior:    dx[b,c,:] = tau * sum_k p_k (w log p_k - prior[c,k] - D) T[k,:],
-                  D = sum_t p_t (w log p_t - prior[c,t]) / sum_t p_t
-
-    with ``w = row_weight[b,c]``. ``prior`` is ``(C, N)`` or ``None``; the row statistics
-    and ``row_weight`` are ``(B, C)`` in the accumulation dtype. With a prior ``D`` is
-    accumulated in the gradient sweep (one sweep, a second accumulator) or, where
+    """docs/design.md section 9 (``input_grad_kernel``, scores recomputed). With a prior
+    ``D`` is accumulated in the gradient sweep (one sweep, a second accumulator) or, where
     ``configs.FUSED`` predicts that slower, taken by a sweep of its own
     (``row_prior_kernel``) first.
     """
@@ -471,7 +428,7 @@ def launch_class(device: torch.device, dtype: torch.dtype, rows: int, pixels: in
     device = torch.device(device)
     if _interpreted_on(device):
         return None
-    operands = _operands(dtype, precision, False)
+    operands = triton_operands(dtype, precision, False)
     capability, multiprocessors = _device_traits(device)
     return tuple(configs.default(name, operands, capability, rows, multiprocessors, pixels)
                  for name in configs.KERNELS)

@@ -4,9 +4,9 @@ Every kernel forms its scores with ``scores`` (the same ``products``, the same `
 chunks, then one rounded multiply by ``tau``), so the scores that a backward or marginal
 sweep recomputes are bitwise those that gave ``row_max``: at float32 scores near 1e7 one
 ulp is about 1, and a shift of one ulp would scale ``p`` by ``e``. The per-element order
-of accumulation does not depend on the tile shape: the FMA products (``"ieee"``,
-``"fp64"``) run ``k`` in order whatever the tile; for the matrix units the launch
-configurations keep one instruction shape per operand kind (see ``configs``).
+of accumulation does not depend on the tile shape: the FMA products (``"ieee"``) run ``k``
+in order whatever the tile; for the matrix units, float64's ``mma.sync`` among them, the
+launch configurations keep one instruction shape per operand kind (see ``configs``).
 
 The reduction length ``K = H*W`` is rarely a power of two (196 for 14x14) and ``tl.arange``
 needs one, so a row of ``x`` or of the templates is held as up to three power-of-two
@@ -21,7 +21,8 @@ from their sums (score -inf or weight 0 for ``t >= N``). An absent chunk has wid
 helpers then return the first chunk in its place, which the callers never read (the
 compiler drops it).
 
-``OPERANDS`` (a constexpr string chosen by the launcher) fixes what the matrix unit sees:
+``OPERANDS`` (a constexpr string that the launcher takes from ``ecloss_fast._precision``'s
+vocabulary) fixes what the matrix unit sees:
 
 * ``"ieee"``: float32 operands, full-precision products (``input_precision="ieee"``);
 * ``"tf32"``: float32 operands, TF32 products;
@@ -35,7 +36,8 @@ compiler drops it).
   templates): a float16 weight ``p * (s - E)`` underflows near a uniform softmax (``p`` near
   ``1/N``, ``s - E`` near 1e-3 at ``tau = 1e-3``: about 5e-8, float16's smallest subnormal);
 * ``"fp16_emulated"``: the float16 rounding, then float32 products, in the interpreter;
-* ``"fp64"``: float64 operands and accumulation (float64 inputs);
+* ``"fp64"``: float64 operands and accumulation (float64 inputs), on the float64 matrix
+  instructions (``mma.sync`` f64; see ``configs``);
 * ``"ieee_emulated"``: float32 operands whose products (exact in float64) are summed in
   float64 and rounded once to float32 per chunk. Only the interpreter uses it (for
   ``"ieee"`` and ``"tf32"``): its float32 ``tl.dot`` is numpy's matmul, whose order of

@@ -1,14 +1,14 @@
 """Launch configurations of the ECLoss kernels for Hopper and Ampere, and the choice among them.
 
-None of these numbers was timed: this project has not had a GPU yet. What was checked is
-that each one fits an H100, from the compiled kernel, under triton 3.6 (the GPU machine's)
-and 3.8: ``python -m bench.kernels`` compiles every configuration below, for every route a
-loss call can take (input dtype and precision), for ``sm_90`` with the runtime JIT's own
-specialisation and reads registers, spills (``cuobjdump`` ``STACK``, ``ptxas -v`` spill
-stores) and shared memory; tests/test_triton_compile.py asserts, for every default, no
-spills (or one justified in bench/NOTES.md) and at most 227 KB of shared memory.
-bench/NOTES.md ("Triton kernel resources") has the table. Measure speed and replace
-(``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on first use of a shape).
+Each configuration is chosen to fit an H100: ``python -m bench.kernels`` compiles every
+configuration below, for every route a loss call can take (input dtype and precision), for
+``sm_90`` with the runtime JIT's own specialisation and reads registers, spills
+(``cuobjdump`` ``STACK``, ``ptxas -v`` spill stores) and shared memory;
+tests/test_triton_compile.py asserts, for every default, no spills (or one justified in
+bench/NOTES.md) and at most 227 KB of shared memory. What was compiled, under which
+Triton, and what was timed: bench/NOTES.md ("Triton kernel resources"). Speed is to be
+measured and the tables replaced (``ECLOSS_TRITON_AUTOTUNE=1`` times every candidate on
+first use of a shape).
 
 Tables are keyed by kernel (``input_grad_prior`` is ``input_grad`` with a prior: the same
 kernel with more registers live; ``row_stats_grad`` is ``row_stats`` with ``WITH_GRAD`` and
@@ -46,7 +46,11 @@ per warp. Each warpgroup then owns 64 rows and the whole template tile, and Hopp
 ``wgmma`` shape (m64 x ``block_n``) in all of them (TF32 at ``K <= 1024``: 2 warps, so
 ``mma.sync`` in all of them); Ampere's ``mma.sync`` shape does not depend on the tile.
 Without that, two kernels could accumulate a score's products in a different hardware
-order. The FMA kinds (``ieee``, ``fp64``) accumulate ``k`` in order in any tile.
+order. The FMA kind (``ieee``) accumulates ``k`` in order in any tile. Float64 (``fp64``)
+runs float64 matrix instructions, ``mma.sync`` with f64 operands, whose shape Triton picks
+by release and device, the same in every kernel and tile here (read from the PTX of every
+default at K = 196 and 784): m8n8k4 under triton 3.8 on sm_80 and sm_90, and under 3.6
+m8n8k4 on sm_80, m16n8k16 on sm_90.
 """
 from __future__ import annotations
 
@@ -54,9 +58,10 @@ import dataclasses
 
 import triton
 
+from ecloss_fast._precision import OPERAND_KINDS, operand_kind
+
 KERNELS = ("row_stats", "row_stats_grad", "column_sums", "row_prior", "input_grad",
            "input_grad_prior", "input_grad_prior_fused")
-OPERAND_KINDS = ("bf16", "fp16", "tf32", "ieee", "fp64")
 K_CLASSES = (256, 1024)
 
 
@@ -88,7 +93,7 @@ def k_class(k: int) -> int:
 _C = LaunchConfig
 # Candidates per (kernel, operand kind, K class) for Hopper; the first is the default.
 # Each one compiles without spills and within 227 KB of shared memory (bench.kernels,
-# triton 3.8) unless bench/NOTES.md says otherwise; none was timed.
+# triton 3.8) unless bench/NOTES.md says otherwise.
 HOPPER: dict[tuple[str, str, int], tuple[LaunchConfig, ...]] = {
     ("row_stats", "bf16", 256): (_C(128, 64, 8, 3), _C(64, 64, 4, 3)),
     ("row_stats", "tf32", 256): (_C(128, 16, 8, 3), _C(64, 16, 4, 3)),
@@ -190,12 +195,6 @@ FUSED.update({(route, "fp16", k): FUSED[(route, "bf16", k)] for route, _, k in l
 # Ampere: same tiles, one pipeline stage fewer (164 KB of shared memory on A100).
 AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in value)
           for key, value in HOPPER.items()}
-
-
-def operand_kind(operands: str) -> str:
-    """Configuration family of a kernel ``OPERANDS`` value: its own, the interpreter's
-    emulations their kind's (float16 products have their own tiles: see ``HOPPER``)."""
-    return operands.removesuffix("_emulated")
 
 
 def candidates(kernel: str, operands: str, capability: tuple[int, int],
