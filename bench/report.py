@@ -70,11 +70,14 @@ def enrich(document: dict) -> dict:
             continue
         workload, peak = _workload(record), peaks.get(record["case"]["precision"])
         record["tflops"], record["peak_fraction"], record["speedup_vs_reference"] = {}, {}, {}
+        record["over_floor"] = {}
         for pass_name, timing in timings.items():
             rate = workload.flops(record["estimator"], pass_name) / timing["median_ms"] / 1e9
             record["tflops"][pass_name] = rate
             if peak:
                 record["peak_fraction"][pass_name] = rate / peak
+                # The floor: the pass's GEMM flops at this run's peak (the FMA rate on a CPU).
+                record["over_floor"][pass_name] = peak / rate
             baseline = reference.get(_case_key(record), {}).get(pass_name)
             if baseline:
                 record["speedup_vs_reference"][pass_name] = (
@@ -165,7 +168,8 @@ def markdown(document: dict) -> str:
              + (f"; FMA rates: {_rates(meta['fma_peak_tflops'])}"
                 if meta.get("fma_peak_tflops") else "")
              + ". Times are medians in ms; speedup is the reference's time over the route's "
-             "(same run); TFLOP/s counts the useful flops of docs/design.md section 6; memory is the "
+             "(same run); TFLOP/s counts the useful flops of docs/design.md section 6; over floor is the "
+             "time over those flops at the peak; memory is the "
              "peak beyond the inputs for one forward+backward."]
     lines += _cpu_line(meta)
     lines += _headline(document)
@@ -177,13 +181,14 @@ def markdown(document: dict) -> str:
     for records in by_case.values():
         lines += ["", "### " + _case_title(records[0]["case"], records[0]["num_templates"]), "",
                   "| route | fwd | bwd | fwd+bwd | speedup fwd+bwd | TFLOP/s | % peak | "
-                  "memory MiB | status |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "over floor | memory MiB | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for record in records:
             both = "forward_backward"
             speedup = record.get("speedup_vs_reference", {}).get(both)
             rate = record.get("tflops", {}).get(both)
             fraction = record.get("peak_fraction", {}).get(both)
+            over_floor = record.get("over_floor", {}).get(both)
             memory = record.get("peak_bytes")
             lines.append(
                 f"| {_route_name(record)} | "
@@ -191,6 +196,7 @@ def markdown(document: dict) -> str:
                 + f" | {f'{speedup:.2f}x' if speedup else '-'}"
                 + f" | {f'{rate:.3g}' if rate else '-'}"
                 + f" | {f'{100 * fraction:.1f}' if fraction else '-'}"
+                + f" | {f'{over_floor:.2f}x' if over_floor else '-'}"
                 + f" | {f'{memory / 2**20:.1f}' if memory is not None else '-'}"
                 + f" | {record['status'][:60]} |")
     if document.get("train_step"):

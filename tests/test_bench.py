@@ -169,6 +169,11 @@ def test_report_pairs_precisions_and_prints_the_headline():
     assert "- fwd+bwd speedup over the reference at ieee (full): cpu/uniform 1.25x" in table
     fraction = document["cases"][2]["peak_fraction"]["forward_backward"]
     assert fraction == pytest.approx(3 * 2 * 512 * 19_307 * 196 / 80e-3 / 0.2e12)
+    # The floor: 3 GEMMs of 2*512*19,307*196 flops at 0.2 TFLOP/s = 38.75 ms; 80 ms over it.
+    floor_ms = 3 * 2 * 512 * 19_307 * 196 / 0.2e12 * 1e3
+    over = document["cases"][2]["over_floor"]["forward_backward"]
+    assert over == pytest.approx(80.0 / floor_ms)
+    assert f"| {80.0 / floor_ms:.2f}x |" in table
 
 
 def test_grids_carry_the_baselines_the_bf16_pair_and_28x28_maps():
