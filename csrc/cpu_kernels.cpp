@@ -89,13 +89,16 @@ struct Problem {
   const uint16_t* padded_pairs;
   int64_t pixel_pairs;  // ceil(K / 2)
   scalar_t tau;
-  int64_t rows_per_block;  // a multiple of kRowTile, at most kRowBlock
-  // row_stats and row_stats_with_grad with few rows: the templates split into this many
-  // parts, each task one (row block, part), the parts' partial sums merged in part order
-  // afterwards (template_parts). 1: whole rows per task.
+  int64_t row_tasks;  // the rows in this many tasks of whole tiles (row_task)
+  // row_stats, row_stats_with_grad and input_grad with few rows: the templates split into
+  // this many parts, each task one (row task, part), the parts' partial results merged in
+  // part order afterwards (template_parts). 1: whole rows per task.
   int64_t template_parts;
-  SoftmaxState<scalar_t>* part_states;  // (B*C, parts)
-  scalar_t* part_sums;                  // (B*C, parts, 2, padded_pixels): U and V
+  SoftmaxState<scalar_t>* part_states;  // (B*C, parts): row_stats
+  // (B*C, parts, 2, padded_pixels): U and V (row_stats_with_grad), U and Z (input_grad
+  // under a prior), dx (input_grad without a prior: the first of the two)
+  scalar_t* part_sums;
+  scalar_t* part_moments;  // (B*C, parts, 2): input_grad under a prior, the mass and c
   const scalar_t* row_max;      // (B, C), input of column_sums and input_grad
   const scalar_t* log_sum;      // (B, C), input of column_sums and input_grad
   const scalar_t* neg_entropy;  // (B, C), input of input_grad
@@ -113,6 +116,15 @@ struct Problem {
 struct RowBlock {
   int64_t first, stride, count;
 };
+
+// Task `task` of `tasks` over `rows` rows: whole tiles of kRowTile rows, spread evenly
+// (task i takes tiles i T / tasks .. (i + 1) T / tasks, rounded down, of T = ceil(rows /
+// kRowTile)), so that equal runs of tasks hold equal numbers of tiles to within one.
+ECLOSS_HOST RowBlock row_task(int64_t rows, int64_t tasks, int64_t task) {
+  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
+  const int64_t first = task * tiles / tasks * kRowTile;
+  return {first, 1, std::min(rows, (task + 1) * tiles / tasks * kRowTile) - first};
+}
 
 template <typename scalar_t>
 struct Scratch {
@@ -327,9 +339,31 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
   }
 }
 
+// Vector registers of the instruction set whose vectors are kBytes wide: 32 zmm with AVX-512,
+// 16 ymm (AVX2) or xmm (x86-64's SSE2).
+constexpr int64_t vector_registers(int bytes) { return bytes >= 64 ? 32 : 16; }
+
+// Rows per tile of accumulate_input_grads with kSets weight sets: the largest divisor of
+// kRowTile whose kSets x rows x kTileVectors accumulators fit the registers beside the
+// kTileVectors template vectors and the broadcast weight. With two sets that is 6 rows on
+// AVX-512 (24 + 3 of 32 registers) and 3 on AVX2 (12 + 3 of 16): 6 rows there kept 11 of
+// the 24 accumulators on the stack, a load and a store per FMA (14x14, B=8, C=64, one
+// thread of an AMD EPYC, AVX2: row_stats_with_grad 230 -> 167 ms, input_grad under a prior
+// 230 -> 169).
+template <int kBytes, int kSets>
+constexpr int64_t accumulate_tile_rows() {
+  constexpr int64_t free_registers = vector_registers(kBytes) - kTileVectors - 1;
+  for (int64_t rows = kRowTile; rows > 1; --rows) {
+    if (kRowTile % rows == 0 && kSets * rows * kTileVectors <= free_registers) return rows;
+  }
+  return 1;
+}
+
 // dx[s][i, :] += sum_j grads[s][i, j] * T[t0 + j, :] for kSets weight sets at once (one
 // stream of the templates for U and V, or U and Z), over the block's rows rounded up to
-// whole tiles: rows past count hold stale weights and are never written out.
+// whole tiles: rows past count hold stale weights and are never written out. Each
+// accumulator adds its block in template order whatever the tile's rows, so the tile
+// changes no result.
 template <typename scalar_t, int kBytes, bool kBf16, int kSets>
 ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const RowBlock& block,
                                         Scratch<scalar_t>& scratch,
@@ -343,11 +377,12 @@ ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const 
     return;
   }
   using S = Simd<scalar_t, kBytes>;
+  constexpr int64_t kRows = accumulate_tile_rows<kBytes, kSets>();
   const int64_t padded_pixels = problem.padded_pixels;
   // Pixel slice outermost: its templates stay in L1 while every row tile reads them.
   for (int64_t k0 = 0; k0 < padded_pixels; k0 += S::kTileWidth) {
-    for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
-      typename S::Vector accumulators[kSets][kRowTile][kTileVectors] = {};
+    for (int64_t i0 = 0; i0 < block.count; i0 += kRows) {
+      typename S::Vector accumulators[kSets][kRows][kTileVectors] = {};
       const scalar_t* templates = problem.padded + t0 * padded_pixels + k0;
       for (int64_t j = 0; j < width; ++j) {
         typename S::Vector row[kTileVectors];
@@ -356,7 +391,7 @@ ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const 
         }
         for (int set = 0; set < kSets; ++set) {
 #pragma GCC unroll 6
-          for (int64_t i = 0; i < kRowTile; ++i) {
+          for (int64_t i = 0; i < kRows; ++i) {
             const scalar_t grad = grads[set][(i0 + i) * kTemplateBlock + j];
             for (int64_t v = 0; v < kTileVectors; ++v) {
               accumulators[set][i][v] += row[v] * grad;
@@ -366,7 +401,7 @@ ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const 
       }
       for (int set = 0; set < kSets; ++set) {
 #pragma GCC unroll 6
-        for (int64_t i = 0; i < kRowTile; ++i) {
+        for (int64_t i = 0; i < kRows; ++i) {
           for (int64_t v = 0; v < kTileVectors; ++v) {
             scalar_t* target = dx[set] + (i0 + i) * padded_pixels + k0 + v * S::kLanes;
             S::store(target, S::load(target) + accumulators[set][i][v]);
@@ -396,7 +431,7 @@ ECLOSS_HOST scalar_t block_max_of(const scalar_t* scores, int64_t width) {
   return best;
 }
 
-// The templates of one part of a row_stats task (template_parts): whole template blocks,
+// The templates of one part of a task (template_parts): whole template blocks,
 // so every score is formed in the same tile as without parts.
 struct TemplateRange {
   int64_t begin, end;
@@ -410,13 +445,12 @@ ECLOSS_HOST TemplateRange template_range(const Problem<scalar_t>& problem, int64
           std::min(problem.num_templates, (part + 1) * per_part * kTemplateBlock)};
 }
 
-// The rows and templates of task `task` of row_stats or row_stats_with_grad.
+// The rows and templates of task `task` of row_stats, row_stats_with_grad or input_grad.
 template <typename scalar_t>
-ECLOSS_HOST std::pair<RowBlock, TemplateRange> row_stats_task(const Problem<scalar_t>& problem,
-                                                              int64_t task) {
-  const int64_t rows = problem.batch * problem.channels;
-  const int64_t first = task / problem.template_parts * problem.rows_per_block;
-  return {{first, 1, std::min(problem.rows_per_block, rows - first)},
+ECLOSS_HOST std::pair<RowBlock, TemplateRange> part_task(const Problem<scalar_t>& problem,
+                                                         int64_t task) {
+  return {row_task(problem.batch * problem.channels, problem.row_tasks,
+                   task / problem.template_parts),
           template_range(problem, task % problem.template_parts)};
 }
 
@@ -454,14 +488,14 @@ ECLOSS_HOST void finish_with_grad(const Problem<scalar_t>& problem, int64_t row,
 // state holds l and a): the block's weights e^(s-b) and e^(s-b)(s-b), about the block's max
 // b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only when the block
 // does not hold it, and U, V are moved the same way when m rises. With template parts, each
-// part's state (and U, V) goes to part_states (part_sums) for merge_template_parts.
+// part's state (and U, V) goes to part_states (part_sums) for merge_row_stats_parts.
 template <typename scalar_t, int kBytes, bool kBf16, bool kWithGrad>
 ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t begin,
                                     int64_t end) {
   Scratch<scalar_t> scratch(problem);
   const int64_t padded_pixels = problem.padded_pixels;
   for (int64_t task = begin; task < end; ++task) {
-    const auto [block, range] = row_stats_task(problem, task);
+    const auto [block, range] = part_task(problem, task);
     const int64_t first = block.first, part = task % problem.template_parts;
     pack_rows<scalar_t, kBf16>(problem, block, scratch);
     for (int64_t i = 0; i < block.count; ++i) scratch.states[i] = empty_state<scalar_t>();
@@ -549,7 +583,7 @@ ECLOSS_HOST void row_stats_with_grad_tasks(const Problem<scalar_t>& problem, int
 // The parts of row_stats (with_grad: and of its U and V) merged in part order, one row
 // each: the states as merge() joins them, U and V moved to the merged max as in the sweep.
 template <typename scalar_t>
-void merge_template_parts(const Problem<scalar_t>& problem, bool with_grad, int64_t row) {
+void merge_row_stats_parts(const Problem<scalar_t>& problem, bool with_grad, int64_t row) {
   const int64_t padded_pixels = problem.padded_pixels;
   std::vector<scalar_t> sum_weighted(with_grad ? padded_pixels : 0);
   std::vector<scalar_t> sum_shifted(with_grad ? padded_pixels : 0);
@@ -620,15 +654,18 @@ ECLOSS_HOST void column_sums_tasks(const Problem<scalar_t>& problem, int64_t beg
 // seen so far, moved after every block (c' = c + sum p (z - c) / sum p, Z += (c - c') U,
 // which leaves sum p (z - c') = 0). Z then holds only what differs from that mean: no
 // large common part cancels between Z and D U at the end (a peaked row's best template,
-// once seen, sets c), and the last block leaves D - c small.
+// once seen, sets c), and the last block leaves D - c small. Over the templates of `range`;
+// with template parts, U, Z, the mass and c go to the part's slot for
+// merge_input_grad_parts.
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void prior_input_grad_sweep(const Problem<scalar_t>& problem, const RowBlock& block,
+                                        const TemplateRange& range, int64_t part,
                                         Scratch<scalar_t>& scratch) {
   const int64_t padded_pixels = problem.padded_pixels;
   std::fill(scratch.shifted_dx.begin(), scratch.shifted_dx.end(), scalar_t(0));
   for (int64_t i = 0; i < block.count; ++i) scratch.masses[i] = scratch.references[i] = 0;
-  for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
-    const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+  for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
+    const int64_t width = std::min(kTemplateBlock, range.end - t0);
     score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                   scratch.scores.data());
     for (int64_t i = 0; i < block.count; ++i) {
@@ -668,8 +705,19 @@ ECLOSS_HOST void prior_input_grad_sweep(const Problem<scalar_t>& problem, const 
     }
   }
   for (int64_t i = 0; i < block.count; ++i) {
+    const int64_t row = block.first + i * block.stride;
+    const scalar_t* sum_weighted = scratch.dx.data() + i * padded_pixels;
     const scalar_t* sum_centred = scratch.shifted_dx.data() + i * padded_pixels;
-    scalar_t* target = problem.dx + (block.first + i * block.stride) * problem.pixels;
+    if (problem.template_parts > 1) {
+      const int64_t slot = row * problem.template_parts + part;
+      scalar_t* sums = problem.part_sums + slot * 2 * padded_pixels;
+      std::copy(sum_weighted, sum_weighted + padded_pixels, sums);
+      std::copy(sum_centred, sum_centred + padded_pixels, sums + padded_pixels);
+      problem.part_moments[2 * slot] = scratch.masses[i];
+      problem.part_moments[2 * slot + 1] = scratch.references[i];
+      continue;
+    }
+    scalar_t* target = problem.dx + row * problem.pixels;
     for (int64_t k = 0; k < problem.pixels; ++k) target[k] = problem.tau * sum_centred[k];
   }
 }
@@ -677,23 +725,22 @@ ECLOSS_HOST void prior_input_grad_sweep(const Problem<scalar_t>& problem, const 
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
   Scratch<scalar_t> scratch(problem);
-  const int64_t rows = problem.batch * problem.channels;
   const int64_t padded_pixels = problem.padded_pixels;
   const scalar_t tau = problem.tau;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t first = task * problem.rows_per_block;
-    const RowBlock block{first, 1, std::min(problem.rows_per_block, rows - first)};
+    const auto [block, range] = part_task(problem, task);
+    const int64_t first = block.first, part = task % problem.template_parts;
     pack_rows<scalar_t, kBf16>(problem, block, scratch);
     std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
     if (problem.prior != nullptr) {
-      prior_input_grad_sweep<scalar_t, kBytes, kBf16>(problem, block, scratch);
+      prior_input_grad_sweep<scalar_t, kBytes, kBf16>(problem, block, range, part, scratch);
       continue;
     }
     for (int64_t i = 0; i < block.count; ++i) {  // E = neg_entropy + log_sum
       scratch.centres[i] = problem.neg_entropy[first + i] + problem.log_sum[first + i];
     }
-    for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
-      const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+    for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
+      const int64_t width = std::min(kTemplateBlock, range.end - t0);
       score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
                                     scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
@@ -713,12 +760,56 @@ ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begi
                                                      scratch.dx.data());
     }
     for (int64_t i = 0; i < block.count; ++i) {
-      const scalar_t scale = tau * problem.row_weight[first + i];
       const scalar_t* source = scratch.dx.data() + i * padded_pixels;
+      if (problem.template_parts > 1) {
+        const int64_t slot = (first + i) * problem.template_parts + part;
+        std::copy(source, source + padded_pixels, problem.part_sums + slot * 2 * padded_pixels);
+        continue;
+      }
+      const scalar_t scale = tau * problem.row_weight[first + i];
       scalar_t* target = problem.dx + (first + i) * problem.pixels;
       for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
     }
   }
+}
+
+// The parts of input_grad merged in part order, one row: without a prior the parts' dx
+// summed; under a prior each part's U, Z about its own c and its mass join as the sweep
+// joins a block: c' = c + m_P (c_P - c) / (m + m_P), Z += (c - c') U + Z_P + (c_P - c') U_P,
+// U += U_P (a part whose mass underflowed to 0 adds nothing).
+template <typename scalar_t>
+void merge_input_grad_parts(const Problem<scalar_t>& problem, int64_t row) {
+  const int64_t padded_pixels = problem.padded_pixels;
+  std::vector<scalar_t> sum_weighted(padded_pixels), sum_centred(padded_pixels);
+  scalar_t mass = 0, reference = 0;
+  for (int64_t part = 0; part < problem.template_parts; ++part) {
+    const int64_t slot = row * problem.template_parts + part;
+    const scalar_t* part_weighted = problem.part_sums + slot * 2 * padded_pixels;
+    if (problem.prior == nullptr) {
+      for (int64_t k = 0; k < padded_pixels; ++k) sum_weighted[k] += part_weighted[k];
+      continue;
+    }
+    const scalar_t part_mass = problem.part_moments[2 * slot];
+    const scalar_t part_reference = problem.part_moments[2 * slot + 1];
+    if (!(part_mass > scalar_t(0))) continue;
+    const scalar_t total = mass + part_mass;
+    const scalar_t merged =
+        mass > scalar_t(0) ? reference + part_mass * (part_reference - reference) / total
+                           : part_reference;
+    const scalar_t* part_centred = part_weighted + padded_pixels;
+    for (int64_t k = 0; k < padded_pixels; ++k) {
+      sum_centred[k] += (reference - merged) * sum_weighted[k] + part_centred[k] +
+                        (part_reference - merged) * part_weighted[k];
+      sum_weighted[k] += part_weighted[k];
+    }
+    mass = total;
+    reference = merged;
+  }
+  const scalar_t scale = problem.prior == nullptr ? problem.tau * problem.row_weight[row]
+                                                  : problem.tau;
+  const scalar_t* source = problem.prior == nullptr ? sum_weighted.data() : sum_centred.data();
+  scalar_t* target = problem.dx + row * problem.pixels;
+  for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
 }
 
 // The task loops compiled once per instruction set. `flatten` inlines every helper above
@@ -957,19 +1048,26 @@ std::pair<at::Tensor, at::Tensor> packed_templates(const at::Tensor& templates,
   return cache.get(templates, chosen.tile_width, chosen.bf16);
 }
 
-// Rows per task: kRowBlock, or fewer (a multiple of kRowTile) so that every thread gets
-// several tasks when there are few rows.
-int64_t rows_per_block(int64_t rows) {
-  const int64_t wanted_tasks = 4 * at::get_num_threads();
-  const int64_t even_split = (rows + wanted_tasks - 1) / wanted_tasks;
-  const int64_t rounded = (even_split + kRowTile - 1) / kRowTile * kRowTile;
-  return std::max(kRowTile, std::min(kRowBlock, rounded));
+// Tasks over `rows` rows (Problem::row_tasks): at most kRowBlock rows each and, with
+// `balanced`, as few as that allows rounded up to a multiple of the thread count:
+// at::parallel_for hands each thread an equal run of tasks and row_task spreads the tiles
+// evenly over them, so the threads get the same number of tiles to within one per task.
+// (ceil(rows / kRowBlock) tasks of kRowBlock rows, 11 for 512 rows, gave one of two
+// threads 288 rows and the other 224: 11% of the time lost waiting.) With template parts
+// the parts spread the work, and the fewest tasks read the templates the fewest times.
+int64_t row_tasks(int64_t rows, bool balanced) {
+  constexpr int64_t kTilesPerTask = kRowBlock / kRowTile;
+  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
+  const int64_t fewest = (tiles + kTilesPerTask - 1) / kTilesPerTask;
+  if (!balanced) return fewest;
+  const int64_t threads = at::get_num_threads();
+  return std::min(tiles, (fewest + threads - 1) / threads * threads);
 }
 
-// Template parts of row_stats (Problem::template_parts) for `rows` rows: with few row blocks
-// there are too few tasks for the threads, and each task streams every template once for at
-// most kRowBlock rows (at 28x28, B*C = 16, a 965 MB panel per 6-row task). Parts give every
-// thread work and every task up to kRowBlock rows. Chosen from the shape alone, so the
+// Template parts of a row sweep (Problem::template_parts) for `rows` rows: with few row
+// tasks there are too few tasks for the threads, and each task streams every template once
+// for at most kRowBlock rows (at 28x28, B*C = 16, a 965 MB panel per 6-row task). Parts give
+// every thread work and every task up to kRowBlock rows. Chosen from the shape alone, so the
 // results do not depend on the number of threads.
 int64_t template_parts(int64_t rows, int64_t num_templates) {
   constexpr int64_t kWantedTasks = 8, kMinBlocksPerPart = 4;
@@ -980,33 +1078,47 @@ int64_t template_parts(int64_t rows, int64_t num_templates) {
                                        template_blocks / kMinBlocksPerPart));
 }
 
-// Runs row_stats or row_stats_with_grad (`run`) over every task, in template parts where
-// template_parts asks for them (their partial results in part_states and part_sums, then
-// merged per row).
+// What a row sweep's parts keep for the merge, per row and part (see Problem).
+struct PartResults {
+  bool states, sums, moments;
+};
+
+// Splits a row sweep (row_stats, row_stats_with_grad, input_grad) into row tasks and
+// template parts, and allocates the parts' partial results; the tensors keep them alive.
 template <typename scalar_t>
-void run_row_stats(Problem<scalar_t>& problem, bool with_grad,
-                   void (*run)(const Problem<scalar_t>&, int64_t, int64_t)) {
+std::vector<at::Tensor> plan_row_sweep(Problem<scalar_t>& problem, PartResults results) {
   const int64_t rows = problem.batch * problem.channels;
   problem.template_parts = template_parts(rows, problem.num_templates);
-  at::Tensor part_states, part_sums;
-  if (problem.template_parts > 1) {
-    problem.rows_per_block = std::min(kRowBlock, (rows + kRowTile - 1) / kRowTile * kRowTile);
-    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-    part_states = at::empty({rows, problem.template_parts, 3}, options);
-    problem.part_states = reinterpret_cast<SoftmaxState<scalar_t>*>(part_states.data_ptr());
-    if (with_grad) {
-      part_sums = at::empty({rows, problem.template_parts, 2, problem.padded_pixels}, options);
-      problem.part_sums = part_sums.data_ptr<scalar_t>();
-    }
+  problem.row_tasks = row_tasks(rows, problem.template_parts == 1);
+  std::vector<at::Tensor> buffers;
+  if (problem.template_parts == 1) return buffers;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const int64_t slots = rows * problem.template_parts;
+  if (results.states) {
+    buffers.push_back(at::empty({slots, 3}, options));
+    problem.part_states = reinterpret_cast<SoftmaxState<scalar_t>*>(buffers.back().data_ptr());
   }
-  const int64_t row_blocks = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
-  at::parallel_for(0, row_blocks * problem.template_parts, 1,
+  if (results.sums) {
+    buffers.push_back(at::empty({slots, 2, problem.padded_pixels}, options));
+    problem.part_sums = buffers.back().data_ptr<scalar_t>();
+  }
+  if (results.moments) {
+    buffers.push_back(at::empty({slots, 2}, options));
+    problem.part_moments = buffers.back().data_ptr<scalar_t>();
+  }
+  return buffers;
+}
+
+// Runs a planned row sweep's tasks (`run`), then with template parts `merge` on every row.
+template <typename scalar_t, typename Merge>
+void run_row_sweep(const Problem<scalar_t>& problem,
+                   void (*run)(const Problem<scalar_t>&, int64_t, int64_t), Merge merge) {
+  at::parallel_for(0, problem.row_tasks * problem.template_parts, 1,
                    [&](int64_t begin, int64_t end) { run(problem, begin, end); });
-  if (problem.template_parts > 1) {
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) merge_template_parts(problem, with_grad, row);
-    });
-  }
+  if (problem.template_parts == 1) return;
+  at::parallel_for(0, problem.batch * problem.channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) merge(row);
+  });
 }
 
 template <typename scalar_t>
@@ -1030,7 +1142,7 @@ Problem<scalar_t> make_problem(const at::Tensor& x, const at::Tensor& templates,
   }
   problem.padded_pixels = padded.size(1);
   problem.tau = static_cast<scalar_t>(tau);
-  problem.rows_per_block = rows_per_block(problem.batch * problem.channels);
+  problem.row_tasks = row_tasks(problem.batch * problem.channels, true);
   problem.template_parts = 1;
   return problem;
 }
@@ -1058,7 +1170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x
     problem.row_max_out = row_max.data_ptr<scalar_t>();
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
-    run_row_stats(problem, false, chosen.row_stats);
+    const auto parts = plan_row_sweep(problem, {true, false, false});
+    run_row_sweep(problem, chosen.row_stats,
+                  [&](int64_t row) { merge_row_stats_parts(problem, false, row); });
   });
   return {row_max, log_sum, neg_entropy};
 }
@@ -1081,7 +1195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_c
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
     problem.neg_entropy_grad_out = neg_entropy_grad.data_ptr<scalar_t>();
-    run_row_stats(problem, true, chosen.row_stats_with_grad);
+    const auto parts = plan_row_sweep(problem, {true, true, false});
+    run_row_sweep(problem, chosen.row_stats_with_grad,
+                  [&](int64_t row) { merge_row_stats_parts(problem, true, row); });
   });
   return {row_max, log_sum, neg_entropy, neg_entropy_grad};
 }
@@ -1138,11 +1254,9 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
     problem.prior = prior.defined() ? prior.data_ptr<scalar_t>() : nullptr;
     problem.row_weight = row_weight.data_ptr<scalar_t>();
     problem.dx = dx.data_ptr<scalar_t>();
-    const int64_t rows = problem.batch * problem.channels;
-    const int64_t count = (rows + problem.rows_per_block - 1) / problem.rows_per_block;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      chosen.input_grad(problem, begin, end);
-    });
+    const auto parts = plan_row_sweep(problem, {false, true, problem.prior != nullptr});
+    run_row_sweep(problem, chosen.input_grad,
+                  [&](int64_t row) { merge_input_grad_parts(problem, row); });
   });
   return dx.to(x_input.scalar_type());
 }

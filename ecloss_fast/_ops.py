@@ -139,8 +139,25 @@ def _global_batch(local_sums, batch, group, like):
 
 
 def _log_floored(probabilities):
-    """``log max(q, tiny)``: finite, so that a term with ``q = 0`` contributes 0 (section 4)."""
-    return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+    """``log max(q, tiny)``: finite, so that a term with ``q = 0`` contributes 0 (section 4).
+    One new tensor (the log taken in place): a ``(C, N)`` copy fewer at the peak."""
+    return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log_()
+
+
+# Columns per block of _sum_log_floored: about 1 MiB of float32 per block.
+_COLUMN_BLOCK_ELEMENTS = 1 << 18
+
+
+def _sum_log_floored(weights, probabilities):
+    """``sum_t weights[c,t] log max(q[c,t], tiny)`` per row ``c``, a block of columns at a
+    time, so that the ``(C, N)`` log-probabilities never exist whole beside the column sums
+    and ``pbar``: the marginal forward's peak holds two ``(C, N)`` tensors, not three."""
+    width = max(1, _COLUMN_BLOCK_ELEMENTS // max(1, probabilities.shape[0]))
+    total = weights.new_zeros(weights.shape[:-1])
+    for start in range(0, probabilities.shape[-1], width):
+        block = slice(start, start + width)
+        total += torch.linalg.vecdot(weights[:, block], _log_floored(probabilities[:, block]))
+    return total
 
 
 def _log_ratio_to_mean(pbar):
@@ -223,8 +240,7 @@ def _channel_loss(inputs: LossInputs) -> LossOutputs:
         # move the second term by d log N: they too are taken over their mass, and the two
         # terms of a batch of identical maps cancel to the rounding of the entropies.
         mass = local_sums.sum(-1) / batch
-        divergence = (neg_entropy.sum(0)
-                      - torch.linalg.vecdot(local_sums, _log_floored(pbar)) / mass)
+        divergence = neg_entropy.sum(0) - _sum_log_floored(local_sums, pbar) / mass
     else:
         divergence = (neg_entropy + math.log(templates.shape[0])).sum(0)
     information = divergence * map_weight
@@ -288,6 +304,9 @@ def _setup_context(ctx, inputs, output):
                           output.neg_entropy, output.pbar, output.map_weight,
                           output.neg_entropy_grad)
     ctx.inputs = inputs._replace(x=None, templates=None)  # the tensors are saved above
+    # Only the loss carries a gradient: no zeros the size of pbar (C x N) or of
+    # neg_entropy_grad (B x C x K) for the outputs the backward ignores.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
@@ -295,13 +314,15 @@ def _backward(ctx, grad_loss, *_unused_grads):
     ``w_c log pbar`` (marginal) plus ``diversity * map_weight * F`` (``_diversity_prior``),
     or ``None`` for the uniform estimator without diversity; that one needs no sweep when
     the forward ran ``row_stats_with_grad``: ``dx = row_weight * neg_entropy_grad``."""
+    if grad_loss is None:  # the loss is not in the graph being differentiated
+        return (None,) * len(LossInputs._fields)
     x, templates, row_max, log_sum, neg_entropy, pbar, map_weight, neg_entropy_grad = \
         ctx.saved_tensors
     inputs = ctx.inputs
     no_grads = (None,) * (len(LossInputs._fields) - 1)  # only x gets a gradient
     upstream = grad_loss.to(row_max.dtype)
     channel_weight = upstream * -map_weight
-    prior = channel_weight[:, None] * _log_floored(pbar) if inputs.marginal else None
+    prior = _log_floored(pbar).mul_(channel_weight[:, None]) if inputs.marginal else None
     if inputs.diversity > 0:
         term = (inputs.diversity * map_weight) * _diversity_prior(pbar, upstream)
         prior = term if prior is None else prior + term

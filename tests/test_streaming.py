@@ -79,9 +79,23 @@ def test_random_shapes(b, c, h, w, dtype, peaked, estimator, reduction, seed):
 @pytest.mark.parametrize("make", [peaked_maps, random_maps])
 def test_full_14x14_set(estimator, make, monkeypatch):
     # Small chunks so the online rescaling runs over many template tiles.
-    monkeypatch.setattr(streaming, "_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(streaming, "_TILE_BYTES", 4096 * 4)
     x = make(2, 3, 14, 14, dtype=torch.float32, seed=7)
     assert_matches_reference(x, estimator=estimator, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+def test_blocks_of_maps(estimator, dtype, monkeypatch):
+    # Tiles of one map by 49 templates: every sweep walks four blocks of rows, each with its
+    # own online state and its own one-sweep sums, and the column sums add up the blocks.
+    monkeypatch.setattr(streaming, "_TILE_BYTES", 3 * 49 * torch.finfo(dtype).bits // 8)
+    x = peaked_maps(4, 3, 7, 7, dtype=dtype, seed=5)
+    tiles = streaming._tiles(4, 3, 49, ef.num_templates(7), x.element_size())
+    assert [maps for maps, _, _ in tiles] == [slice(b, b + 1) for b in range(4)]
+    assert all(chunk.stop - chunk.start == 49 for _, _, chunks in tiles for chunk in chunks[:-1])
+    assert_matches_reference(x, estimator=estimator, reduction="sum")
+    assert_matches_reference(random_maps(4, 3, 7, 7, dtype=dtype, seed=6), estimator=estimator)
 
 
 @pytest.mark.parametrize("templates", [400, 37, "tensor"])
@@ -94,7 +108,7 @@ def test_subsets_and_user_templates(templates):
 
 
 def test_very_peaked_scores_do_not_overflow(monkeypatch):
-    monkeypatch.setattr(streaming, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(streaming, "_TILE_BYTES", 64 * 4)
     x = peaked_maps(2, 2, 4, 4, scale=1e7, seed=5)  # scores of order 1e4
     loss = ef.ecloss(x, backend="torch", reduction="none")
     assert torch.isfinite(loss).all()
