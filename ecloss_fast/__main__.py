@@ -106,6 +106,20 @@ def _cpu_path() -> str:
     return f"{in_use} ({why}); this CPU has: {', '.join(cpp_cpu.isa_paths())}"
 
 
+def _cpu_auto() -> str:
+    """What ``backend="auto"`` runs for CPU maps here (its CPU order: ``cpu``, then ``torch``),
+    and why it passes over ``cpu``; without calling auto, which warns."""
+    if _dispatch._load("cpu")[1] is not None:
+        return "torch (backend cpu is not available)"
+    from ecloss_fast.backends import cpp_cpu
+
+    try:
+        why = cpp_cpu.slower_here()
+    except ValueError as error:  # a bad ECLOSS_FAST_CPU_ISA
+        return str(error)
+    return "cpu" if why is None else f"torch ('cpu' passed over: {why})"
+
+
 def report() -> str:
     """The report ``python -m ecloss_fast`` prints."""
     lines = [
@@ -123,6 +137,7 @@ def report() -> str:
                       resolve_precision("", dtype)))
     lines.append(("float32 matmul precision", repr(torch.get_float32_matmul_precision())))
     lines.append(("cpu backend path", _cpu_path()))
+    lines.append(("auto on the CPU", _cpu_auto()))
     lines.append(("extension built against", _extension_torch()))
     lines.append(("extension", _extension_architectures()))
     width = max(len(key) for key, _ in lines)

@@ -36,8 +36,10 @@ _MODULES = {
 }
 
 # Fastest first, per device type; the torch backend needs no compiler, so it is the
-# fallback. The CPU order is measured, the CUDA order is by the fused kernels' flop and
-# byte counts: bench/NOTES.md ("auto on the CPU") and README.md (Benchmarks) say how far.
+# fallback. The CPU order is measured (on AVX-512 BF16 and AVX2 CPUs; on its baseline path
+# the cpu backend says it is slower, ``slower_here``), the CUDA order is by the fused
+# kernels' flop and byte counts: bench/NOTES.md ("auto on the CPU", "auto on an AVX2 CPU")
+# and README.md (Benchmarks) say how far.
 _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
@@ -77,8 +79,9 @@ def available_backends() -> list[str]:
 
 
 def _takes(name: str, device: torch.device, dtype: torch.dtype, pixels: int) -> bool:
-    """Whether backend ``name`` is available and takes maps of this device, dtype and ``K``;
-    auto warns once when it passes over a backend whose build does not fit this process."""
+    """Whether auto may take backend ``name`` for maps of this device, dtype and ``K``: it is
+    available, takes them and is not slower here than the next (``slower_here``); auto warns
+    once when it passes over a backend whose build does not fit this process."""
     module, why_not = _load(name)
     if why_not is not None:
         problem = module is not None and getattr(module, "build_problem", lambda: None)()
@@ -87,7 +90,10 @@ def _takes(name: str, device: torch.device, dtype: torch.dtype, pixels: int) -> 
             warnings.warn(f"ecloss_fast: backend='auto' passes over {name!r}: {problem}",
                           RuntimeWarning, stacklevel=4)
         return False
-    return module.supports(device, dtype, pixels)
+    if not module.supports(device, dtype, pixels):
+        return False
+    slower_here = getattr(module, "slower_here", None)
+    return slower_here is None or slower_here() is None
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, pixels: int) -> str:

@@ -18,6 +18,7 @@ import gc
 import math
 import os
 import shutil
+import warnings
 import weakref
 
 import pytest
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ecloss_fast as ef
+from ecloss_fast import _dispatch
 from ecloss_fast.backends import cpp_cpu, cpp_cuda, streaming
 from ecloss_fast.testing import peaked_maps, random_maps
 from _contract import (contract_templates, dx_scale, evaluate_contract, marginal_prior,
@@ -271,6 +273,22 @@ def test_the_instruction_set_path_is_the_one_asked_for(cpu_isa):
     assert torch.ops.ecloss_fast_C.cpu_isa() == cpu_isa
     del os.environ[cpp_cpu.ISA_VARIABLE]
     assert cpp_cpu.isa_in_use() == CPU_ISA_PATHS[-1]  # unset: the best this CPU has
+
+
+@needs_extension
+def test_auto_passes_over_the_cpu_backend_on_its_baseline_path_only(cpu_isa):
+    # bench/NOTES.md ("auto on an AVX2 CPU"): there torch's BLAS is about 2x faster.
+    expected = "torch" if cpu_isa == "baseline" else "cpu"
+    x = random_maps(2, 3, 7, 7).reshape(2, 3, 49)
+    templates = contract_templates(7, 7, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a performance choice, not a problem: no warning
+        assert _dispatch.resolve_backend("auto", x.device, x.dtype, 49) == expected
+        for prior in (False, True):
+            assert _dispatch.choose_backend("auto", x, templates, TAU, "ieee", prior) == expected
+    assert (cpp_cpu.slower_here() is None) == (cpu_isa != "baseline")
+    # Named explicitly, the cpu backend runs on every path.
+    assert _dispatch.resolve_backend("cpu", x.device, x.dtype, 49) == "cpu"
 
 
 @needs_extension

@@ -103,9 +103,14 @@ def test_cpu_backend_path_in_use_and_the_paths_this_cpu_has():
     fields = _run_info(ECLOSS_FAST_CPU_ISA="")
     assert fields["cpu backend path"] == (f"{paths[-1]} (the best this CPU has); this CPU "
                                           f"has: {', '.join(paths)}")
+    best_is_baseline = paths == ["baseline"]  # a CPU without AVX2+FMA
+    assert fields["auto on the CPU"].startswith("torch ('cpu' passed over") == best_is_baseline
+    assert (fields["auto on the CPU"] == "cpu") != best_is_baseline
     fields = _run_info(ECLOSS_FAST_CPU_ISA="baseline")
     assert fields["cpu backend path"] == (f"baseline (set by ECLOSS_FAST_CPU_ISA=baseline); "
                                           f"this CPU has: {', '.join(paths)}")
+    assert fields["auto on the CPU"].startswith("torch ('cpu' passed over: its kernels run the "
+                                                "baseline instruction-set path")
     fields = _run_info(ECLOSS_FAST_CPU_ISA="sse9")
     assert fields["cpu backend path"].startswith(
         "ECLOSS_FAST_CPU_ISA='sse9' is not an instruction-set path")

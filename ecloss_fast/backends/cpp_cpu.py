@@ -30,7 +30,7 @@ from ecloss_fast._precision import PRECISIONS, extension_precision
 
 __all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
            "column_sums", "input_grad", "extension_error", "extension_torch_version", "TAKES",
-           "ISA_PATHS", "ISA_VARIABLE", "isa_paths", "isa_in_use"]
+           "ISA_PATHS", "ISA_VARIABLE", "isa_paths", "isa_in_use", "slower_here"]
 
 ISA_VARIABLE = "ECLOSS_FAST_CPU_ISA"
 ISA_PATHS = ("baseline", "avx2", "avx512", "avx512_bf16")
@@ -140,6 +140,16 @@ def isa_in_use() -> str:
     """The path the kernels run: ``ECLOSS_FAST_CPU_ISA`` if set, else the best this CPU has."""
     _apply_isa_variable()
     return torch.ops.ecloss_fast_C.cpu_isa()
+
+
+def slower_here() -> str | None:
+    """The contract's ``slower_here``: on the baseline path the kernels have 4-wide vectors and
+    no FMA, a quarter of the AVX2 path's flops per cycle, and ``torch`` (its BLAS) ran the
+    paper setting about 2x faster (bench/NOTES.md, "auto on an AVX2 CPU")."""
+    if isa_in_use() != "baseline":
+        return None
+    return ("its kernels run the baseline instruction-set path (no AVX2+FMA here, or "
+            f"{ISA_VARIABLE}=baseline), where 'torch' is faster")
 
 
 def row_stats(x, templates, tau, precision):
