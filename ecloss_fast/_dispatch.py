@@ -1,8 +1,9 @@
 """Backend names, their modules, availability, and what ``backend="auto"`` runs.
 
 ``auto`` is safe by construction. It takes the device's backends fastest first
-(``_AUTO_ORDER``) and passes over one that is not available here or does not take the
-maps (``supports``: device, dtype and pixels per map ``K``). Before a backend that builds
+(``_AUTO_ORDER``) and passes over one that is not available here, does not take the
+maps (``supports``: device, dtype and pixels per map ``K``) or says that the next one is
+faster here (``slower_here``: the ``cpu`` backend on its baseline instruction-set path). Before a backend that builds
 kernels at run time (one with ``warm_up``: Triton) first runs a *route* (device, map dtype,
 ``K``, precision, with or without a prior, and the backend's ``launch_class``, e.g. its
 row tiles), the route's forward and backward kernels are compiled and loaded without
