@@ -1,6 +1,7 @@
 """Registers, spills, shared memory and occupancy of every Triton kernel configuration on an H100.
 
     python -m bench.kernels [--json FILE] [--k 196 784] [--defaults-only]
+    python -m bench.kernels --work     # GEMM-equivalents and exponential sweeps per route
 
 No GPU is needed: every kernel is compiled for ``sm_90`` on the CPU (Triton's bundled
 ``ptxas``) exactly as the runtime JIT would compile the launch the backend makes, for every
@@ -388,6 +389,61 @@ def measure_all(cases, jobs: int = 1, on_record=None) -> list[dict]:
     return records
 
 
+# The [rows, K] accumulators each kernel keeps besides the scores: dx, or two of them in the
+# fused forms (U and V, U and Z); the others reduce over the templates only.
+_ACCUMULATORS = {"input_grad": 1, "input_grad_prior": 1, "row_stats_grad": 2,
+                 "input_grad_prior_fused": 2}
+
+
+def kernel_work(kernel: str, operands: str, k: int, rows: int = PAPER_ROWS) -> tuple[int, int]:
+    """``(GEMM-equivalents, exponential sweeps)`` of one default launch at ``rows`` rows: a
+    score product ``K`` deep and a sweep of exponentials per ``dx`` slice, plus the
+    accumulators' products (all slices together cover ``K`` columns once per accumulator).
+    Units of one ``rows x N x K`` product; the chunks' zero padding is not counted."""
+    from ecloss_fast.triton_kernels import configs
+
+    config = configs.default(kernel, operands, (9, 0), rows, H100["multiprocessors"], k)
+    accumulators = _ACCUMULATORS.get(kernel, 0)
+    slices = math.ceil(k / config.dx_columns) if accumulators and config.dx_columns else 1
+    return slices + accumulators, slices
+
+
+def route_work(operands: str, k: int, prior: bool, rows: int = PAPER_ROWS) -> dict:
+    """The kernels one training step's loss runs on the GPU (forward and backward, the forms
+    ``configs.FUSED`` picks) and their total ``(GEMM-equivalents, exponential sweeps)``."""
+    from ecloss_fast.triton_kernels import configs
+
+    if not prior:
+        launches = (["row_stats_grad"] if configs.fused("row_stats_grad", operands, k)
+                    else ["row_stats", "input_grad"])
+    else:
+        launches = ["row_stats", "column_sums"] + (
+            ["input_grad_prior_fused"] if configs.fused("input_grad_prior", operands, k)
+            else ["row_prior", "input_grad_prior"])
+    work = [kernel_work(kernel, operands, k, rows) for kernel in launches]
+    return dict(kernels=launches, gemms=sum(g for g, _ in work), sweeps=sum(e for _, e in work))
+
+
+def work_markdown(ks=tuple(sorted(SIDES)), routes=ROUTES) -> str:
+    """Per training route: its kernels, GEMM-equivalents and exponential sweeps, against
+    the 3 GEMM-equivalents (uniform) and 5 (with a prior) that the work itself needs
+    (docs/design.md section 6)."""
+    from ecloss_fast._precision import triton_operands
+
+    lines = ["| K | operands | prior | kernels | GEMM-equivalents | exponential sweeps |",
+             "|---:|---|:-:|---|---:|---:|"]
+    kinds = sorted({triton_operands(getattr(torch, dtype), precision, False)
+                    for dtype, precision in routes})
+    for k in ks:
+        for operands in kinds:
+            for prior in (False, True):
+                work = route_work(operands, k, prior)
+                lines.append(f"| {k} | {operands} | {'yes' if prior else ''} | "
+                             f"{' + '.join(work['kernels'])} | {work['gemms']} | "
+                             f"{work['sweeps']} |")
+    return "\n".join(lines)
+
+
 def markdown(records) -> str:
     lines = ["| kernel | K | input | operands | tile (m x n, warps, stages, dx slice) | default "
              "| regs | spill B (stack / ptxas stores; local accesses in loops) | shared KB "
@@ -429,7 +485,13 @@ def main(argv=None) -> int:
                         metavar="KERNEL:K:INPUT:PRECISION:MxNwWsS[dD]",
                         help="also compile this configuration, candidate or not, e.g. "
                              "input_grad_prior:196:float32:bf16:128x64w8s2 (repeatable)")
+    parser.add_argument("--work", action="store_true",
+                        help="print each training route's GEMM-equivalents and exponential "
+                             "sweeps and exit (nothing is compiled)")
     options = parser.parse_args(argv)
+    if options.work:
+        print(work_markdown(tuple(options.k)))
+        return 0
     from triton import knobs
 
     if knobs.runtime.interpret:

@@ -396,3 +396,24 @@ def test_bench_user_errors_exit_2_before_anything_is_written(tmp_path, capsys, a
     error = capsys.readouterr().err
     assert "python -m bench: error: " in error and message.format(file=file) in error, error
     assert list(tmp_path.iterdir()) == [file]
+
+
+@pytest.mark.parametrize("operands, k, prior, kernels, gemms, sweeps", [
+    # 14x14 bf16, uniform: the split form (FUSED), dx whole: scores, then scores + dx.
+    ("bf16", 196, False, ["row_stats", "input_grad"], 1 + (1 + 1), 1 + 1),
+    # 28x28 bf16, uniform: the fused sweep with U and V in 128-column slices: 7 slices of
+    # 784 columns, each recomputing the scores, and the two accumulators once over K.
+    ("bf16", 784, False, ["row_stats_grad"], 7 + 2, 7),
+    # 28x28 float64 with a prior: two forward sweeps, then the fused backward in 64-column
+    # slices (13 of 784) with U and Z.
+    ("fp64", 784, True, ["row_stats", "column_sums", "input_grad_prior_fused"],
+     1 + 1 + (13 + 2), 1 + 1 + 13),
+])
+def test_kernel_report_counts_each_routes_gemms_and_exponential_sweeps(operands, k, prior,
+                                                                       kernels, gemms, sweeps):
+    pytest.importorskip("triton")
+    from bench.kernels import route_work, work_markdown
+
+    assert route_work(operands, k, prior) == dict(kernels=kernels, gemms=gemms, sweeps=sweeps)
+    row = f"| {k} | {operands} | {'yes' if prior else ''} | {' + '.join(kernels)} | {gemms} | {sweeps} |"
+    assert row in work_markdown().splitlines()
