@@ -3,11 +3,11 @@
 ``auto`` is safe by construction. It takes the device's backends fastest first
 (``_AUTO_ORDER``) and passes over one that is not available here, does not take the
 maps (``supports``: device, dtype and pixels per map ``K``) or says that the next one is
-faster here (``slower_here``: the ``cpu`` backend on its baseline instruction-set path). Before a backend that builds
-kernels at run time (one with ``warm_up``: Triton) first runs a *route* (device, map dtype,
-``K``, precision, with or without a prior, and the backend's ``launch_class``, e.g. its
-row tiles), the route's forward and backward kernels are compiled and loaded without
-running (``warm_up``), and the verdict is kept for the process: a route that fails goes,
+faster here (``slower_here``: the ``cpu`` backend on its baseline instruction-set path).
+Before a backend that builds kernels at run time (one with ``warm_up``: Triton) first
+runs a *route* (device, map dtype, ``K``, precision, with or without a prior, and the
+backend's ``launch_class``, e.g. its row tiles), the route's forward and backward kernels
+are compiled and loaded without running (``warm_up``), and the verdict is kept for the process: a route that fails goes,
 forward and backward alike (the backward's saved statistics assume the forward's scores),
 to the next backend, with one warning saying why and what to do. A backend named
 explicitly is not second-guessed: it raises its own error.
