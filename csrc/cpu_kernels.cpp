@@ -1,9 +1,12 @@
 // Fused CPU kernels of ECLoss: row_stats, row_stats_with_grad, column_sums and input_grad of
-// the backend contract (ecloss_fast/backends/__init__.py), float32 and float64, and bfloat16
-// products (vdpbf16ps) for precision "bf16" where the CPU has AVX-512 BF16.
+// the backend contract (ecloss_fast/backends/__init__.py), and row_stats_with_scores and
+// input_grad_from_scores for the op's kept-scores route; float32 and float64, and bfloat16 products
+// (vdpbf16ps) for precision "bf16" where the CPU has AVX-512 BF16.
 //
 // Scores s = tau * X T^T are never stored beyond a block of kRowBlock rows x kTemplateBlock
-// templates (48 x 128: 24 KB in float32, in L1/L2). Per block:
+// templates (48 x 128: 24 KB in float32, in L1/L2), except by row_stats_with_scores, which
+// also writes them out.
+// Per block:
 //   1. a GEMM micro-kernel computes 6-row x 2-vector score tiles (6 x 16 floats on AVX2:
 //      twelve accumulator registers) with K innermost, reading the templates from a
 //      panel-packed copy (K x 2 vectors per panel) and the rows from a packed copy (K x 6),
@@ -110,6 +113,11 @@ struct Problem {
   const scalar_t* row_weight;  // (B, C)
   scalar_t* dx;                // (B, C, K)
   scalar_t* column_sums;       // (C, N)
+  scalar_t* scores_out;        // (B, C, N), output of row_stats_with_scores
+  // input_grad on the kept-scores route: the forward's scores, and under a prior each row's
+  // p-mean of a = w log p - prior (kept_prior_mean)
+  const scalar_t* kept_scores;  // (B, C, N)
+  const scalar_t* prior_means;  // (B, C)
 };
 
 // A block of rows: row i is flat row index first + i * stride (b * C + c), i < count.
@@ -488,7 +496,8 @@ ECLOSS_HOST void finish_with_grad(const Problem<scalar_t>& problem, int64_t row,
 // state holds l and a): the block's weights e^(s-b) and e^(s-b)(s-b), about the block's max
 // b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only when the block
 // does not hold it, and U, V are moved the same way when m rises. With template parts, each
-// part's state (and U, V) goes to part_states (part_sums) for merge_row_stats_parts.
+// part's state (and U, V) goes to part_states (part_sums) for merge_row_stats_parts. With
+// scores_out (row_stats_with_scores), the scores are written out too.
 template <typename scalar_t, int kBytes, bool kBf16, bool kWithGrad>
 ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t begin,
                                     int64_t end) {
@@ -509,6 +518,10 @@ ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t be
                                     scratch.scores.data());
       for (int64_t i = 0; i < block.count; ++i) {
         const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
+        if (problem.scores_out != nullptr) {  // row_stats_with_scores
+          std::copy(scores, scores + width,
+                    problem.scores_out + (first + i) * problem.num_templates + t0);
+        }
         scalar_t* weights = scratch.grads.data() + i * kTemplateBlock;
         scalar_t* shifted_weights = scratch.shifted_grads.data() + i * kTemplateBlock;
         const scalar_t block_max = block_max_of(scores, width);
@@ -722,58 +735,127 @@ ECLOSS_HOST void prior_input_grad_sweep(const Problem<scalar_t>& problem, const 
   }
 }
 
+// Whether input_grad's parts are plain sums of dx (without a prior, or with the kept scores'
+// prior means) rather than U, Z and moments to join (prior_input_grad_sweep).
+template <typename scalar_t>
+ECLOSS_HOST bool plain_input_grad(const Problem<scalar_t>& problem) {
+  return problem.prior == nullptr || problem.kept_scores != nullptr;
+}
+
+// dx = tau * (row weight) * sum_t grads T: the row weight is in the grads under a prior.
+template <typename scalar_t>
+ECLOSS_HOST scalar_t input_grad_scale(const Problem<scalar_t>& problem, int64_t row) {
+  return problem.prior == nullptr ? problem.tau * problem.row_weight[row] : problem.tau;
+}
+
+// A row block's plain dx sums (scratch.dx) to the part's slot, or, with the templates whole,
+// scaled (input_grad_scale) to dx.
+template <typename scalar_t>
+ECLOSS_HOST void store_input_grad(const Problem<scalar_t>& problem, const RowBlock& block,
+                                  int64_t part, const Scratch<scalar_t>& scratch) {
+  const int64_t padded_pixels = problem.padded_pixels;
+  for (int64_t i = 0; i < block.count; ++i) {
+    const int64_t row = block.first + i;
+    const scalar_t* source = scratch.dx.data() + i * padded_pixels;
+    if (problem.template_parts > 1) {
+      const int64_t slot = row * problem.template_parts + part;
+      std::copy(source, source + padded_pixels, problem.part_sums + slot * 2 * padded_pixels);
+      continue;
+    }
+    const scalar_t scale = input_grad_scale(problem, row);
+    scalar_t* target = problem.dx + row * problem.pixels;
+    for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
+  }
+}
+
+// Under a prior on the kept-scores route: D = sum_t p a / sum_t p of one row, a = w log p -
+// prior, over the whole row before its sweep, so that the sweep adds p (a - D) T in one
+// accumulator (prior_input_grad_sweep, which sees each template once, carries a second).
+// A row whose mass underflowed to 0 has p = 0 everywhere: D = 0.
+template <typename scalar_t>
+ECLOSS_HOST scalar_t kept_prior_mean(const Problem<scalar_t>& problem, int64_t row) {
+  const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
+  const scalar_t weight = problem.row_weight[row];
+  const scalar_t* scores = problem.kept_scores + row * problem.num_templates;
+  const scalar_t* prior = problem.prior + (row % problem.channels) * problem.num_templates;
+  // Summed a template block at a time, the blocks' sums then added: the rounding of a sum
+  // over N = 307,721 terms in one chain moved dx by 7e-11 (float64, 28x28, near-uniform p).
+  scalar_t weighted = 0, mass = 0;
+  for (int64_t t0 = 0; t0 < problem.num_templates; t0 += kTemplateBlock) {
+    const int64_t width = std::min(kTemplateBlock, problem.num_templates - t0);
+    scalar_t block_weighted = 0, block_mass = 0;
+#pragma omp simd reduction(+ : block_weighted, block_mass)
+    for (int64_t t = t0; t < t0 + width; ++t) {
+      const scalar_t log_p = log_probability(scores[t] - row_max, log_sum);
+      const scalar_t p = exp_(log_p);
+      block_weighted += p * (weight * log_p - prior[t]);
+      block_mass += p;
+    }
+    weighted += block_weighted;
+    mass += block_mass;
+  }
+  return mass > scalar_t(0) ? weighted / mass : scalar_t(0);
+}
+
+// input_grad's tasks. On the kept-scores route (kept_scores) the scores are read, not
+// recomputed, and a prior takes the one-accumulator form with the rows' prior_means.
 template <typename scalar_t, int kBytes, bool kBf16>
 ECLOSS_HOST void input_grad_tasks(const Problem<scalar_t>& problem, int64_t begin, int64_t end) {
   Scratch<scalar_t> scratch(problem);
-  const int64_t padded_pixels = problem.padded_pixels;
-  const scalar_t tau = problem.tau;
+  const bool kept = problem.kept_scores != nullptr;
   for (int64_t task = begin; task < end; ++task) {
     const auto [block, range] = part_task(problem, task);
     const int64_t first = block.first, part = task % problem.template_parts;
-    pack_rows<scalar_t, kBf16>(problem, block, scratch);
+    if (!kept) pack_rows<scalar_t, kBf16>(problem, block, scratch);
     std::fill(scratch.dx.begin(), scratch.dx.end(), scalar_t(0));
-    if (problem.prior != nullptr) {
+    if (!plain_input_grad(problem)) {
       prior_input_grad_sweep<scalar_t, kBytes, kBf16>(problem, block, range, part, scratch);
       continue;
     }
-    for (int64_t i = 0; i < block.count; ++i) {  // E = neg_entropy + log_sum
-      scratch.centres[i] = problem.neg_entropy[first + i] + problem.log_sum[first + i];
+    for (int64_t i = 0; i < block.count; ++i) {  // E = neg_entropy + log_sum, or D
+      scratch.centres[i] = problem.prior == nullptr
+                               ? problem.neg_entropy[first + i] + problem.log_sum[first + i]
+                               : problem.prior_means[first + i];
     }
     for (int64_t t0 = range.begin; t0 < range.end; t0 += kTemplateBlock) {
       const int64_t width = std::min(kTemplateBlock, range.end - t0);
-      score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
-                                    scratch.scores.data());
+      if (!kept) {
+        score_block<scalar_t, kBytes, kBf16>(problem, block, scratch, t0, width,
+                                             scratch.scores.data());
+      }
       for (int64_t i = 0; i < block.count; ++i) {
         const int64_t row = first + i;
         const scalar_t row_max = problem.row_max[row], log_sum = problem.log_sum[row];
         const scalar_t centre = scratch.centres[i];
-        const scalar_t* scores = scratch.scores.data() + i * kTemplateBlock;
+        const scalar_t* scores = kept ? problem.kept_scores + row * problem.num_templates + t0
+                                      : scratch.scores.data() + i * kTemplateBlock;
         scalar_t* grads = scratch.grads.data() + i * kTemplateBlock;
+        if (problem.prior == nullptr) {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const scalar_t shifted = scores[j] - row_max;
+            grads[j] = score_grad(probability(shifted, log_sum), shifted, centre);
+          }
+          continue;
+        }
+        const scalar_t weight = problem.row_weight[row];
+        const scalar_t* prior =
+            problem.prior + (row % problem.channels) * problem.num_templates + t0;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const scalar_t shifted = scores[j] - row_max;
-          grads[j] = score_grad(probability(shifted, log_sum), shifted, centre);
+          const scalar_t log_p = log_probability(scores[j] - row_max, log_sum);
+          grads[j] = exp_(log_p) * ((weight * log_p - prior[j]) - centre);
         }
       }
       accumulate_input_grad<scalar_t, kBytes, kBf16>(problem, block, scratch,
                                                      scratch.grads.data(), t0, width,
                                                      scratch.dx.data());
     }
-    for (int64_t i = 0; i < block.count; ++i) {
-      const scalar_t* source = scratch.dx.data() + i * padded_pixels;
-      if (problem.template_parts > 1) {
-        const int64_t slot = (first + i) * problem.template_parts + part;
-        std::copy(source, source + padded_pixels, problem.part_sums + slot * 2 * padded_pixels);
-        continue;
-      }
-      const scalar_t scale = tau * problem.row_weight[first + i];
-      scalar_t* target = problem.dx + (first + i) * problem.pixels;
-      for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
-    }
+    store_input_grad(problem, block, part, scratch);
   }
 }
 
-// The parts of input_grad merged in part order, one row: without a prior the parts' dx
+// The parts of input_grad merged in part order, one row: plain parts (plain_input_grad)
 // summed; under a prior each part's U, Z about its own c and its mass join as the sweep
 // joins a block: c' = c + m_P (c_P - c) / (m + m_P), Z += (c - c') U + Z_P + (c_P - c') U_P,
 // U += U_P (a part whose mass underflowed to 0 adds nothing).
@@ -785,7 +867,7 @@ void merge_input_grad_parts(const Problem<scalar_t>& problem, int64_t row) {
   for (int64_t part = 0; part < problem.template_parts; ++part) {
     const int64_t slot = row * problem.template_parts + part;
     const scalar_t* part_weighted = problem.part_sums + slot * 2 * padded_pixels;
-    if (problem.prior == nullptr) {
+    if (plain_input_grad(problem)) {
       for (int64_t k = 0; k < padded_pixels; ++k) sum_weighted[k] += part_weighted[k];
       continue;
     }
@@ -805,9 +887,8 @@ void merge_input_grad_parts(const Problem<scalar_t>& problem, int64_t row) {
     mass = total;
     reference = merged;
   }
-  const scalar_t scale = problem.prior == nullptr ? problem.tau * problem.row_weight[row]
-                                                  : problem.tau;
-  const scalar_t* source = problem.prior == nullptr ? sum_weighted.data() : sum_centred.data();
+  const scalar_t scale = input_grad_scale(problem, row);
+  const scalar_t* source = plain_input_grad(problem) ? sum_weighted.data() : sum_centred.data();
   scalar_t* target = problem.dx + row * problem.pixels;
   for (int64_t k = 0; k < problem.pixels; ++k) target[k] = scale * source[k];
 }
@@ -1152,29 +1233,48 @@ at::Tensor in_accumulation_type(const at::Tensor& x) {
   return x.to(accumulation_type(x.scalar_type()));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x_input,
-                                                             const at::Tensor& templates,
-                                                             double tau,
-                                                             c10::string_view precision,
-                                                             const std::optional<at::Tensor>&) {
-  check_arguments("row_stats", x_input, templates, {}, std::nullopt);
+// row_stats, and with `scores` (B, C, N) defined, the scores written into it.
+void row_stats_into(const char* op, const at::Tensor& x_input, const at::Tensor& templates,
+                    double tau, c10::string_view precision, at::Tensor& row_max,
+                    at::Tensor& log_sum, at::Tensor& neg_entropy, at::Tensor scores) {
+  check_arguments(op, x_input, templates, {}, std::nullopt);
   parse_precision(precision);
   const at::Tensor x = in_accumulation_type(x_input);
-  at::Tensor row_max = at::empty({x.size(0), x.size(1)}, templates.options());
-  at::Tensor log_sum = at::empty_like(row_max);
-  at::Tensor neg_entropy = at::empty_like(row_max);
-  if (x.numel() == 0) return {row_max, log_sum, neg_entropy};
+  row_max = at::empty({x.size(0), x.size(1)}, templates.options());
+  log_sum = at::empty_like(row_max);
+  neg_entropy = at::empty_like(row_max);
+  if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_row_stats_cpu", [&] {
     const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
     Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, chosen);
     problem.row_max_out = row_max.data_ptr<scalar_t>();
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
+    problem.scores_out = scores.defined() ? scores.data_ptr<scalar_t>() : nullptr;
     const auto parts = plan_row_sweep(problem, {true, false, false});
     run_row_sweep(problem, chosen.row_stats,
                   [&](int64_t row) { merge_row_stats_parts(problem, false, row); });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x,
+                                                             const at::Tensor& templates,
+                                                             double tau,
+                                                             c10::string_view precision,
+                                                             const std::optional<at::Tensor>&) {
+  at::Tensor row_max, log_sum, neg_entropy;
+  row_stats_into("row_stats", x, templates, tau, precision, row_max, log_sum, neg_entropy, {});
   return {row_max, log_sum, neg_entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_scores_cpu(
+    const at::Tensor& x, const at::Tensor& templates, double tau, c10::string_view precision,
+    const std::optional<at::Tensor>&) {
+  at::Tensor row_max, log_sum, neg_entropy;
+  at::Tensor scores = at::empty({x.size(0), x.size(1), templates.size(0)}, templates.options());
+  row_stats_into("row_stats_with_scores", x, templates, tau, precision, row_max, log_sum,
+                 neg_entropy, scores);
+  return {row_max, log_sum, neg_entropy, scores};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_cpu(
@@ -1227,24 +1327,21 @@ at::Tensor column_sums_cpu(const at::Tensor& x_input, const at::Tensor& template
   return sums;
 }
 
-at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates, double tau,
-                          const at::Tensor& row_max_input, const at::Tensor& log_sum_input,
-                          const at::Tensor& neg_entropy_input,
-                          const std::optional<at::Tensor>& prior_input,
-                          const at::Tensor& row_weight_input, c10::string_view precision,
-                          const std::optional<at::Tensor>&) {
-  check_arguments("input_grad", x_input, templates,
-                  {&row_max_input, &log_sum_input, &neg_entropy_input, &row_weight_input},
-                  prior_input);
-  parse_precision(precision);
-  const at::Tensor x = in_accumulation_type(x_input);
+// input_grad's sweep into dx (B, C, K) in the accumulation dtype, from the rows x or, with
+// kept_scores defined (input_grad_from_scores), from those scores (x then only gives the
+// shape: dx itself).
+void input_grad_into(const at::Tensor& x, const at::Tensor& templates, double tau,
+                     const at::Tensor& row_max_input, const at::Tensor& log_sum_input,
+                     const at::Tensor& neg_entropy_input,
+                     const std::optional<at::Tensor>& prior_input,
+                     const at::Tensor& row_weight_input, c10::string_view precision,
+                     const at::Tensor& kept_scores, at::Tensor& dx) {
   const at::Tensor row_max = row_max_input.contiguous();
   const at::Tensor log_sum = log_sum_input.contiguous();
   const at::Tensor neg_entropy = neg_entropy_input.contiguous();
   const at::Tensor row_weight = row_weight_input.contiguous();
   const at::Tensor prior = prior_input.has_value() ? prior_input->contiguous() : at::Tensor();
-  at::Tensor dx = at::empty_like(x);
-  if (x.numel() == 0) return dx.to(x_input.scalar_type());
+  if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_input_grad_cpu", [&] {
     const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
     Problem<scalar_t> problem = make_problem<scalar_t>(x, templates, tau, chosen);
@@ -1254,12 +1351,58 @@ at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates
     problem.prior = prior.defined() ? prior.data_ptr<scalar_t>() : nullptr;
     problem.row_weight = row_weight.data_ptr<scalar_t>();
     problem.dx = dx.data_ptr<scalar_t>();
-    const auto parts = plan_row_sweep(problem, {false, true, problem.prior != nullptr});
+    at::Tensor prior_means;
+    if (kept_scores.defined()) {
+      problem.kept_scores = kept_scores.data_ptr<scalar_t>();
+      if (problem.prior != nullptr) {
+        prior_means = at::empty_like(row_max);
+        scalar_t* means = prior_means.data_ptr<scalar_t>();
+        at::parallel_for(0, row_max.numel(), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) means[row] = kept_prior_mean(problem, row);
+        });
+        problem.prior_means = means;
+      }
+    }
+    const auto parts = plan_row_sweep(problem, {false, true, !plain_input_grad(problem)});
     run_row_sweep(problem, chosen.input_grad,
                   [&](int64_t row) { merge_input_grad_parts(problem, row); });
   });
+}
+
+at::Tensor input_grad_cpu(const at::Tensor& x_input, const at::Tensor& templates, double tau,
+                          const at::Tensor& row_max, const at::Tensor& log_sum,
+                          const at::Tensor& neg_entropy, const std::optional<at::Tensor>& prior,
+                          const at::Tensor& row_weight, c10::string_view precision,
+                          const std::optional<at::Tensor>&) {
+  check_arguments("input_grad", x_input, templates, {&row_max, &log_sum, &neg_entropy, &row_weight},
+                  prior);
+  parse_precision(precision);
+  const at::Tensor x = in_accumulation_type(x_input);
+  at::Tensor dx = at::empty_like(x);
+  input_grad_into(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
+                  precision, {}, dx);
   return dx.to(x_input.scalar_type());
 }
+
+at::Tensor input_grad_from_scores_cpu(const at::Tensor& scores_input,
+                                      const at::Tensor& templates, double tau,
+                                      const at::Tensor& row_max, const at::Tensor& log_sum,
+                                      const at::Tensor& neg_entropy,
+                                      const std::optional<at::Tensor>& prior,
+                                      const at::Tensor& row_weight, c10::string_view precision,
+                                      const std::optional<at::Tensor>&) {
+  check_kept_scores("input_grad_from_scores", scores_input, templates);
+  at::Tensor dx = at::empty({scores_input.size(0), scores_input.size(1), templates.size(1)},
+                            templates.options());
+  check_arguments("input_grad_from_scores", dx, templates,
+                  {&row_max, &log_sum, &neg_entropy, &row_weight}, prior);
+  parse_precision(precision);
+  const at::Tensor scores = scores_input.contiguous();
+  input_grad_into(dx, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
+                  precision, scores, dx);
+  return dx;
+}
+
 
 }  // namespace
 }  // namespace ecloss
@@ -1299,4 +1442,6 @@ TORCH_LIBRARY_IMPL(ecloss_fast_C, CPU, m) {
   m.impl("row_stats_with_grad", &ecloss::row_stats_with_grad_cpu);
   m.impl("column_sums", &ecloss::column_sums_cpu);
   m.impl("input_grad", &ecloss::input_grad_cpu);
+  m.impl("input_grad_from_scores", &ecloss::input_grad_from_scores_cpu);
+  m.impl("row_stats_with_scores", &ecloss::row_stats_with_scores_cpu);
 }

@@ -24,4 +24,7 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& temp
                      std::initializer_list<const at::Tensor*> row_tensors,
                      const std::optional<at::Tensor>& prior);
 
+// scores (B, C, N) in the dtype of templates (N, K), on their device (the kept-scores route).
+void check_kept_scores(const char* op, const at::Tensor& scores, const at::Tensor& templates);
+
 }  // namespace ecloss

@@ -81,7 +81,34 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& temp
   }
 }
 
+void check_kept_scores(const char* op, const at::Tensor& scores, const at::Tensor& templates) {
+  TORCH_CHECK_VALUE(scores.dim() == 3 && templates.dim() == 2 &&
+                        scores.size(2) == templates.size(0),
+                    op, ": scores must be (B, C, N) with N = ",
+                    templates.dim() == 2 ? templates.size(0) : -1, " templates, got shape ",
+                    scores.sizes());
+  TORCH_CHECK_TYPE(scores.scalar_type() == templates.scalar_type(), op, ": scores must be ",
+                   templates.scalar_type(), " as the templates, got ", scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.device() == templates.device(), op, ": scores are on ",
+                    scores.device(), " but templates are on ", templates.device());
+}
+
 namespace {
+
+at::Tensor input_grad_from_scores_meta(const at::Tensor& scores, const at::Tensor& templates,
+                                       double tau, const at::Tensor& row_max,
+                                       const at::Tensor& log_sum, const at::Tensor& neg_entropy,
+                                       const std::optional<at::Tensor>& prior,
+                                       const at::Tensor& row_weight, c10::string_view precision,
+                                       const std::optional<at::Tensor>&) {
+  check_kept_scores("input_grad_from_scores", scores, templates);
+  at::Tensor dx = at::empty({scores.size(0), scores.size(1), templates.size(1)},
+                            templates.options());
+  check_arguments("input_grad_from_scores", dx, templates,
+                  {&row_max, &log_sum, &neg_entropy, &row_weight}, prior);
+  parse_precision(precision);
+  return dx;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& x,
                                                               const at::Tensor& templates,
@@ -93,6 +120,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& 
   const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
   return {at::empty({x.size(0), x.size(1)}, options), at::empty({x.size(0), x.size(1)}, options),
           at::empty({x.size(0), x.size(1)}, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_scores_meta(
+    const at::Tensor& x, const at::Tensor& templates, double tau, c10::string_view precision,
+    const std::optional<at::Tensor>& operand_templates) {
+  auto [row_max, log_sum, neg_entropy] =
+      row_stats_meta(x, templates, tau, precision, operand_templates);
+  return {row_max, log_sum, neg_entropy,
+          at::empty({x.size(0), x.size(1), templates.size(0)}, row_max.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_grad_meta(
@@ -146,6 +182,13 @@ TORCH_LIBRARY(ecloss_fast_C, m) {
       "input_grad(Tensor x, Tensor templates, float tau, Tensor row_max, Tensor log_sum, "
       "Tensor neg_entropy, Tensor? prior, Tensor row_weight, str precision, "
       "Tensor? operand_templates=None) -> Tensor");
+  m.def(
+      "row_stats_with_scores(Tensor x, Tensor templates, float tau, str precision, "
+      "Tensor? operand_templates=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "input_grad_from_scores(Tensor scores, Tensor templates, float tau, Tensor row_max, "
+      "Tensor log_sum, Tensor neg_entropy, Tensor? prior, Tensor row_weight, str precision, "
+      "Tensor? operand_templates=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {
@@ -153,6 +196,8 @@ TORCH_LIBRARY_IMPL(ecloss_fast_C, Meta, m) {
   m.impl("row_stats_with_grad", &ecloss::row_stats_with_grad_meta);
   m.impl("column_sums", &ecloss::column_sums_meta);
   m.impl("input_grad", &ecloss::input_grad_meta);
+  m.impl("row_stats_with_scores", &ecloss::row_stats_with_scores_meta);
+  m.impl("input_grad_from_scores", &ecloss::input_grad_from_scores_meta);
 }
 
 // The torch this extension was built against, for ecloss_fast/_build_info.py to read from the

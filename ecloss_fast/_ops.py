@@ -3,9 +3,10 @@
 ``ecloss_fast::channel_loss`` runs the forward sweeps of one backend and returns the
 per-channel loss with the per-row statistics that its backward needs (and, when asked,
 the diagnostics of docs/design.md section 8.4); ``ecloss_fast::input_grad`` is that
-backward. Both are opaque to ``torch.compile``, which keeps them whole (no graph break, no
-retracing of kernels), and the templates are looked up inside them so a compiled graph
-never rebuilds them.
+backward, and ``ecloss_fast::input_grad_from_scores`` the backward of the kept-scores route
+(the forward's scores reused; section 9). They are opaque to ``torch.compile``, which keeps
+them whole (no graph break, no retracing of kernels), and the templates are looked up
+inside them so a compiled graph never rebuilds them.
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ecloss_fast._dispatch import backend_module, choose_backend
+from ecloss_fast._dispatch import backend_module, choose_backend, resolve_backend
 from ecloss_fast._dtypes import accumulation_dtype
 from ecloss_fast._math import covariance_factor
 from ecloss_fast._precision import resolve_precision
 from ecloss_fast._templates import count_for_pixels, template_matrix
 
 __all__ = ["channel_loss", "input_grad", "register_process_group", "accumulation_dtype",
-           "DIAGNOSTICS", "LossInputs", "LossOutputs", "channel_loss_outputs"]
+           "DIAGNOSTICS", "LossInputs", "LossOutputs", "channel_loss_outputs",
+           "input_grad_from_scores"]
 
 # The names of the diagnostics vector, in its order (docs/design.md section 8.4).
 DIAGNOSTICS = ("mi_over_log_n", "max_p", "score_std")
@@ -65,6 +67,7 @@ class LossOutputs(NamedTuple):
     map_weight: torch.Tensor  # 0-d
     summary: torch.Tensor  # (len(DIAGNOSTICS),) or empty
     neg_entropy_grad: torch.Tensor  # (B, C, K) or empty
+    scores: torch.Tensor  # (B, C, N) on the kept-scores route, else empty
 
 
 def _schema(inputs: type, outputs: type) -> str:
@@ -119,6 +122,8 @@ def channel_loss(*inputs) -> tuple[torch.Tensor, ...]:
     ``neg_entropy_grad`` is the backend's ``row_stats_with_grad`` output when ``with_grad``
     asks for it (the uniform estimator without diversity, ``x`` needing a gradient): the
     backward is then a scaling of it, with no sweep of its own. Else it is empty.
+    ``scores`` are the ``(B, C, N)`` scores on the kept-scores route (``_keeps_scores``;
+    docs/design.md section 9), which the backward reuses, else empty.
     Everything stays a tensor: no host synchronisation.
     """
     inputs = LossInputs(*inputs)
@@ -209,6 +214,18 @@ def _diagnostics(inputs, rows, information, log_sum, map_weight):
     return torch.cat([(information.mean() / math.log(num_templates))[None], per_map])
 
 
+def _keeps_scores(module, batch: int, channels: int, pixels: int) -> bool:
+    """The kept-scores route (docs/design.md section 9): the backend provides
+    ``row_stats_with_scores`` and ``input_grad_from_scores``, and there are no more rows than
+    pixels, so the ``(B, C, N)`` scores are no larger than the templates."""
+    return hasattr(module, "input_grad_from_scores") and batch * channels <= pixels
+
+
+def _column_sums_of_scores(scores, row_max, log_sum):
+    """The contract's ``column_sums`` from kept scores: ``sum_b p[b,c,t]`` in batch order."""
+    return (scores - row_max[..., None]).sub_(log_sum[..., None]).exp_().sum(0)
+
+
 def _channel_loss(inputs: LossInputs) -> LossOutputs:
     x, tau, diversity = inputs.x, inputs.tau, inputs.diversity
     precision = resolve_precision(inputs.precision, x.dtype)
@@ -220,14 +237,21 @@ def _channel_loss(inputs: LossInputs) -> LossOutputs:
     # verdicts): the statistics saved here assume this backend's scores.
     module = backend_module(choose_backend(inputs.backend, rows, templates, tau, precision,
                                            needs_marginal))
-    if inputs.with_grad and not needs_marginal:
+    kept_scores = rows.new_empty(0, dtype=templates.dtype)
+    neg_entropy_grad = rows.new_empty(0, dtype=templates.dtype)
+    if _keeps_scores(module, batch, channels, rows.shape[-1]):
+        row_max, log_sum, neg_entropy, kept_scores = module.row_stats_with_scores(
+            rows, templates, tau, precision)
+    elif inputs.with_grad and not needs_marginal:
         row_max, log_sum, neg_entropy, neg_entropy_grad = module.row_stats_with_grad(
             rows, templates, tau, precision)
     else:
         row_max, log_sum, neg_entropy = module.row_stats(rows, templates, tau, precision)
-        neg_entropy_grad = neg_entropy.new_empty(0)
-    local_sums = (module.column_sums(rows, templates, tau, row_max, log_sum, precision)
-                  if needs_marginal else None)
+    local_sums = None
+    if needs_marginal and kept_scores.numel() > 0:
+        local_sums = _column_sums_of_scores(kept_scores, row_max, log_sum)
+    elif needs_marginal:
+        local_sums = module.column_sums(rows, templates, tau, row_max, log_sum, precision)
     totals, count, map_weight = _global_batch(local_sums, batch, inputs.group, neg_entropy)
     pbar = neg_entropy.new_empty(0)
     if needs_marginal:
@@ -250,7 +274,7 @@ def _channel_loss(inputs: LossInputs) -> LossOutputs:
     summary = (_diagnostics(inputs, rows, information, log_sum, map_weight)
                if inputs.diagnostics else neg_entropy.new_empty(0))
     return LossOutputs(loss, row_max, log_sum, neg_entropy, pbar, map_weight, summary,
-                       neg_entropy_grad)
+                       neg_entropy_grad, kept_scores)
 
 
 @channel_loss.register_fake
@@ -262,15 +286,32 @@ def _(*inputs):
     n = _num_templates(x, inputs.templates, inputs.subset)
     stats = x.new_empty((batch, channels), dtype=dtype)
     needs_marginal = inputs.marginal or inputs.diversity > 0
-    fused = inputs.with_grad and not needs_marginal
+    pixels = x.shape[-2] * x.shape[-1]
+    # A backend with the kept-scores pair has no warm_up (docs/design.md section 9), so
+    # resolve_backend names the backend that choose_backend runs on this route.
+    module = backend_module(resolve_backend(inputs.backend, x.device, x.dtype, pixels))
+    kept = _keeps_scores(module, batch, channels, pixels)
+    fused = inputs.with_grad and not needs_marginal and not kept
     return tuple(LossOutputs(
         loss=x.new_empty((channels,), dtype=dtype), row_max=stats,
         log_sum=torch.empty_like(stats), neg_entropy=torch.empty_like(stats),
         pbar=x.new_empty((channels, n) if needs_marginal else (0,), dtype=dtype),
         map_weight=x.new_empty((), dtype=dtype),
         summary=x.new_empty((len(DIAGNOSTICS) if inputs.diagnostics else 0,), dtype=dtype),
-        neg_entropy_grad=x.new_empty(
-            (batch, channels, x.shape[-2] * x.shape[-1]) if fused else (0,), dtype=dtype)))
+        neg_entropy_grad=x.new_empty((batch, channels, pixels) if fused else (0,), dtype=dtype),
+        scores=x.new_empty((batch, channels, n) if kept else (0,), dtype=dtype)))
+
+
+def _backward_route(x, templates, radius, subset, tau, prior, precision, backend):
+    """What both backward ops resolve: the precision, the templates, ``x`` as ``(B, C, K)``
+    rows, and the backend module that the forward ran."""
+    precision = resolve_precision(precision, x.dtype)
+    templates = _templates_for(x, templates, radius, subset)
+    batch, channels = x.shape[:2]
+    rows = x.reshape(batch, channels, -1).contiguous()
+    module = backend_module(choose_backend(backend, rows, templates, tau, precision,
+                                           prior is not None))
+    return precision, templates, rows, module
 
 
 @torch.library.custom_op("ecloss_fast::input_grad", mutates_args=())
@@ -280,12 +321,8 @@ def input_grad(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float
                row_weight: torch.Tensor, precision: str, backend: str) -> torch.Tensor:
     """``dx`` of docs/design.md sections 3 and 8.1 for the row weights ``-g[c] * map_weight``
     and the ``(C, N)`` prior of the backend contract (``None``: uniform, no diversity)."""
-    precision = resolve_precision(precision, x.dtype)
-    templates = _templates_for(x, templates, radius, subset)
-    batch, channels = x.shape[:2]
-    rows = x.reshape(batch, channels, -1).contiguous()
-    module = backend_module(choose_backend(backend, rows, templates, tau, precision,
-                                           prior is not None))
+    precision, templates, rows, module = _backward_route(x, templates, radius, subset, tau,
+                                                         prior, precision, backend)
     with torch.autocast(x.device.type, enabled=False):
         grad = module.input_grad(rows, templates, tau, row_max, log_sum, neg_entropy, prior,
                                  row_weight, precision)
@@ -298,14 +335,37 @@ def _(x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, r
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("ecloss_fast::input_grad_from_scores", mutates_args=())
+def input_grad_from_scores(x: torch.Tensor, templates: Optional[torch.Tensor], radius: float,
+                           subset: int, tau: float, row_max: torch.Tensor,
+                           log_sum: torch.Tensor, neg_entropy: torch.Tensor,
+                           prior: Optional[torch.Tensor], row_weight: torch.Tensor,
+                           precision: str, backend: str, scores: torch.Tensor) -> torch.Tensor:
+    """``input_grad`` on the kept-scores route: from the forward's ``(B, C, N)`` scores
+    (docs/design.md section 9). An op of its own, so that ``input_grad``'s schema, which
+    compiled graphs cached by ``torch.compile`` call, stays as it was."""
+    precision, templates, _, module = _backward_route(x, templates, radius, subset, tau, prior,
+                                                      precision, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        grad = module.input_grad_from_scores(scores, templates, tau, row_max, log_sum,
+                                             neg_entropy, prior, row_weight, precision)
+    return grad.to(x.dtype).view(x.shape)
+
+
+@input_grad_from_scores.register_fake
+def _(x, templates, radius, subset, tau, row_max, log_sum, neg_entropy, prior, row_weight,
+      precision, backend, scores):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
     inputs, output = LossInputs(*inputs), LossOutputs(*output)
     ctx.save_for_backward(inputs.x, inputs.templates, output.row_max, output.log_sum,
                           output.neg_entropy, output.pbar, output.map_weight,
-                          output.neg_entropy_grad)
+                          output.neg_entropy_grad, output.scores)
     ctx.inputs = inputs._replace(x=None, templates=None)  # the tensors are saved above
-    # Only the loss carries a gradient: no zeros the size of pbar (C x N) or of
-    # neg_entropy_grad (B x C x K) for the outputs the backward ignores.
+    # Only the loss carries a gradient: no zeros the size of pbar (C x N), neg_entropy_grad
+    # (B x C x K) or the scores (B x C x N) for the outputs the backward ignores.
     ctx.set_materialize_grads(False)
 
 
@@ -316,8 +376,8 @@ def _backward(ctx, grad_loss, *_unused_grads):
     the forward ran ``row_stats_with_grad``: ``dx = row_weight * neg_entropy_grad``."""
     if grad_loss is None:  # the loss is not in the graph being differentiated
         return (None,) * len(LossInputs._fields)
-    x, templates, row_max, log_sum, neg_entropy, pbar, map_weight, neg_entropy_grad = \
-        ctx.saved_tensors
+    (x, templates, row_max, log_sum, neg_entropy, pbar, map_weight, neg_entropy_grad,
+     kept_scores) = ctx.saved_tensors
     inputs = ctx.inputs
     no_grads = (None,) * (len(LossInputs._fields) - 1)  # only x gets a gradient
     upstream = grad_loss.to(row_max.dtype)
@@ -330,9 +390,12 @@ def _backward(ctx, grad_loss, *_unused_grads):
     if prior is None and neg_entropy_grad.numel() > 0:
         grad_x = (row_weight[..., None] * neg_entropy_grad).view(x.shape).to(x.dtype)
         return grad_x, *no_grads
-    grad_x = torch.ops.ecloss_fast.input_grad(
-        x, templates, inputs.radius, inputs.subset, inputs.tau, row_max, log_sum, neg_entropy,
-        prior, row_weight, inputs.precision, inputs.backend)
+    arguments = (x, templates, inputs.radius, inputs.subset, inputs.tau, row_max, log_sum,
+                 neg_entropy, prior, row_weight, inputs.precision, inputs.backend)
+    if kept_scores.numel() > 0:
+        grad_x = torch.ops.ecloss_fast.input_grad_from_scores(*arguments, kept_scores)
+    else:
+        grad_x = torch.ops.ecloss_fast.input_grad(*arguments)
     return grad_x, *no_grads
 
 

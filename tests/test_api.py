@@ -223,6 +223,35 @@ def test_custom_ops_pass_opcheck():
                                prior, torch.ones(2, 3), "ieee", "torch"))
 
 
+@pytest.mark.skipif("cpu" not in ef.available_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("marginal, diversity", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_custom_ops_pass_opcheck_with_kept_scores(marginal, diversity):
+    # The cpu backend keeps the scores for 6 rows of 12 pixels and not for 14 rows: the fake
+    # kernel must give the same outputs as the op on both routes.
+    for batch in (2, 7):
+        x = peaked_maps(batch, 3, 4, 3, seed=9).requires_grad_()
+        inputs = LossInputs(x=x, templates=None, radius=4.0, subset=0, tau=1e-3,
+                            marginal=marginal, diversity=diversity, diagnostics=False,
+                            precision="ieee", backend="cpu", group="",
+                            with_grad=not (marginal or diversity))
+        torch.library.opcheck(torch.ops.ecloss_fast.channel_loss.default, tuple(inputs))
+        outputs = LossOutputs(*torch.ops.ecloss_fast.channel_loss(*inputs))
+        assert (outputs.scores.numel() > 0) == (batch == 2)
+    n = ef.num_templates(4, 3)
+    prior = torch.full((3, n), -math.log(n)) if marginal else None
+    stats = torch.zeros(2, 3), torch.full((2, 3), math.log(n)), torch.zeros(2, 3)
+    torch.library.opcheck(torch.ops.ecloss_fast.input_grad_from_scores.default,
+                          (x.detach()[:2], None, 4.0, 0, 1e-3, *stats, prior, torch.ones(2, 3),
+                           "ieee", "cpu", torch.randn(2, 3, n)))
+    for op, arguments in ((torch.ops.ecloss_fast_C.row_stats_with_scores,
+                           (x.detach()[:2].flatten(2), ef.make_templates(4, 3).flatten(1),
+                            1e-3, "ieee")),
+                          (torch.ops.ecloss_fast_C.input_grad_from_scores,
+                           (torch.randn(2, 3, n), ef.make_templates(4, 3).flatten(1), 1e-3,
+                            *stats, prior, torch.ones(2, 3), "ieee"))):
+        torch.library.opcheck(op.default, arguments)
+
+
 def test_the_loss_op_takes_and_returns_the_named_fields():
     """The schema derived from ``LossInputs`` and ``LossOutputs``: their fields, in order."""
     schema = torch.ops.ecloss_fast.channel_loss.default._schema
@@ -240,6 +269,24 @@ def test_torch_compile_fullgraph_equals_eager():
         return ef.ecloss(maps, estimator="marginal", backend="torch") + maps.mean()
 
     images = torch.rand(2, 2, 5, 5)
+    eager = step(images)
+    (eager_grad,) = torch.autograd.grad(eager, conv.weight)
+    compiled = torch.compile(step, fullgraph=True)(images)
+    (compiled_grad,) = torch.autograd.grad(compiled, conv.weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.skipif("cpu" not in ef.available_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("batch", [2, 9])  # 2 x 3 rows of 25 pixels keep the scores, 9 x 3 not
+def test_torch_compile_fullgraph_equals_eager_on_both_cpu_routes(batch):
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+
+    def step(images):
+        maps = torch.relu(conv(images))
+        return ef.ecloss(maps, estimator="marginal", backend="cpu") + maps.mean()
+
+    images = torch.rand(batch, 2, 5, 5)
     eager = step(images)
     (eager_grad,) = torch.autograd.grad(eager, conv.weight)
     compiled = torch.compile(step, fullgraph=True)(images)

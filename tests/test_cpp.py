@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import ecloss_fast as ef
 from ecloss_fast import _dispatch
+from ecloss_fast._ops import LossInputs, channel_loss_outputs
 from ecloss_fast.backends import cpp_cpu, cpp_cuda, streaming
 from ecloss_fast.testing import peaked_maps, random_maps
 from _contract import (contract_templates, dx_scale, evaluate_contract, marginal_prior,
@@ -131,8 +132,28 @@ def _check_contract(backend, x, size, marginal, precision="ieee", seed=0):
     dx = backend.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior,
                             weight.to(accumulation).contiguous(), precision)
     assert dx.dtype == x.dtype and dx.shape == x.shape
-    assert_close("dx", dx, truth.dx, baseline.dx, relative,
-                  scale=dx_scale(weight.max().item(), templates.shape[0], x.numel()))
+    dx_size = dx_scale(weight.max().item(), templates.shape[0], x.numel())
+    assert_close("dx", dx, truth.dx, baseline.dx, relative, scale=dx_size)
+
+    if not hasattr(backend, "row_stats_with_scores"):
+        return
+    # The kept-scores route: the same statistics from the sweep that writes the scores, and
+    # dx from those scores (the op's prior formed from their column sums, as above).
+    *statistics, scores = backend.row_stats_with_scores(x, templates, TAU, precision)
+    for name, statistic, own in zip(("row_max", "log_sum", "neg_entropy"), statistics,
+                                    (row_max, log_sum, neg_entropy)):
+        # The same scores, bitwise (docs/design.md section 9): the statistics of row_stats.
+        assert torch.equal(statistic, own), f"{name} (with scores) differs from row_stats'"
+    assert scores.dtype == accumulation and scores.shape == (batch, channels, templates.shape[0])
+    operands = ((x, templates) if relative == RELATIVE[accumulation]
+                else (rounded(x, precision), rounded(templates, precision)))
+    assert_close("scores", scores, _scores(x.double(), templates.double()),
+                 _scores(*(operand.to(accumulation) for operand in operands)), relative)
+    kept_dx = backend.input_grad_from_scores(scores, templates, TAU, row_max, log_sum,
+                                             neg_entropy, prior,
+                                             weight.to(accumulation).contiguous(), precision)
+    assert kept_dx.dtype == accumulation and kept_dx.shape == x.shape
+    assert_close("dx (from scores)", kept_dx, truth.dx, baseline.dx, relative, scale=dx_size)
 
 
 def _scaled_to_scores(x, templates, score_scale):
@@ -600,13 +621,26 @@ def test_float32_loss_and_dx_of_peaked_maps_within_1e5_of_float64(shape, estimat
 # --- through ecloss(backend="cpu") ------------------------------------------------------
 
 
+def _keeps_scores(x, estimator="uniform", diversity=0.0, templates=None, subset=0):
+    """Whether ``ecloss(x, backend="cpu")`` takes the kept-scores route: the op's outputs
+    hold the ``(B, C, N)`` scores."""
+    outputs = channel_loss_outputs(LossInputs(
+        x=x.detach(), templates=templates, radius=4.0, subset=subset, tau=1e-3,
+        marginal=estimator == "marginal", diversity=diversity, diagnostics=False,
+        precision="", backend="cpu", group="", with_grad=x.requires_grad))
+    return outputs.scores.numel() > 0
+
+
 @needs_extension
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("maps", [random_maps, peaked_maps])
-@pytest.mark.parametrize("shape", [(4, 3, 5, 3), (2, 3, 14, 14)])
-def test_ecloss_cpu_matches_reference(shape, maps, reduction, estimator, cpu_isa):
+@pytest.mark.parametrize("shape, kept", [((4, 3, 5, 3), True), ((2, 3, 14, 14), True),
+                                         ((9, 4, 3, 4), False), ((5, 48, 14, 14), False)])
+def test_ecloss_cpu_matches_reference(shape, kept, maps, reduction, estimator, cpu_isa):
+    # Both routes of the op: the scores kept (B*C <= K) and the fused sweeps.
     x = maps(*shape, dtype=torch.float32, seed=sum(shape)).requires_grad_()
+    assert _keeps_scores(x, estimator) == kept
     reference_x = x.detach().double().requires_grad_()
     kwargs = dict(estimator=estimator, reduction=reduction)
     loss = ef.ecloss(x, backend="cpu", **kwargs)
@@ -627,13 +661,76 @@ def test_ecloss_cpu_matches_reference(shape, maps, reduction, estimator, cpu_isa
 
 @needs_extension
 @pytest.mark.parametrize("estimator", ["uniform", "marginal"])
-def test_gradcheck_float64(estimator, cpu_isa):
-    x = peaked_maps(3, 2, 3, 3, dtype=torch.float64, seed=2, scale=300.0).requires_grad_()
+@pytest.mark.parametrize("shape, kept", [((3, 2, 3, 3), True), ((5, 2, 3, 3), False)])
+def test_gradcheck_float64(shape, kept, estimator, cpu_isa):
+    x = peaked_maps(*shape, dtype=torch.float64, seed=2, scale=300.0).requires_grad_()
+    assert _keeps_scores(x, estimator) == kept
 
     def loss(maps):
         return ef.ecloss(maps, backend="cpu", estimator=estimator, reduction="none", tau=1e-2)
 
     assert torch.autograd.gradcheck(loss, (x,), eps=1e-4, atol=1e-9, rtol=1e-6)
+
+
+@needs_extension
+@pytest.mark.parametrize("batch, channels, kept", [(4, 4, True), (1, 16, True), (17, 1, False),
+                                                   (3, 6, False)])
+@pytest.mark.parametrize("estimator", ["uniform", "marginal"])
+def test_scores_are_kept_when_the_rows_are_no_more_than_the_pixels(batch, channels, kept,
+                                                                   estimator):
+    # K = 16: B*C = 16 keeps them (the scores are then no larger than the templates).
+    x = peaked_maps(batch, channels, 4, 4, seed=5).requires_grad_()
+    outputs = channel_loss_outputs(LossInputs(
+        x=x.detach(), templates=None, radius=4.0, subset=0, tau=1e-3,
+        marginal=estimator == "marginal", diversity=0.0, diagnostics=False, precision="",
+        backend="cpu", group="", with_grad=True))
+    n = ef.num_templates(4, 4)
+    assert outputs.scores.shape == ((batch, channels, n) if kept else (0,))
+    if kept:  # the forward's scores, which the backward reuses
+        expected = _scores(x.detach().double().flatten(2), contract_templates(4, 4).double())
+        torch.testing.assert_close(outputs.scores.double(), expected, rtol=1e-5, atol=1e-9)
+    assert outputs.neg_entropy_grad.numel() == 0 or not kept
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator, diversity", [("uniform", 0.0), ("marginal", 0.0),
+                                                  ("uniform", 0.5), ("marginal", 0.5)])
+def test_kept_scores_at_28x28_match_the_reference(estimator, diversity, dtype, cpu_isa):
+    # Where the route is for: a 28x28 map with few rows (a subset of the templates keeps the
+    # float64 reference small), with the marginal prior and the diversity term's.
+    x = peaked_maps(2, 8, 28, 28, dtype=dtype, seed=7, scale=30.0).requires_grad_()
+    kwargs = dict(estimator=estimator, diversity=diversity, templates=400, reduction="none")
+    assert _keeps_scores(x, estimator, diversity, subset=400)
+    loss = ef.ecloss(x, backend="cpu", **kwargs)
+    upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=torch.float64)
+    (dx,) = torch.autograd.grad(loss, x, upstream.to(dtype))
+    reference_x = x.detach().double().requires_grad_()
+    expected = ef.ecloss(reference_x, backend="reference", **kwargs)
+    (expected_dx,) = torch.autograd.grad(expected, reference_x, upstream)
+    relative = RELATIVE[dtype]
+    assert (loss.double() - expected).abs().max().item() <= relative * math.log(400)
+    scale = max(expected_dx.norm().item(), dx_scale(2.0 / 2, 400, x.numel()))
+    assert (dx.double() - expected_dx).norm().item() <= relative * scale
+
+
+@needs_extension
+def test_kept_scores_ops_reject_malformed_scores():
+    templates = contract_templates(3, 3)
+    stats = torch.zeros(2, 2)
+    scores = torch.zeros(2, 2, templates.shape[0])
+    ops = torch.ops.ecloss_fast_C
+    with pytest.raises(ValueError, match=r"scores must be \(B, C, N\) with N = 46"):
+        ops.input_grad_from_scores(scores[..., :-1], templates, TAU, stats, stats, stats, None,
+                                   stats, "ieee")
+    with pytest.raises(TypeError, match="scores must be Float"):
+        ops.input_grad_from_scores(scores.double(), templates, TAU, stats, stats, stats, None,
+                                   stats, "ieee")
+    with pytest.raises(ValueError, match="per-row statistics must be"):
+        ops.input_grad_from_scores(scores, templates, TAU, stats[:1], stats, stats, None,
+                                   stats, "ieee")
+    with pytest.raises(ValueError, match=r"row_stats_with_scores: x must be \(B, C, K\)"):
+        ops.row_stats_with_scores(torch.zeros(2, 9), templates, TAU, "ieee")
 
 
 # --- the cuda backend's operand templates (made by torch ops: checked on the CPU) ---------

@@ -14,6 +14,11 @@ one this CPU has; the environment variable ``ECLOSS_FAST_CPU_ISA`` caps it (read
 call, so a test or a user can force each path the CPU has). ``"avx512_bf16"`` differs from
 ``"avx512"`` only for ``precision="bf16"``.
 
+``row_stats_with_scores`` and ``input_grad_from_scores`` give the op its kept-scores route
+(docs/design.md section 9) where there are no more rows than pixels: training streams the
+templates (965 MB at 28x28) twice, where the fused sweeps stream them 3 (uniform) or 4
+times (marginal) and compute 3 or 5 GEMMs' products against 2.
+
 The extension records the torch version it was built against (``ecloss_fast._build_info``);
 one built against another torch is not loaded: ``availability`` and ``build_problem`` say
 so and how to rebuild, and ``backend="auto"`` warns before running another backend.
@@ -30,7 +35,8 @@ from ecloss_fast._precision import PRECISIONS, extension_precision
 
 __all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
            "column_sums", "input_grad", "extension_error", "extension_torch_version", "TAKES",
-           "ISA_PATHS", "ISA_VARIABLE", "isa_paths", "isa_in_use", "slower_here"]
+           "ISA_PATHS", "ISA_VARIABLE", "isa_paths", "isa_in_use", "slower_here",
+           "row_stats_with_scores", "input_grad_from_scores"]
 
 ISA_VARIABLE = "ECLOSS_FAST_CPU_ISA"
 ISA_PATHS = ("baseline", "avx2", "avx512", "avx512_bf16")
@@ -175,3 +181,17 @@ def input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_weig
     return torch.ops.ecloss_fast_C.input_grad(x, templates, tau, row_max, log_sum, neg_entropy,
                                               prior, row_weight,
                                               extension_precision(precision, "ieee"))
+
+
+def row_stats_with_scores(x, templates, tau, precision):
+    _apply_isa_variable()
+    return torch.ops.ecloss_fast_C.row_stats_with_scores(x, templates, tau,
+                                                         extension_precision(precision, "ieee"))
+
+
+def input_grad_from_scores(scores, templates, tau, row_max, log_sum, neg_entropy, prior,
+                           row_weight, precision):
+    _apply_isa_variable()
+    return torch.ops.ecloss_fast_C.input_grad_from_scores(
+        scores, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
+        extension_precision(precision, "ieee"))
