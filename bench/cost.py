@@ -3,7 +3,10 @@
 Rows ``M = B*C``, templates ``N``, reduction length ``K = H*W``. One sweep of scores is a
 GEMM of ``2*M*N*K`` flops plus ``M*N`` exponentials. These are the *useful* counts of the
 loss: a route that does more work (the reference, the SDPA route's ``P V`` product and
-``dK, dV``) is charged the same, so its TFLOP/s shows how far it is from the floor.
+``dK, dV``) is charged the same, so its TFLOP/s shows how far it is from the floor. Where
+``M <= K`` the scores, no larger than the templates, can be kept from the forward (the
+kept-scores route): 1 GEMM each way for either estimator, which every route is charged
+there.
 """
 from __future__ import annotations
 
@@ -13,32 +16,39 @@ __all__ = ["PASSES", "gemm_count", "sweep_count", "Workload"]
 
 PASSES = ("forward", "backward", "forward_backward")
 
-# (GEMMs of 2MNK, sweeps of M x N scores) per estimator and pass, docs/design.md section 6's table.
+# (GEMMs of 2MNK, sweeps of M x N exponentials) per estimator and pass, docs/design.md
+# section 6's table; with the scores kept, the exponentials of the row statistics and the
+# column sums (forward), and of the prior's mean and dx's weights (backward).
 _FORWARD = {"uniform": (1, 1), "marginal": (2, 2)}
 _BACKWARD = {"uniform": (2, 1), "marginal": (3, 2)}
+_KEPT_FORWARD = {"uniform": (1, 1), "marginal": (1, 2)}
+_KEPT_BACKWARD = {"uniform": (1, 1), "marginal": (1, 2)}
 
 
-def _counts(estimator: str, pass_name: str) -> tuple[int, int]:
+def _counts(estimator: str, pass_name: str, keeps_scores: bool) -> tuple[int, int]:
     if estimator not in _FORWARD:
         raise ValueError(f"estimator must be 'uniform' or 'marginal'; got {estimator!r}")
+    forward, backward = (_KEPT_FORWARD, _KEPT_BACKWARD) if keeps_scores else (_FORWARD,
+                                                                              _BACKWARD)
     if pass_name == "forward":
-        return _FORWARD[estimator]
+        return forward[estimator]
     if pass_name == "backward":
-        return _BACKWARD[estimator]
+        return backward[estimator]
     if pass_name == "forward_backward":
-        (g1, s1), (g2, s2) = _FORWARD[estimator], _BACKWARD[estimator]
+        (g1, s1), (g2, s2) = forward[estimator], backward[estimator]
         return g1 + g2, s1 + s2
     raise ValueError(f"pass_name must be one of {PASSES}; got {pass_name!r}")
 
 
-def gemm_count(estimator: str, pass_name: str) -> int:
-    """GEMMs of ``2*M*N*K`` flops that the pass needs (uniform forward: 1, backward: 2)."""
-    return _counts(estimator, pass_name)[0]
+def gemm_count(estimator: str, pass_name: str, keeps_scores: bool = False) -> int:
+    """GEMMs of ``2*M*N*K`` flops that the pass needs (uniform forward: 1, backward: 2; with
+    the scores kept, 1 and 1)."""
+    return _counts(estimator, pass_name, keeps_scores)[0]
 
 
-def sweep_count(estimator: str, pass_name: str) -> int:
+def sweep_count(estimator: str, pass_name: str, keeps_scores: bool = False) -> int:
     """Sweeps of the ``M x N`` scores (each one ``M*N`` exponentials)."""
-    return _counts(estimator, pass_name)[1]
+    return _counts(estimator, pass_name, keeps_scores)[1]
 
 
 @dataclass(frozen=True)
@@ -57,15 +67,20 @@ class Workload:
         return self.batch * self.channels
 
     @property
+    def keeps_scores(self) -> bool:
+        """``M <= K``: the ``M x N`` scores are no larger than the templates, and kept."""
+        return self.rows <= self.pixels
+
+    @property
     def gemm_flops(self) -> int:
         """``2*M*N*K``: one sweep's multiply-adds, counted as two flops each."""
         return 2 * self.rows * self.templates * self.pixels
 
     def flops(self, estimator: str, pass_name: str) -> int:
-        return gemm_count(estimator, pass_name) * self.gemm_flops
+        return gemm_count(estimator, pass_name, self.keeps_scores) * self.gemm_flops
 
     def exponentials(self, estimator: str, pass_name: str) -> int:
-        return sweep_count(estimator, pass_name) * self.rows * self.templates
+        return sweep_count(estimator, pass_name, self.keeps_scores) * self.rows * self.templates
 
     def input_bytes(self, element_size: int) -> int:
         """Bytes of ``x``: ``M*K`` elements."""

@@ -212,6 +212,19 @@ def test_cost_model_matches_the_paper_setting():
         gemm_count("bayes", "forward")
 
 
+def test_cost_model_keeps_the_scores_where_the_rows_are_no_more_than_the_pixels():
+    """docs/design.md, section 6: at 28x28 with B*C = 16 the scores (16 x 307,721) are kept,
+    1 GEMM each way; one row more than the pixels and the fused counts hold."""
+    kept = Workload(batch=2, channels=8, pixels=784, templates=307_721)
+    assert kept.keeps_scores
+    assert kept.flops("marginal", "forward_backward") == 2 * kept.gemm_flops
+    assert kept.flops("uniform", "backward") == kept.gemm_flops
+    assert kept.exponentials("marginal", "forward_backward") == 4 * 16 * 307_721
+    streamed = Workload(batch=785, channels=1, pixels=784, templates=307_721)
+    assert not streamed.keeps_scores
+    assert streamed.flops("marginal", "forward_backward") == 5 * streamed.gemm_flops
+
+
 def test_tiny_grid_end_to_end(tmp_path):
     """``python -m bench --grid tiny`` on the CPU writes valid JSON, the table and the plot."""
     done = subprocess.run([sys.executable, "-m", "bench", "--grid", "tiny", "--device", "cpu",
