@@ -42,6 +42,16 @@ def test_an_extension_with_other_names_is_unavailable_saying_how_to_rebuild(monk
 
 
 @needs_extension
+def test_an_extension_without_an_op_the_python_calls_is_unavailable_saying_how_to_rebuild(
+        monkeypatch):
+    # A build from before the kept-scores route: the Python would call an op it lacks.
+    monkeypatch.setattr(cpp_cpu, "_EXTENSION_OPS", cpp_cpu._EXTENSION_OPS + ("row_stats_v0",))
+    problem = cpp_cpu._other_sources()
+    assert "it has no row_stats_v0 (an older build)" in problem
+    assert "build_ext --inplace" in problem
+
+
+@needs_extension
 def test_an_extension_with_another_layout_is_unavailable_saying_how_to_rebuild(monkeypatch):
     monkeypatch.setattr(cpp_cuda, "TEMPLATE_TILE", 64)
     problem = cpp_cuda._layout_problem()

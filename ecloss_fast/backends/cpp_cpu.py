@@ -62,17 +62,27 @@ def _torch_mismatch(path: str | None) -> str | None:
             f"or `pip install --no-build-isolation -e .`")
 
 
+# The extension's ops this module calls: a build from older sources may lack some.
+_EXTENSION_OPS = ("row_stats", "row_stats_with_grad", "column_sums", "input_grad",
+                  "row_stats_with_scores", "input_grad_from_scores", "cpu_isa_paths",
+                  "cpu_isa", "set_cpu_isa")
+
+
 def _other_sources() -> str | None:
     """Why the loaded extension does not fit this package's Python: its precision names
-    (``precisions()``, from csrc/ecloss_precision.h) are not ``_precision.PRECISIONS`` (a
-    build older than this change of the sources, or names changed on one side only)."""
+    (``precisions()``, from csrc/ecloss_precision.h) are not ``_precision.PRECISIONS``, or
+    it lacks an op of ``_EXTENSION_OPS`` (a build older than this change of the sources, or
+    names changed on one side only)."""
     ops = torch.ops.ecloss_fast_C
     names = tuple(ops.precisions()) if hasattr(ops, "precisions") else None
-    if names == PRECISIONS:
+    missing = [name for name in _EXTENSION_OPS if not hasattr(ops, name)]
+    if names == PRECISIONS and not missing:
         return None
-    return (f"the C++ extension {_EXTENSION} does not match this package's Python: it names "
-            f"the precisions {names or '(no list: an older build)'}, the Python "
-            f"{PRECISIONS}; rebuild it with `python setup.py build_ext --inplace` or "
+    problem = (f"it has no {', '.join(missing)} (an older build)" if names == PRECISIONS
+               else f"it names the precisions {names or '(no list: an older build)'}, the "
+                    f"Python {PRECISIONS}")
+    return (f"the C++ extension {_EXTENSION} does not match this package's Python: {problem}; "
+            f"rebuild it with `python setup.py build_ext --inplace` or "
             f"`pip install --no-build-isolation -e .`")
 
 
