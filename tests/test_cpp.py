@@ -409,7 +409,12 @@ def test_results_are_deterministic_and_independent_of_threads(shape, cpu_isa):
                                 marginal_prior(sums, channel_weight),
                                 channel_weight.expand(batch, channels).contiguous(), "ieee")
         with_grad = cpp_cpu.row_stats_with_grad(x, templates, TAU, "ieee")
-        return row_max, log_sum, neg_entropy, sums, dx, *with_grad
+        *_, scores = cpp_cpu.row_stats_with_scores(x, templates, TAU, "ieee")
+        kept_dx = cpp_cpu.input_grad_from_scores(
+            scores, templates, TAU, row_max, log_sum, neg_entropy,
+            marginal_prior(sums, channel_weight),
+            channel_weight.expand(batch, channels).contiguous(), "ieee")
+        return row_max, log_sum, neg_entropy, sums, dx, *with_grad, scores, kept_dx
 
     try:
         torch.set_num_threads(1)
