@@ -1233,16 +1233,19 @@ at::Tensor in_accumulation_type(const at::Tensor& x) {
   return x.to(accumulation_type(x.scalar_type()));
 }
 
-// row_stats, and with `scores` (B, C, N) defined, the scores written into it.
+// row_stats, and with `scores` given, the (B, C, N) scores written into a new tensor there.
 void row_stats_into(const char* op, const at::Tensor& x_input, const at::Tensor& templates,
                     double tau, c10::string_view precision, at::Tensor& row_max,
-                    at::Tensor& log_sum, at::Tensor& neg_entropy, at::Tensor scores) {
+                    at::Tensor& log_sum, at::Tensor& neg_entropy, at::Tensor* scores) {
   check_arguments(op, x_input, templates, {}, std::nullopt);
   parse_precision(precision);
   const at::Tensor x = in_accumulation_type(x_input);
   row_max = at::empty({x.size(0), x.size(1)}, templates.options());
   log_sum = at::empty_like(row_max);
   neg_entropy = at::empty_like(row_max);
+  if (scores != nullptr) {
+    *scores = at::empty({x.size(0), x.size(1), templates.size(0)}, templates.options());
+  }
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ecloss_row_stats_cpu", [&] {
     const Tasks<scalar_t>& chosen = tasks_for<scalar_t>(precision);
@@ -1250,7 +1253,7 @@ void row_stats_into(const char* op, const at::Tensor& x_input, const at::Tensor&
     problem.row_max_out = row_max.data_ptr<scalar_t>();
     problem.log_sum_out = log_sum.data_ptr<scalar_t>();
     problem.neg_entropy_out = neg_entropy.data_ptr<scalar_t>();
-    problem.scores_out = scores.defined() ? scores.data_ptr<scalar_t>() : nullptr;
+    problem.scores_out = scores != nullptr ? scores->data_ptr<scalar_t>() : nullptr;
     const auto parts = plan_row_sweep(problem, {true, false, false});
     run_row_sweep(problem, chosen.row_stats,
                   [&](int64_t row) { merge_row_stats_parts(problem, false, row); });
@@ -1263,17 +1266,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& x
                                                              c10::string_view precision,
                                                              const std::optional<at::Tensor>&) {
   at::Tensor row_max, log_sum, neg_entropy;
-  row_stats_into("row_stats", x, templates, tau, precision, row_max, log_sum, neg_entropy, {});
+  row_stats_into("row_stats", x, templates, tau, precision, row_max, log_sum, neg_entropy,
+                 nullptr);
   return {row_max, log_sum, neg_entropy};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_with_scores_cpu(
     const at::Tensor& x, const at::Tensor& templates, double tau, c10::string_view precision,
     const std::optional<at::Tensor>&) {
-  at::Tensor row_max, log_sum, neg_entropy;
-  at::Tensor scores = at::empty({x.size(0), x.size(1), templates.size(0)}, templates.options());
+  at::Tensor row_max, log_sum, neg_entropy, scores;
   row_stats_into("row_stats_with_scores", x, templates, tau, precision, row_max, log_sum,
-                 neg_entropy, scores);
+                 neg_entropy, &scores);
   return {row_max, log_sum, neg_entropy, scores};
 }
 
@@ -1391,18 +1394,13 @@ at::Tensor input_grad_from_scores_cpu(const at::Tensor& scores_input,
                                       const std::optional<at::Tensor>& prior,
                                       const at::Tensor& row_weight, c10::string_view precision,
                                       const std::optional<at::Tensor>&) {
-  check_kept_scores("input_grad_from_scores", scores_input, templates);
-  at::Tensor dx = at::empty({scores_input.size(0), scores_input.size(1), templates.size(1)},
-                            templates.options());
-  check_arguments("input_grad_from_scores", dx, templates,
-                  {&row_max, &log_sum, &neg_entropy, &row_weight}, prior);
-  parse_precision(precision);
+  at::Tensor dx = checked_input_grad_from_scores(
+      scores_input, templates, {&row_max, &log_sum, &neg_entropy, &row_weight}, prior, precision);
   const at::Tensor scores = scores_input.contiguous();
   input_grad_into(dx, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
                   precision, scores, dx);
   return dx;
 }
-
 
 }  // namespace
 }  // namespace ecloss

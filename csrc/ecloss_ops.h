@@ -24,7 +24,12 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& temp
                      std::initializer_list<const at::Tensor*> row_tensors,
                      const std::optional<at::Tensor>& prior);
 
-// scores (B, C, N) in the dtype of templates (N, K), on their device (the kept-scores route).
-void check_kept_scores(const char* op, const at::Tensor& scores, const at::Tensor& templates);
+// input_grad_from_scores' checks (scores (B, C, N) in the dtype of templates (N, K), on
+// their device; the per-row tensors, prior and precision as input_grad's), and its empty
+// dx (B, C, K) in the accumulation dtype.
+at::Tensor checked_input_grad_from_scores(const at::Tensor& scores, const at::Tensor& templates,
+                                          std::initializer_list<const at::Tensor*> row_tensors,
+                                          const std::optional<at::Tensor>& prior,
+                                          c10::string_view precision);
 
 }  // namespace ecloss

@@ -81,7 +81,11 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& temp
   }
 }
 
-void check_kept_scores(const char* op, const at::Tensor& scores, const at::Tensor& templates) {
+at::Tensor checked_input_grad_from_scores(const at::Tensor& scores, const at::Tensor& templates,
+                                          std::initializer_list<const at::Tensor*> row_tensors,
+                                          const std::optional<at::Tensor>& prior,
+                                          c10::string_view precision) {
+  const char* op = "input_grad_from_scores";
   TORCH_CHECK_VALUE(scores.dim() == 3 && templates.dim() == 2 &&
                         scores.size(2) == templates.size(0),
                     op, ": scores must be (B, C, N) with N = ",
@@ -91,6 +95,11 @@ void check_kept_scores(const char* op, const at::Tensor& scores, const at::Tenso
                    templates.scalar_type(), " as the templates, got ", scores.scalar_type());
   TORCH_CHECK_VALUE(scores.device() == templates.device(), op, ": scores are on ",
                     scores.device(), " but templates are on ", templates.device());
+  at::Tensor dx = at::empty({scores.size(0), scores.size(1), templates.size(1)},
+                            templates.options());
+  check_arguments(op, dx, templates, row_tensors, prior);
+  parse_precision(precision);
+  return dx;
 }
 
 namespace {
@@ -101,13 +110,9 @@ at::Tensor input_grad_from_scores_meta(const at::Tensor& scores, const at::Tenso
                                        const std::optional<at::Tensor>& prior,
                                        const at::Tensor& row_weight, c10::string_view precision,
                                        const std::optional<at::Tensor>&) {
-  check_kept_scores("input_grad_from_scores", scores, templates);
-  at::Tensor dx = at::empty({scores.size(0), scores.size(1), templates.size(1)},
-                            templates.options());
-  check_arguments("input_grad_from_scores", dx, templates,
-                  {&row_max, &log_sum, &neg_entropy, &row_weight}, prior);
-  parse_precision(precision);
-  return dx;
+  return checked_input_grad_from_scores(scores, templates,
+                                        {&row_max, &log_sum, &neg_entropy, &row_weight}, prior,
+                                        precision);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_meta(const at::Tensor& x,

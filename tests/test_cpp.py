@@ -734,8 +734,9 @@ def test_kept_scores_ops_reject_malformed_scores():
     with pytest.raises(ValueError, match="per-row statistics must be"):
         ops.input_grad_from_scores(scores, templates, TAU, stats[:1], stats, stats, None,
                                    stats, "ieee")
-    with pytest.raises(ValueError, match=r"row_stats_with_scores: x must be \(B, C, K\)"):
-        ops.row_stats_with_scores(torch.zeros(2, 9), templates, TAU, "ieee")
+    for maps in (torch.zeros(2, 9), torch.zeros(9)):
+        with pytest.raises(ValueError, match=r"row_stats_with_scores: x must be \(B, C, K\)"):
+            ops.row_stats_with_scores(maps, templates, TAU, "ieee")
 
 
 # --- the cuda backend's operand templates (made by torch ops: checked on the CPU) ---------
