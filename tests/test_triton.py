@@ -136,12 +136,15 @@ TRAINING_SHAPES = [(3, 5, 2, 3), (7, 7, 3, 2)]  # gradient kept whole; in two sl
 FLOAT64_RTOL = 1e-10
 
 
-@pytest.fixture(params=["fused", "split"])
+@pytest.fixture(params=["fused", "split", "chunked"])
 def route(request, monkeypatch):
-    """The training routes' two forms (``configs.FUSED``): the interpreter takes the fused
-    sweeps unless told otherwise."""
+    """The training routes' forms (``configs.FUSED``), the split one also with its
+    ``input_grad`` chunked (``configs.CHUNKED``): the interpreter takes the fused sweeps at
+    these shapes unless told otherwise."""
     if request.param == "split":
         monkeypatch.setattr(triton_fused, "_fused", lambda *args: False)
+    if request.param == "chunked":
+        monkeypatch.setattr(triton_fused, "_chunked", lambda *args: True)
     return request.param
 
 
@@ -237,6 +240,50 @@ def test_input_grad_prior_follows_a_best_template_found_late(route, dtype, preci
     _check("dx", dx, truth.dx, baseline.dx, precision)
 
 
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("maps", [peaked_maps, random_maps], ids=["peaked", "random"])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_chunked_input_grad_matches_float64(monkeypatch, shape, maps, prior):
+    """The chunked ``input_grad`` (``score_grad`` then ``template_product``, chunks of two
+    template tiles in two splits each, the last chunk partial) at the small shapes."""
+    monkeypatch.setattr(triton_fused, "_chunked", lambda *args: True)
+    h, w, b, c = shape
+    x = maps(b, c, h, w, seed=sum(shape) + 50).reshape(b, c, h * w)
+    _compare(x, contract_templates(h, w), "ieee", prior)
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("dtype, precision", [(torch.float32, "bf16"), (torch.float16, "fp16")],
+                         ids=["bf16", "fp16"])
+def test_chunked_input_grad_half_products(monkeypatch, dtype, precision, prior):
+    """The chunked form's weights meet the templates as in ``input_grad_kernel``: bfloat16
+    weights for bfloat16 products, float32 weights (TF32) for float16 templates."""
+    monkeypatch.setattr(triton_fused, "_chunked", lambda *args: True)
+    x = peaked_maps(3, 2, 7, 7, seed=8).reshape(3, 2, 49).to(dtype)
+    _compare(x, contract_templates(7, 7), precision, prior)
+
+
+def test_28x28_class_runs_the_chunked_backward(monkeypatch):
+    """Maps of more than 256 pixels (16x17: K = 272, the 28x28 class) take the chunked
+    ``input_grad`` unasked (``configs.CHUNKED``), in the backward with a prior and in the
+    training route's split form, and match float64."""
+    calls = []
+    real = triton_fused._chunked_template_sums
+    monkeypatch.setattr(triton_fused, "_chunked_template_sums",
+                        lambda *args: calls.append(args[5] is not None) or real(*args))
+    h, w, b, c = 16, 17, 2, 1
+    templates = contract_templates(h, w)
+    x = peaked_maps(b, c, h, w, seed=9).reshape(b, c, h * w)
+    _compare(x, templates, "ieee", "general")
+    assert calls == [True]
+    *stats, grad = triton_fused.row_stats_with_grad(x, templates, TAU, "ieee")
+    assert calls == [True, False]
+    truth = evaluate_contract(x.double(), templates.double(), torch.ones(b, c, dtype=torch.float64),
+                              marginal=False)
+    baseline = evaluate_contract(x, templates, torch.ones(b, c), marginal=False)
+    _check("neg_entropy_grad", grad, truth.neg_entropy_grad, baseline.neg_entropy_grad, "ieee")
+
+
 def test_float64_input_accumulates_in_float64():
     x = peaked_maps(2, 2, 3, 5, seed=9, dtype=torch.float64).reshape(2, 2, 15)
     templates = contract_templates(3, 5, dtype=torch.float64)
@@ -283,7 +330,8 @@ def test_matrix_unit_configs_share_one_instruction_shape():
     for table in (configs.HOPPER, configs.AMPERE):
         for kind in ("bf16", "fp16", "tf32"):
             for k in configs.K_CLASSES:
-                tiles = [config for kernel in configs.KERNELS
+                # template_product forms no scores: a plain product, not bound.
+                tiles = [config for kernel in configs.KERNELS if kernel != "template_product"
                          for config in table[(kernel, kind, k)]]
                 assert len({config.block_n for config in tiles}) == 1, (kind, k, tiles)
                 assert all(config.block_m == 16 * config.num_warps for config in tiles), tiles

@@ -17,18 +17,24 @@ docs/design.md section 6 (Cost model):
   per-batch-block partials are summed in a fixed order afterwards);
 * ``input_grad``: 1 without a prior (two products: recompute, then ``dx += w T``); with
   one, fused, 1 (three products: the per-map offset ``D`` is accumulated alongside, which
-  costs the product ``U = sum p T``), split, 2 (``row_prior`` first computes ``D``).
+  costs the product ``U = sum p T``), split, 2 (``row_prior`` first computes ``D``);
+  chunked (``configs.CHUNKED``: above 256 pixels), the same sweeps and products, the
+  weights of a chunk of templates written to a scratch by ``score_grad_kernel`` and their
+  product with the templates taken by ``template_product_kernel``.
 
 Where a configuration keeps ``dx`` in column slices (``dx_columns``, see
 ``triton_kernels.configs``) each slice repeats the score product and the exponentials;
-``configs.FUSED`` picks fused or split per operand kind and ``K`` from the cost model.
+``configs.FUSED`` picks fused or split per operand kind and ``K`` from the cost model, and
+``configs.CHUNKED`` where the chunked ``input_grad`` replaces the sliced one.
 
 The kernels read the templates prepared once (``_templates.prepared_templates``: operand
 type, ``K`` padded to the chunks, rows to whole tiles) and, for half products, the maps
 rounded once to the half type.
 
 Nothing of size ``B x C x N`` is allocated: the outputs are ``(B, C)``, ``(C, N)`` (times
-the number of batch blocks when ``B`` exceeds one tile) and ``dx``.
+the number of batch blocks when ``B`` exceeds one tile) and ``dx``; the chunked
+``input_grad`` adds a scratch of at most the prepared template matrix's bytes and ``dx``'s
+partial sums (one per split of a chunk's templates, as many as fill the GPU).
 
 CPU tensors run in Triton's interpreter (slow, for tests), CUDA tensors compiled; setting
 ``TRITON_INTERPRET=1`` interprets CUDA tensors too. ``ECLOSS_TRITON_AUTOTUNE=1`` times
@@ -180,21 +186,31 @@ def _launcher(compile_only: bool):
     return _compile if compile_only else _launch
 
 
+def _config(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, rows: int,
+            templates: int):
+    """The configuration of a launch without tuning: the interpreter's or the default."""
+    from ecloss_fast.triton_kernels import configs
+
+    k = x.shape[-1]
+    if interpreted:
+        return configs.interpreter(kernel_name, rows, templates, k)
+    capability, multiprocessors = _device_traits(x.device)
+    return configs.default(kernel_name, operands, capability, rows, multiprocessors, k)
+
+
 def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, rows: int,
          templates: int, launch, compile_only: bool = False) -> None:
     """Launch ``launch(config)`` with the default, interpreter or tuned configuration (a
     compile-only call takes the default: ``warm_up``)."""
     from ecloss_fast.triton_kernels import configs
 
-    k = x.shape[-1]
-    if interpreted:
-        launch(configs.interpreter(kernel_name, rows, templates, k))
-        return
-    capability, multiprocessors = _device_traits(x.device)
-    if compile_only or os.environ.get("ECLOSS_TRITON_AUTOTUNE", "0") != "1":
-        launch(configs.default(kernel_name, operands, capability, rows, multiprocessors, k))
+    if interpreted or compile_only or os.environ.get("ECLOSS_TRITON_AUTOTUNE", "0") != "1":
+        launch(_config(kernel_name, x, operands, interpreted, rows, templates))
         return
     import triton.testing
+
+    k = x.shape[-1]
+    capability, multiprocessors = _device_traits(x.device)
 
     # Rows bucketed by powers of two: the best tile depends on how many programs fill
     # the chip, not on the exact batch.
@@ -208,7 +224,7 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
             except Exception:  # noqa: BLE001 -- a candidate that does not fit is not timed
                 continue
         if not timings:  # none fits: the default's own error, as without tuning
-            launch(configs.default(kernel_name, operands, capability, rows, multiprocessors, k))
+            launch(_config(kernel_name, x, operands, interpreted, rows, templates))
             return
         _TUNED[key] = min(timings, key=timings.get)
     launch(_TUNED[key])
@@ -216,10 +232,21 @@ def _run(kernel_name: str, x: torch.Tensor, operands: str, interpreted: bool, ro
 
 def _fused(route: str, x: torch.Tensor, operands: str, interpreted: bool) -> bool:
     """Whether a training route runs as one fused sweep (``configs.fused``); the interpreter
-    takes the fused sweeps, whose code the split routes' kernels share."""
+    takes the fused sweeps, whose code the split routes' kernels share, except where the
+    split form's ``input_grad`` is chunked (``_chunked``), so that the chunked kernels run."""
     from ecloss_fast.triton_kernels import configs
 
-    return interpreted or configs.fused(route, operands, x.shape[-1])
+    if interpreted:
+        return not _chunked(x, operands)
+    return configs.fused(route, operands, x.shape[-1])
+
+
+def _chunked(x: torch.Tensor, operands: str) -> bool:
+    """Whether ``input_grad`` runs chunked (``configs.chunked``): ``score_grad_kernel`` and
+    ``template_product_kernel`` instead of ``input_grad_kernel``."""
+    from ecloss_fast.triton_kernels import configs
+
+    return configs.chunked(operands, x.shape[-1])
 
 
 def row_stats(x: torch.Tensor, templates: torch.Tensor, tau: float,
@@ -359,7 +386,8 @@ def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_wei
     neg_entropy = neg_entropy.contiguous()
     row_weight = row_weight.to(accumulation).contiguous()
     has_prior = prior is not None
-    fused = has_prior and _fused("input_grad_prior", x, operands, interpreted)
+    chunked = _chunked(x, operands)
+    fused = has_prior and not chunked and _fused("input_grad_prior", x, operands, interpreted)
     offset = row_max  # an unread placeholder pointer without a row_prior sweep
     if has_prior:
         prior = prior.to(accumulation).contiguous()
@@ -375,6 +403,13 @@ def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_wei
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
         _run("row_prior", x, operands, interpreted, rows, count, launch_prior, compile_only)
+    if chunked:
+        if not has_prior:
+            offset = neg_entropy + log_sum  # E, as input_grad_kernel forms it
+        sums = _chunked_template_sums(x, templates, row_max, log_sum, offset, prior, row_weight,
+                                      operands, interpreted, constants, compile_only)
+        scale = tau if has_prior else tau * row_weight[..., None]
+        return dx.copy_(sums * scale)
 
     def launch(config):
         slices = math.ceil(x.shape[-1] / config.dx_columns) if config.dx_columns else 1
@@ -390,6 +425,83 @@ def _input_grad(x, templates, tau, row_max, log_sum, neg_entropy, prior, row_wei
     name = "input_grad_prior_fused" if fused else "input_grad_prior" if has_prior else "input_grad"
     _run(name, x, operands, interpreted, rows, count, launch, compile_only)
     return dx
+
+
+def _chunked_template_sums(x, templates, row_max, log_sum, offset, prior, row_weight, operands,
+                           interpreted, constants, compile_only):
+    """``sum_t weight_t T_t`` of every row, ``(B, C, K)`` in the accumulation dtype, with the
+    weights of ``_tiles.template_weights`` (``dx`` before its scale ``tau w``, or ``tau``
+    with a prior), chunk by chunk of templates: ``score_grad_kernel`` writes a chunk's
+    weights to a scratch, ``template_product_kernel`` adds their product with the chunk's
+    templates into per-split partial sums, summed in a fixed order at the end.
+
+    ``x`` as the kernels read it (``_operand_maps``). The scratch holds the weights of
+    ``B*C x chunk`` templates in the type the product reads (bfloat16 for bfloat16
+    products, else the accumulation dtype), with the chunk sized so that the scratch is at
+    most the prepared template matrix's bytes (at least one tile of templates; in the
+    interpreter two tiles, so that several chunks and a last partial one run). Each kernel
+    takes as many programs as fill the GPU twice over, splitting the chunk's templates
+    between them (in the interpreter two splits). Not tuned by ``ECLOSS_TRITON_AUTOTUNE``:
+    its launches accumulate.
+    """
+    from ecloss_fast.triton_kernels.score_grad import score_grad_kernel
+    from ecloss_fast.triton_kernels.template_product import template_product_kernel
+
+    batch, channels, pixels = x.shape
+    rows, count = batch * channels, templates.shape[0]
+    accumulation = row_max.dtype
+    has_prior = prior is not None
+    score = _config("score_grad", x, operands, interpreted, rows, count)
+    product = _config("template_product", x, operands, interpreted, rows, count)
+    prepared = _operand_templates(templates, operands, score.block_n)
+    padded_count = prepared.shape[0]
+    grad_dtype = torch.bfloat16 if operands == "bf16" else accumulation
+    tile = max(score.block_n, product.block_n)
+    if interpreted:
+        width = 2 * tile
+    else:
+        width = (prepared.numel() * prepared.element_size()
+                 // (rows * grad_dtype.itemsize))
+    width = min(max(tile, width // tile * tile), math.ceil(padded_count / tile) * tile)
+    multiprocessors = None if interpreted else _device_traits(x.device)[1]
+
+    def span(block_n, programs):
+        """Templates per program, whole tiles: the chunk split so that ``programs`` per split
+        make twice as many programs as multiprocessors (2 splits in the interpreter)."""
+        tiles = math.ceil(width / block_n)
+        wanted = 2 if interpreted else math.ceil(2 * multiprocessors / programs)
+        return math.ceil(tiles / min(tiles, wanted)) * block_n
+
+    row_tiles = math.ceil(rows / score.block_m)
+    score_span = span(score.block_n, row_tiles)
+    product_grid = (math.ceil(rows / product.block_m), math.ceil(pixels / product.dx_columns))
+    product_span = span(product.block_n, product_grid[0] * product_grid[1])
+    splits = math.ceil(width / product_span)
+    # compile_only (warm_up) compiles both kernels: nothing is read, so stand-ins suffice.
+    grad = torch.empty(16 if compile_only else rows * width, device=x.device, dtype=grad_dtype)
+    partial = torch.zeros(16 if compile_only else splits * rows * pixels, device=x.device,
+                          dtype=accumulation)
+    weights = row_weight if has_prior else row_max  # an unread placeholder without a prior
+    for start in range(0, padded_count, width):
+        end = min(start + width, padded_count)
+        _launcher(compile_only)(
+            score_grad_kernel, (row_tiles, math.ceil((end - start) / score_span)), interpreted,
+            x, prepared, row_max, log_sum, offset, prior if has_prior else row_max, weights,
+            grad, batch, channels, count, start, end, score_span, width, **constants,
+            HAS_PRIOR=has_prior, BLOCK_M=score.block_m, BLOCK_N=score.block_n,
+            num_warps=score.num_warps, num_stages=score.num_stages)
+        _launcher(compile_only)(
+            template_product_kernel, (*product_grid, math.ceil((end - start) / product_span)),
+            interpreted, grad, prepared, partial, rows, start, end, product_span, width,
+            K=pixels, PADDED_K=prepared.shape[1], OPERANDS=constants["OPERANDS"],
+            ACC=constants["ACC"], BLOCK_M=product.block_m, BLOCK_N=product.block_n,
+            BLOCK_K=product.dx_columns, num_warps=product.num_warps,
+            num_stages=product.num_stages)
+        if compile_only:
+            break
+    if compile_only:
+        return torch.empty(x.shape, device=x.device, dtype=accumulation)
+    return partial.view(splits, batch, channels, pixels).sum(dim=0)
 
 
 def warm_up(x: torch.Tensor, templates: torch.Tensor, tau: float, precision: str,

@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(v) = exp2(v * LOG2E)
+
 
 @triton.jit
 def row_coordinates(rows, B, C, CHANNEL_MAJOR: tl.constexpr):
@@ -298,3 +300,31 @@ def store_accumulator(ptr, row_offsets, row_mask, acc0, acc1, acc2, columns, col
     else:
         tl.store(ptr + row_offsets[:, None] + columns[None, :],
                  acc0.to(ptr.dtype.element_ty), mask=row_mask[:, None] & column_mask[None, :])
+
+
+@triton.jit
+def template_weights(s, row_max, log_sum, offset, weight, prior, template_mask,
+                     HAS_PRIOR: tl.constexpr):
+    """The weight of each template in a row's ``dx`` (``dx = scale * sum_t weight_t T_t``).
+
+    ``s [R, Nt]`` the tile's scores (``scores``); ``row_max``, ``log_sum``, ``offset``,
+    ``weight`` ``[R]``; ``prior [R, Nt]`` (read only with ``HAS_PRIOR``); ``template_mask``
+    ``[Nt]`` (false past ``N``: weight 0, so a non-finite value of a padding row's product
+    never reaches ``dx``). With ``log p = (s - row_max) - log_sum``::
+
+        uniform:   p ((s - row_max) - offset),            offset = E = neg_entropy + log_sum
+        HAS_PRIOR: p ((weight log p - prior) - offset),   offset = D of ``row_prior``
+
+    Every term is formed from the shift ``s - row_max`` (at most 0, natural units, scaled
+    by ``log2(e)`` only for ``exp2``), so the weights of a row sum to 0 up to rounding at
+    every score magnitude. The uniform ``dx`` is then scaled by ``tau w``, with a prior by
+    ``tau`` (``input_grad_kernel``).
+    """
+    shifted = s - row_max[:, None]
+    log_p = shifted - log_sum[:, None]
+    if HAS_PRIOR:
+        value = weight[:, None] * log_p - prior
+    else:
+        value = shifted
+    return tl.where(template_mask[None, :], tl.exp2(log_p * LOG2E) * (value - offset[:, None]),
+                    0.0)

@@ -2,9 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._tiles import load_chunks, load_template_chunks, scores
-
-LOG2E = tl.constexpr(1.4426950408889634)
+from ._tiles import LOG2E, load_chunks, load_template_chunks, scores
 
 
 @triton.jit

@@ -24,7 +24,9 @@ compiled with triton 3.8:
   ``K`` float32 values of ``dx`` per row are ``16 K / 32 = K/2`` registers per thread (98
   at K = 196, 392 at K = 784). ``input_grad`` therefore keeps ``dx`` in slices of
   ``dx_columns`` columns, one per program, where all ``K`` do not fit; each slice
-  recomputes the scores (see ``input_grad.input_grad_kernel``).
+  recomputes the scores (see ``input_grad.input_grad_kernel``). Where that would be
+  many slices (K = 784) the backward runs chunked instead (``CHUNKED``: ``score_grad``,
+  which has ``row_stats``' tiles, and ``template_product``, a plain product).
 * The template tile ``BLOCK_N`` sets the score registers (``16 BLOCK_N / 32`` per thread)
   and the shared memory of each pipeline stage (``BLOCK_N * K`` operands). At K = 196
   (maps rounded to bfloat16 by the launcher, template loads without masks) 64-template
@@ -61,7 +63,7 @@ import triton
 from ecloss_fast._precision import OPERAND_KINDS, operand_kind
 
 KERNELS = ("row_stats", "row_stats_grad", "column_sums", "row_prior", "input_grad",
-           "input_grad_prior", "input_grad_prior_fused")
+           "input_grad_prior", "input_grad_prior_fused", "score_grad", "template_product")
 K_CLASSES = (256, 1024)
 
 
@@ -72,7 +74,8 @@ class LaunchConfig:
     ``block_m`` is the number of feature maps (rows) per program; for ``column_sums`` it
     is ``channels * block_b`` with ``block_b`` chosen from the batch size at launch.
     ``dx_columns`` (``input_grad`` only) is the width of the slice of ``dx`` one program
-    keeps, 0 for all ``K`` columns.
+    keeps, 0 for all ``K`` columns; for ``template_product`` (a plain product: ``block_m``
+    rows, ``block_n`` templates per step) the width of its column tile.
     """
     block_m: int
     block_n: int
@@ -159,10 +162,21 @@ HOPPER: dict[tuple[str, str, int], tuple[LaunchConfig, ...]] = {
 }
 for _kind in OPERAND_KINDS:
     for _k in K_CLASSES:
-        # row_prior and column_sums have row_stats' shape of work (one product per tile, a
-        # row reduction).
-        for _kernel in ("row_prior", "column_sums"):
+        # row_prior, column_sums and score_grad have row_stats' shape of work (one product
+        # per tile, then elementwise work and a row reduction or a store).
+        for _kernel in ("row_prior", "column_sums", "score_grad"):
             HOPPER[(_kernel, _kind, _k)] = HOPPER[("row_stats", _kind, _k)]
+# The chunked backward's product (grad @ templates, block_m x block_n x dx_columns tiles):
+# a plain GEMM, no scores, so the bitwise rule above does not bind it.
+HOPPER.update({
+    ("template_product", "bf16", 256): (_C(128, 64, 8, 3, 128),),
+    ("template_product", "fp16", 256): (_C(128, 32, 8, 3, 128),),
+    ("template_product", "tf32", 256): (_C(128, 32, 8, 3, 128),),
+    ("template_product", "ieee", 256): (_C(64, 16, 4, 2, 64),),
+    ("template_product", "fp64", 256): (_C(64, 16, 4, 2, 64),),
+})
+for _kind in OPERAND_KINDS:
+    HOPPER[("template_product", _kind, 1024)] = HOPPER[("template_product", _kind, 256)]
 
 # Whether a training route runs fused (one sweep, two [rows, K] accumulators:
 # ``row_stats_grad``, ``input_grad_prior_fused``) or split (two sweeps, one accumulator:
@@ -176,21 +190,36 @@ for _kind in OPERAND_KINDS:
 # columns against whole), tf32 928 / 2 against 624 / 2, ieee 624 / 1 against 624 / 2
 # (whole), fp64 1344 / 4 against 880 / 3; with a prior bf16 1344 / 4 against 880 / 3,
 # tf32 928 / 2 against 880 / 3, ieee 928 / 2 against 624 / 2, fp64 1344 / 4 against
-# 1296 / 5. At K = 784 the two forms are within 2% (the split form's dx is sliced too)
-# except tf32 uniform and bf16/tf32 with a prior, whose fused form needs 64-column
-# slices: 11856 / 13 against 7168 / 8; and ieee with a prior, whose fused tile has 16 rows
-# (32 rows spill 1952 bytes under triton 3.6), which doubles its template re-reads.
+# 1296 / 5. At K = 784 the split forms' input_grad is chunked (``CHUNKED``, below): 3
+# GEMM-equivalents and 2 sweeps uniform, 3 and 2 for row_prior and input_grad with a prior,
+# against the fused sweeps' 9 / 7 and 11 / 10 (their accumulators in 128- or 64-column
+# slices, each repeating the score product): nothing fuses there.
 FUSED: dict[tuple[str, str, int], bool] = {  # float16 products: bfloat16's choices, below
     ("row_stats_grad", "bf16", 256): False, ("row_stats_grad", "tf32", 256): False,
     ("row_stats_grad", "ieee", 256): True, ("row_stats_grad", "fp64", 256): False,
-    ("row_stats_grad", "bf16", 1024): True, ("row_stats_grad", "tf32", 1024): False,
-    ("row_stats_grad", "ieee", 1024): True, ("row_stats_grad", "fp64", 1024): True,
+    ("row_stats_grad", "bf16", 1024): False, ("row_stats_grad", "tf32", 1024): False,
+    ("row_stats_grad", "ieee", 1024): False, ("row_stats_grad", "fp64", 1024): False,
     ("input_grad_prior", "bf16", 256): False, ("input_grad_prior", "tf32", 256): False,
     ("input_grad_prior", "ieee", 256): False, ("input_grad_prior", "fp64", 256): False,
     ("input_grad_prior", "bf16", 1024): False, ("input_grad_prior", "tf32", 1024): False,
-    ("input_grad_prior", "ieee", 1024): False, ("input_grad_prior", "fp64", 1024): True,
+    ("input_grad_prior", "ieee", 1024): False, ("input_grad_prior", "fp64", 1024): False,
 }
 FUSED.update({(route, "fp16", k): FUSED[(route, "bf16", k)] for route, _, k in list(FUSED)})
+
+# Whether ``input_grad`` (uniform, and with a prior after ``row_prior``) runs chunked:
+# ``score_grad_kernel`` writes the weights of a chunk of templates to a scratch and
+# ``template_product_kernel`` adds their product with the templates into ``dx``, so ``dx``
+# costs one score product and one sweep of exponentials however many slices it would take
+# on chip, for the scratch written and read once (``2 B*C N`` values; at most the template
+# matrix's bytes at a time). Counted (predictions, bench/NOTES.md): at K = 784 the sliced
+# ``input_grad`` repeats a 784-deep score product and the exponentials for each of its 7
+# slices (8 GEMM-equivalents, 7 sweeps; 10 and 9 with a prior) where the chunked form does
+# 2 and 1 (3 and 2), and the scratch traffic is worth about 0.7 GEMM-equivalents in bf16 on
+# an H100 (3 TB/s against ~800 TFLOP/s); at K = 196 a GEMM-equivalent is four times
+# cheaper and the whole ``dx`` fits on chip (1 slice uniform; 2 with a prior in bf16, tf32,
+# fp64), so the same traffic would cost more than the products it saves.
+CHUNKED: dict[tuple[str, int], bool] = {(kind, k): k == 1024 for kind in OPERAND_KINDS
+                                        for k in K_CLASSES}
 
 # Ampere: same tiles, one pipeline stage fewer (164 KB of shared memory on A100).
 AMPERE = {key: tuple(dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in value)
@@ -208,6 +237,12 @@ def fused(route: str, operands: str, k: int) -> bool:
     """Whether ``route`` (``"row_stats_grad"`` or ``"input_grad_prior"``) runs as one fused
     sweep on a GPU (``FUSED``; Ampere, whose register file per thread is Hopper's, too)."""
     return FUSED[(route, operand_kind(operands), k_class(k))]
+
+
+def chunked(operands: str, k: int) -> bool:
+    """Whether ``input_grad`` runs in the chunked form (``CHUNKED``) on a GPU, and in the
+    interpreter (there by ``K`` class alone, so that both forms run in the tests)."""
+    return CHUNKED[(operand_kind(operands), k_class(k))]
 
 
 def default(kernel: str, operands: str, capability: tuple[int, int], rows: int,
@@ -236,5 +271,8 @@ def interpreter(kernel: str, rows: int, templates: int, k: int) -> LaunchConfig:
     """
     block_n = min(1024, max(16, triton.next_power_of_2(triton.cdiv(templates, 4))))
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if kernel == "template_product":  # two column tiles, the second ragged unless K is 2^n
+        return LaunchConfig(block_m, block_n, 1, 1,
+                            max(16, triton.next_power_of_2(triton.cdiv(k, 2))))
     dx_columns = 0 if k <= 32 else max(32, triton.next_power_of_2(triton.cdiv(k, 2)))
     return LaunchConfig(block_m, block_n, 1, 1, dx_columns)

@@ -2,10 +2,9 @@
 import triton
 import triton.language as tl
 
-from ._tiles import (accumulate_templates, load_chunks, load_template_chunks, row_coordinates,
-                     scores, slice_columns, store_accumulator, zero_accumulator)
-
-LOG2E = tl.constexpr(1.4426950408889634)
+from ._tiles import (LOG2E, accumulate_templates, load_chunks, load_template_chunks,
+                     row_coordinates, scores, slice_columns, store_accumulator, template_weights,
+                     zero_accumulator)
 
 
 @triton.jit
@@ -23,7 +22,9 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
     product for the ``dx`` product. Otherwise program ``(i, j)`` keeps columns
     ``j*DX_COLUMNS ..`` only (``cdiv(K, DX_COLUMNS)`` slices): it still forms the full
     scores, so each slice repeats the score product, which is what lets ``K = 784`` fit
-    (all of ``dx`` would be 392 float32 registers per thread).
+    (all of ``dx`` would be 392 float32 registers per thread); the backend runs that class
+    chunked instead (``score_grad_kernel`` and ``template_product_kernel``, one score
+    product for all columns).
 
     Arguments:
         x_ptr: ``(B, C, K)`` feature maps, contiguous (for half products already rounded to
@@ -95,6 +96,7 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
         u0, u1, u2 = zero_accumulator(BLOCK_M, K0, K1, K2, DX_COLUMNS, ACC)
     else:
         offset = tl.load(neg_entropy_ptr + flat, mask=row_mask, other=0.0).to(ACC) + log_sum
+        weight = offset  # not read by the sweep: the row weight scales dx at the end
 
     dx0, dx1, dx2 = zero_accumulator(BLOCK_M, K0, K1, K2, DX_COLUMNS, ACC)
     columns, column_mask = slice_columns(K, DX_COLUMNS)
@@ -103,17 +105,14 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
         template_mask = templates < N
         t0, t1, t2 = load_template_chunks(templates_ptr, templates, K0, K1, K2, OPERANDS)
         s = scores(x0, x1, x2, t0, t1, t2, TAU, K1, K2, OPERANDS, ACC, INTERPRETED)
-        shifted = s - row_max[:, None]
-        log_p = shifted - log_sum[:, None]
+        prior = s  # read only with a prior
         if HAS_PRIOR:
             mask = row_mask[:, None] & template_mask[None, :]
             prior = tl.load(prior_ptr + channels[:, None] * N + templates[None, :], mask=mask,
                             other=0.0)
+        if HAS_PRIOR and FUSED_PRIOR:
+            log_p = (s - row_max[:, None]) - log_sum[:, None]
             z = weight[:, None] * log_p - prior
-        if HAS_PRIOR and not FUSED_PRIOR:
-            weights = tl.where(template_mask[None, :],
-                               tl.exp2(log_p * LOG2E) * (z - offset[:, None]), 0.0)
-        elif HAS_PRIOR:
             p = tl.where(mask, tl.exp2(log_p * LOG2E), 0.0)
             # A term with p = 0 (masked, or log_p = -inf) adds 0, never 0 * inf; NaN still
             # propagates.
@@ -131,10 +130,8 @@ def input_grad_kernel(x_ptr, templates_ptr, row_max_ptr, log_sum_ptr, neg_entrop
                                               t2, columns, column_mask, K0, K1, K2, OPERANDS,
                                               DX_COLUMNS)
         else:
-            # Templates past N load as zero rows; masking their weight keeps a non-finite
-            # one (0 * inf in the product) out of dx.
-            weights = tl.where(template_mask[None, :],
-                               tl.exp2(log_p * LOG2E) * (shifted - offset[:, None]), 0.0)
+            weights = template_weights(s, row_max, log_sum, offset, weight, prior,
+                                       template_mask, HAS_PRIOR)
         dx0, dx1, dx2 = accumulate_templates(dx0, dx1, dx2, weights, templates_ptr, templates,
                                              t0, t1, t2, columns, column_mask, K0, K1, K2,
                                              OPERANDS, DX_COLUMNS)

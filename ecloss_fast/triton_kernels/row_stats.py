@@ -3,10 +3,8 @@ and for training the gradient of the negative entropy from the same exponentials
 import triton
 import triton.language as tl
 
-from ._tiles import (accumulate_templates, load_chunks, load_template_chunks, scores,
+from ._tiles import (LOG2E, accumulate_templates, load_chunks, load_template_chunks, scores,
                      slice_columns, store_accumulator, zero_accumulator)
-
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
