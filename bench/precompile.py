@@ -44,8 +44,8 @@ def _plan(capability, multiprocessors, stages):
 
 def _describe(launch) -> str:
     kernel, _, _, kwargs = launch
-    keys = ("K", "OPERANDS", "BLOCK_M", "BLOCK_N", "DX_COLUMNS", "HAS_PRIOR", "FUSED_PRIOR",
-            "WITH_GRAD", "num_warps", "num_stages")
+    keys = ("K", "OPERANDS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "DX_COLUMNS", "HAS_PRIOR",
+            "FUSED_PRIOR", "WITH_GRAD", "num_warps", "num_stages")
     return f"{kernel.__name__} " + " ".join(f"{key}={kwargs[key]}" for key in keys
                                             if key in kwargs)
 

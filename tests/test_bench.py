@@ -414,13 +414,16 @@ def test_bench_user_errors_exit_2_before_anything_is_written(tmp_path, capsys, a
 @pytest.mark.parametrize("operands, k, prior, kernels, gemms, sweeps", [
     # 14x14 bf16, uniform: the split form (FUSED), dx whole: scores, then scores + dx.
     ("bf16", 196, False, ["row_stats", "input_grad"], 1 + (1 + 1), 1 + 1),
-    # 28x28 bf16, uniform: the fused sweep with U and V in 128-column slices: 7 slices of
-    # 784 columns, each recomputing the scores, and the two accumulators once over K.
-    ("bf16", 784, False, ["row_stats_grad"], 7 + 2, 7),
-    # 28x28 float64 with a prior: two forward sweeps, then the fused backward in 64-column
-    # slices (13 of 784) with U and Z.
-    ("fp64", 784, True, ["row_stats", "column_sums", "input_grad_prior_fused"],
-     1 + 1 + (13 + 2), 1 + 1 + 13),
+    # 14x14 bf16 with a prior: two forward sweeps, row_prior, then dx in two 128-column
+    # slices, each recomputing the scores, and the accumulator once over K.
+    ("bf16", 196, True, ["row_stats", "column_sums", "row_prior", "input_grad_prior"],
+     1 + 1 + 1 + (2 + 1), 1 + 1 + 1 + 2),
+    # 28x28 bf16, uniform: the split form with the chunked input_grad (CHUNKED): the
+    # scores and their weights once, then the plain product.
+    ("bf16", 784, False, ["row_stats", "score_grad", "template_product"], 1 + 1 + 1, 1 + 1),
+    # 28x28 float64 with a prior: two forward sweeps, row_prior, the chunked pair.
+    ("fp64", 784, True, ["row_stats", "column_sums", "row_prior", "score_grad",
+                         "template_product"], 1 + 1 + 1 + 1 + 1, 1 + 1 + 1 + 1),
 ])
 def test_kernel_report_counts_each_routes_gemms_and_exponential_sweeps(operands, k, prior,
                                                                        kernels, gemms, sweeps):

@@ -6,7 +6,8 @@ arguments that are multiples of 16; see that module) for ``GPUTarget("cuda", 90,
 reads the cubin with ``cuobjdump`` and the PTX with ``ptxas -v``. For every launch (the
 training sweeps in both forms, fused and split, whichever ``configs.FUSED`` picks), route
 (every input dtype and precision a loss call can take to the kernels, ``bench.kernels.ROUTES``)
-and ``K`` in 196 and 784, the configuration ``configs.default`` picks at the paper's
+and ``K`` in 196 and 784 (every form at both: the sliced and the chunked ``input_grad``),
+the configuration ``configs.default`` picks at the paper's
 ``B*C = 32,768`` rows must have:
 
 * no register spills in the template sweep: where ``cuobjdump --dump-resource-usage``
@@ -96,9 +97,10 @@ def test_every_kernel_operand_kind_and_k_has_a_default(report):
     defaults, _ = report
     picked = {(r["kernel"], r["K"], r["input"], r["precision"]) for r in defaults}
     assert len(picked) == len(defaults), "two defaults for one launch"
-    # 8 launches (input_grad with and without a prior, the training routes' fused and split
-    # forms) x 11 routes (input dtype and precision) x 2 K.
-    assert len(picked) == len(KERNELS) * len(ROUTES) * 2 == 176, sorted(picked)
+    # 11 launches (input_grad with and without a prior, the training routes' fused and split
+    # forms, the chunked input_grad's two kernels) x 11 routes (input dtype and precision)
+    # x 2 K.
+    assert len(picked) == len(KERNELS) * len(ROUTES) * 2 == 242, sorted(picked)
 
 
 def test_default_configs_fit_h100(report):
