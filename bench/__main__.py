@@ -27,7 +27,8 @@ from bench.grids import GRIDS
 from bench.cpu import cpu_model, describe_cpu
 from bench.peak import measure_peaks
 from bench.report import enrich, markdown, write_json, write_plot
-from bench.routes import AUTO, BASELINES, ESTIMATORS, routes_for, skipped_routes
+from bench.routes import (AUTO, BASELINES, CPU_PATH_ROUTES, ESTIMATORS, cpu_path_routes,
+                          routes_for, skipped_routes)
 from bench.runner import run_cases
 from bench.timing import CLOCKS
 from bench.train_step import run_train_steps
@@ -48,8 +49,9 @@ def _parse(argv):
                              "every measurement, as there)")
     parser.add_argument("--backends", nargs="+",
                         help="routes to time (default: every available backend, "
-                             f"{', '.join(BASELINES)} and {AUTO}; the last two run only in "
-                             "the cases that name them)")
+                             f"{', '.join(BASELINES)}, {AUTO} and the cpu backend's paths "
+                             "below this CPU's best, cpu@avx2 and so on; the last three "
+                             "run only in the cases that name them)")
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="stop starting new measurements after this long (recorded as skipped)")
@@ -70,7 +72,7 @@ def _parse(argv):
         parser.error("--clock cpu times CPU runs only; CUDA runs are timed with CUDA events")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
-    known = {*BACKENDS, *BASELINES, AUTO}
+    known = {*BACKENDS, *BASELINES, AUTO, *CPU_PATH_ROUTES}
     unknown = sorted(set(args.backends or ()) - known)
     if unknown:
         parser.error(f"--backends: unknown {unknown}; choose from {sorted(known)}")
@@ -82,7 +84,8 @@ def _parse(argv):
     problem = _unwritable(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
-    args.backends = args.backends or [*ef.available_backends(), *BASELINES, AUTO]
+    args.backends = args.backends or [*ef.available_backends(), *BASELINES, AUTO,
+                                      *cpu_path_routes()]
     shapes = sorted({(case.dtype, case.height * case.width) for case in GRIDS[args.grid].cases})
     args.skipped = skipped_routes(args.backends, args.estimators, args.device, shapes)
     if not any(routes_for(args.backends, args.estimators, args.device, getattr(torch, dtype),

@@ -10,7 +10,8 @@ TF32 beside bfloat16, float16 maps with their own products (``precision="fp16"``
 ``auto`` and the fused backends; the most telling first (bench/gpu_check.sh gives it a
 fixed share of its budget, which the sweep's tail may not reach). ``cpu``: the same shapes
 scaled down so that the reference runs in seconds on two cores, the full set at bf16
-beside ieee for the ``cpu`` backend, and 28x28 maps at B=2, C=8. ``tiny``: the CI smoke run.
+beside ieee for the ``cpu`` backend and at ieee on its AVX2 path too (``cpu@avx2``, where
+the CPU's best path is AVX-512), and 28x28 maps at B=2, C=8. ``tiny``: the CI smoke run.
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ _PAPER = Grid(
 _CPU_SWEEP = _sweep("small", 8, 64, 14, (_FULL_14, 400, 1226, 4000, 100), "float32", "ieee",
                     extra_routes=_COMPILED)
 _CPU = Grid(
-    cases=(_CPU_SWEEP[:1]
+    cases=((dataclasses.replace(_CPU_SWEEP[0],
+                                extra_routes=(*_CPU_SWEEP[0].extra_routes, "cpu@avx2")),)
            # The cpu backend's bfloat16 products beside its float32 ones (report.py's ratio).
            + (dataclasses.replace(_CPU_SWEEP[0], name="small-N19307-bf16", precision="bf16",
                                   sweep=False, backends=("cpu",), extra_routes=()),)

@@ -197,6 +197,7 @@ def _cpu_peaks(threads: int, clock: str, matmul: dict) -> dict:
                                                   ("bf16", fastest))}}
     rates = {operands: fma_rate_tflops(library, kernel, threads, clock=clock)
              for operands, kernel in kernels.items()}
+    path_peaks = _path_peaks(library, kernels, rates, threads, clock)
     described = {operands: f"FMA microbenchmark {k.symbol} ({'+'.join(k.cpu_flags)}, "
                            f"{k.chains} chains per thread, {threads} threads)"
                  for operands, k in kernels.items()}
@@ -207,15 +208,40 @@ def _cpu_peaks(threads: int, clock: str, matmul: dict) -> dict:
             "peak_tflops": {"ieee": rates["float32"], "tf32": rates["float32"],
                             "bf16": rates[bf16_basis]},
             "peak_source": {"ieee": described["float32"], "tf32": described["float32"],
-                            "bf16": described[bf16_basis]}}
+                            "bf16": described[bf16_basis]},
+            "path_peak_tflops": path_peaks}
+
+
+def _path_peaks(library: FmaLibrary, kernels: dict[str, FmaKernel], rates: dict, threads: int,
+                clock: str) -> dict:
+    """The floor of each instruction-set path of the ``cpu`` backend this CPU has
+    (``ecloss_fast.backends.cpp_cpu.ISA_PATHS``), per operand type: ``avx2`` the AVX2 FMA
+    rate (measured here when the float32 peak is AVX-512's), ``avx512`` the AVX-512 one,
+    ``avx512_bf16`` that and the ``vdpbf16ps`` rate for its bfloat16 products. The baseline
+    path (SSE2, no FMA) has no kernel: its routes keep the precision's peak."""
+    flags = cpu_flags()
+    float32 = kernels["float32"]
+    if float32.symbol == "fma_peak_f32_avx2":
+        avx2 = rates["float32"]
+    else:
+        avx2 = (fma_rate_tflops(library, library.kernel("fma_peak_f32_avx2", ("avx2", "fma"),
+                                                        "float32"), threads, clock=clock)
+                if flags.issuperset(("avx2", "fma")) else None)
+    peaks = {"avx2": {"float32": avx2}} if avx2 else {}
+    if float32.symbol == "fma_peak_f32_avx512":
+        peaks["avx512"] = {"float32": rates["float32"]}
+        if "bf16" in rates:
+            peaks["avx512_bf16"] = {"float32": rates["float32"], "bf16": rates["bf16"]}
+    return peaks
 
 
 def measure_peaks(device: torch.device, clock: str = "wall") -> dict:
     """The ``meta`` fields of results.json: ``matmul_peak_tflops`` (GEMM rates per precision;
     on the CPU, bf16 is None where the CPU has no bfloat16 arithmetic),
     ``peak_tflops`` and ``peak_source`` (the ``% peak`` basis per precision and where it
-    comes from) and, on the CPU, ``fma_peak_tflops`` ("float32", "bf16") and ``fma_peak``
-    (kernels and compiler, or the error that made it fall back)."""
+    comes from) and, on the CPU, ``fma_peak_tflops`` ("float32", "bf16"), ``fma_peak``
+    (kernels and compiler, or the error that made it fall back) and ``path_peak_tflops``
+    (the floor of each ``cpu`` backend instruction-set path, ``_path_peaks``)."""
     if device.type == "cuda":
         matmul = {p: matmul_peak_tflops(device, p, _GEMM_PLAN, clock) for p in PRECISIONS}
         return {"matmul_peak_tflops": matmul, "peak_tflops": dict(matmul),

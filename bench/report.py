@@ -31,6 +31,19 @@ def _workload(record) -> Workload:
                     record["num_templates"])
 
 
+def _peak(meta: dict, record) -> float | None:
+    """The rate a record's floor divides by: its precision's peak, or for a route of the
+    ``cpu`` backend the peak of the instruction-set path it ran (``cpu_path``; the
+    ``vdpbf16ps`` rate for bf16 products on the path that has them, else its float32 FMA
+    rate) where the run measured that path's (``path_peak_tflops``)."""
+    precision = record["case"]["precision"]
+    path_peaks = meta.get("path_peak_tflops", {}).get(record.get("cpu_path"))
+    if path_peaks:
+        return path_peaks.get("bf16" if precision == "bf16" else "float32") \
+            or path_peaks["float32"]
+    return meta.get("peak_tflops", {}).get(precision)
+
+
 def _case_key(record) -> tuple:
     return (record["case"]["name"], record["estimator"])
 
@@ -61,14 +74,13 @@ def _precision_ratios(records) -> list[dict]:
 def enrich(document: dict) -> dict:
     """Add the derived rates and ratios to every measured case record and the
     ``precision_ratios`` to the document (in place)."""
-    peaks = document["meta"].get("peak_tflops", {})
     reference = {_case_key(r): r["timings"] for r in document["cases"]
                  if r["backend"] == "reference" and "timings" in r}
     for record in document["cases"]:
         timings = record.get("timings")
         if not timings:
             continue
-        workload, peak = _workload(record), peaks.get(record["case"]["precision"])
+        workload, peak = _workload(record), _peak(document["meta"], record)
         record["tflops"], record["peak_fraction"], record["speedup_vs_reference"] = {}, {}, {}
         record["over_floor"] = {}
         for pass_name, timing in timings.items():
@@ -115,14 +127,21 @@ def _cpu_line(meta: dict) -> list[str]:
     if not cpu:
         return []
     path = cpu.get("cpu_backend_path") or "none (no extension)"
+    floors = "; ".join(f"{name} " + ", ".join(f"{operands} {rate:.3g}"
+                                              for operands, rate in rates.items())
+                       for name, rates in meta.get("path_peak_tflops", {}).items())
     return ["", f"CPU: {cpu['model']}; flags: {', '.join(cpu['flags']) or 'none of note'}; "
-                f"cpu backend path: {path}."]
+                f"cpu backend path: {path}."
+                + (f" Each cpu route's floor is its path's FMA rate (TFLOP/s): {floors}."
+                   if floors else "")]
 
 
 def _route_name(record) -> str:
     backend = record["backend"]
     if "resolved_backend" in record:
         backend += f" ({record['resolved_backend']})"
+    elif backend == "cpu" and record.get("cpu_path"):
+        backend += f" ({record['cpu_path']})"
     return f"{backend}/{record['estimator']}"
 
 

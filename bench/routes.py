@@ -4,10 +4,16 @@ with one estimator; this module builds its loss callable and the inputs it runs 
 Baselines: ``sdpa`` and ``sdpa-flash`` (PyTorch's fused attention, uniform only, see
 bench/sdpa_route.py) and ``reference-compiled``, the reference under ``torch.compile``
 (Inductor), compiled afresh for each case and estimator. ``auto`` is what ``ecloss`` runs
-with ``backend="auto"``. These two run only in the cases that name them (``ON_REQUEST``).
+with ``backend="auto"``. ``cpu@avx2`` and the other paths of the ``cpu`` backend below the
+best one the CPU has (``cpu_path_routes``) are the ``cpu`` backend with
+``ECLOSS_FAST_CPU_ISA`` set to the path while the route is measured
+(``route_environment``): one run times every path side by side, each against its own FMA
+floor (bench/peak.py). These run only in the cases that name them (``ON_REQUEST``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +21,15 @@ import torch._functorch.config
 
 import ecloss_fast as ef
 from ecloss_fast._dispatch import resolve_backend
+from ecloss_fast.backends import cpp_cpu
 from bench.grids import Case
 from bench.sdpa_route import sdpa_ecloss
 from ecloss_fast.testing import peaked_maps
 
 __all__ = ["SDPA", "SDPA_FLASH", "REFERENCE_COMPILED", "AUTO", "BASELINES", "ON_REQUEST",
-           "ESTIMATORS", "Route", "case_backends", "routes_for", "make_loss", "make_inputs",
-           "runs_on", "why_not", "skipped_routes"]
+           "CPU_PATH_ROUTES", "ESTIMATORS", "Route", "case_backends", "routes_for", "make_loss",
+           "make_inputs", "runs_on", "why_not", "skipped_routes", "cpu_path",
+           "cpu_path_routes", "route_environment"]
 
 SDPA = "sdpa"  # PyTorch's memory-efficient attention (on the CPU: its fused CPU kernel)
 SDPA_FLASH = "sdpa-flash"  # PyTorch's FlashAttention-2 kernel: CUDA, float16/bfloat16 only
@@ -29,23 +37,73 @@ REFERENCE_COMPILED = "reference-compiled"  # the reference under torch.compile (
 AUTO = "auto"  # the backend ecloss picks with backend="auto"
 BASELINES = (SDPA, SDPA_FLASH, REFERENCE_COMPILED)
 _UNIFORM_ONLY = (SDPA, SDPA_FLASH)
-# Routes that run only in the cases that name them: auto repeats another backend; the
-# compiled reference takes seconds to minutes to compile per case and estimator.
-ON_REQUEST = (AUTO, REFERENCE_COMPILED)
+# "cpu@<path>": the cpu backend on one instruction-set path; it repeats the cpu route's work.
+CPU_PATH_ROUTES = tuple(f"cpu@{path}" for path in cpp_cpu.ISA_PATHS)
+# Routes that run only in the cases that name them: auto and the cpu paths repeat another
+# backend; the compiled reference takes seconds to minutes to compile per case and estimator.
+ON_REQUEST = (AUTO, REFERENCE_COMPILED, *CPU_PATH_ROUTES)
 ESTIMATORS = ("uniform", "marginal")
 
 
 @dataclass(frozen=True)
 class Route:
-    """``backend``: an ``ecloss_fast`` backend name, ``AUTO`` or one of ``BASELINES``."""
+    """``backend``: an ``ecloss_fast`` backend name, ``AUTO`` or one of ``BASELINES`` or
+    ``CPU_PATH_ROUTES``."""
 
     backend: str
     estimator: str
 
 
+def cpu_path(backend: str) -> str | None:
+    """The instruction-set path a ``cpu@<path>`` route names; None for any other route."""
+    return backend.removeprefix("cpu@") if backend in CPU_PATH_ROUTES else None
+
+
+def cpu_path_routes() -> list[str]:
+    """The ``cpu@<path>`` routes of the paths this CPU has below its best (the ``cpu`` route
+    runs the best); none without the extension."""
+    if cpp_cpu.availability() is not None:
+        return []
+    return [f"cpu@{path}" for path in cpp_cpu.isa_paths()[:-1]]
+
+
+@contextlib.contextmanager
+def route_environment(backend: str):
+    """``ECLOSS_FAST_CPU_ISA`` set to a ``cpu@<path>`` route's path while it runs (the
+    variable as it was afterwards); nothing for any other route."""
+    path = cpu_path(backend)
+    if path is None:
+        yield
+        return
+    before = os.environ.get(cpp_cpu.ISA_VARIABLE)
+    os.environ[cpp_cpu.ISA_VARIABLE] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[cpp_cpu.ISA_VARIABLE]
+        else:
+            os.environ[cpp_cpu.ISA_VARIABLE] = before
+
+
+def _why_not_path(path: str, device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "the cpu backend's instruction-set paths run on the CPU only"
+    if cpp_cpu.availability() is not None:
+        return cpp_cpu.availability()
+    paths = cpp_cpu.isa_paths()
+    if path not in paths:
+        return f"this CPU has no {path} path (it has: {', '.join(paths)})"
+    if path == paths[-1]:
+        return f"{path} is this CPU's best path, which the cpu route runs"
+    return None
+
+
 def why_not(backend: str, device: torch.device, dtype: torch.dtype, pixels: int) -> str | None:
     """Why ``backend`` cannot take maps of this device, dtype and ``K = pixels`` here;
     ``None`` when it can."""
+    if (path := cpu_path(backend)) is not None:
+        return _why_not_path(path, device) or why_not("cpu", device, dtype, pixels)
     if backend == SDPA:
         if dtype == torch.float64 and device.type != "cpu":
             return "PyTorch's memory-efficient attention takes no float64 on CUDA"
@@ -140,8 +198,9 @@ def make_loss(case: Case, route: Route, device: torch.device):
     if route.backend == REFERENCE_COMPILED:
         return _compiled_reference(case, route.estimator, device)
     precision = None if case.precision == "fp16" else case.precision  # see Case
+    backend = "cpu" if cpu_path(route.backend) else route.backend  # see route_environment
     return lambda x: ef.ecloss(x, templates=case.templates, estimator=route.estimator,
-                               backend=route.backend, precision=precision)
+                               backend=backend, precision=precision)
 
 
 def make_inputs(case: Case, device: torch.device, count: int) -> list[torch.Tensor]:

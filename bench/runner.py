@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from bench.grids import Case
 from bench.memory import peak_bytes
-from bench.routes import (AUTO, REFERENCE_COMPILED, Route, case_backends, make_inputs,
-                          make_loss, routes_for)
+from bench.routes import (AUTO, REFERENCE_COMPILED, Route, case_backends, cpu_path,
+                          make_inputs, make_loss, route_environment, routes_for)
 from bench.timing import TimingPlan, measure
 from ecloss_fast._dispatch import auto_choice, resolve_precision
+from ecloss_fast.backends import cpp_cpu
 
 __all__ = ["run_cases", "input_set_count", "cpu_memory_guard"]
 
@@ -135,8 +136,11 @@ def run_cases(cases, plan: TimingPlan, device: torch.device, backends, estimator
             inputs = []  # free the previous case's inputs before making these
             inputs_case, inputs = case, make_inputs(case, device, _MAX_INPUT_SETS)
         count = input_set_count(case, route, device)
-        record = _measure_route(case, route, inputs[:count], device, case.plan or plan, clock,
-                                memory)
+        with route_environment(route.backend):
+            record = _measure_route(case, route, inputs[:count], device, case.plan or plan,
+                                    clock, memory)
+            if route.backend == "cpu" or cpu_path(route.backend):  # its floor (bench/report.py)
+                base["cpu_path"] = cpp_cpu.isa_in_use()
         if route.backend == AUTO:  # what auto ran, its warm-up's verdict included
             dtype = getattr(torch, case.dtype)
             base["resolved_backend"] = auto_choice(

@@ -25,9 +25,12 @@ from bench.cost import Workload, gemm_count
 from bench.grids import GRIDS, Case
 from bench.peak import FmaPeakUnavailable, build_fma_library, fma_rate_tflops
 from bench.report import enrich, markdown
+from bench import routes
 from bench.routes import REFERENCE_COMPILED, Route, case_backends, make_loss
+from bench.runner import run_cases
 from bench.sdpa_route import sdpa_ecloss
 from bench.summary import summary
+from bench.timing import TimingPlan
 from ecloss_fast.backends import cpp_cpu
 from ecloss_fast.testing import peaked_maps, random_maps
 
@@ -433,3 +436,39 @@ def test_kernel_report_counts_each_routes_gemms_and_exponential_sweeps(operands,
     assert route_work(operands, k, prior) == dict(kernels=kernels, gemms=gemms, sweeps=sweeps)
     row = f"| {k} | {operands} | {'yes' if prior else ''} | {' + '.join(kernels)} | {gemms} | {sweeps} |"
     assert row in work_markdown().splitlines()
+
+
+def test_cpu_path_routes_run_their_path_and_meet_their_own_floor(monkeypatch):
+    """A ``cpu@<path>`` route runs the cpu backend on that path (``ECLOSS_FAST_CPU_ISA`` set
+    while it is measured, then as before) and its floor is that path's FMA rate; the best
+    path is the plain cpu route's. Whatever this CPU has: its lowest path (baseline on any
+    x86-64 CPU with more than one)."""
+    if cpp_cpu.availability() is not None:
+        pytest.skip(cpp_cpu.availability())
+    paths, cpu = cpp_cpu.isa_paths(), torch.device("cpu")
+    assert routes.why_not("cpu@" + paths[-1], cpu, torch.float32, 49).endswith(
+        "which the cpu route runs")
+    assert routes.cpu_path_routes() == ["cpu@" + path for path in paths[:-1]]
+    if "avx512" not in paths:
+        assert "has no avx512 path" in routes.why_not("cpu@avx512", cpu, torch.float32, 49)
+    if len(paths) == 1:
+        return
+    monkeypatch.setenv(cpp_cpu.ISA_VARIABLE, paths[-1])
+    case = Case("paths", 8, 8, 7, 7, 100, "float32", "ieee",
+                backends=("cpu", "cpu@" + paths[0]))
+    seen = []
+    run_cases([case], TimingPlan(warmup=0, min_repeats=1, max_repeats=1, budget_s=0.0), cpu,
+              ["cpu", "cpu@" + paths[0]], ["uniform"], clock="wall", memory=False,
+              deadline=float("inf"), on_record=seen.append)
+    assert [(r["backend"], r["cpu_path"], r["status"]) for r in seen] \
+        == [("cpu", paths[-1], "ok"), ("cpu@" + paths[0], paths[0], "ok")]
+    assert os.environ[cpp_cpu.ISA_VARIABLE] == paths[-1]
+    # The floors: 3 GEMMs of 2*64*100*49 flops, at each path's rate (hand-picked rates).
+    meta = {"peak_tflops": {"ieee": 1.0}, "path_peak_tflops": {
+        paths[0]: {"float32": 0.25}, paths[-1]: {"float32": 0.5, "bf16": 2.0}}}
+    for record in seen:
+        record["timings"] = {"forward_backward": {"median_ms": 1.0}}
+    enrich({"meta": meta, "cases": seen})
+    gemm_ms = 2 * 64 * 100 * 49 / 1e9
+    assert [r["over_floor"]["forward_backward"] for r in seen] \
+        == pytest.approx([1.0 / (3 * gemm_ms / 0.5), 1.0 / (3 * gemm_ms / 0.25)])
