@@ -493,11 +493,14 @@ ECLOSS_HOST void finish_with_grad(const Problem<scalar_t>& problem, int64_t row,
 // row_stats: the online-softmax state of each task's rows over its templates. With kWithGrad
 // (row_stats_with_grad), from the same exponentials, d neg_entropy / dx = tau (V - (a/l) U) / l
 // with U = sum e^(s-m) T and V = sum e^(s-m) (s-m) T about the running max m (ecloss_math.h's
-// state holds l and a): the block's weights e^(s-b) and e^(s-b)(s-b), about the block's max
-// b, are moved to the merged max m' (times e^(b-m'), plus (b-m') e^(s-b)) only when the block
-// does not hold it, and U, V are moved the same way when m rises. With template parts, each
-// part's state (and U, V) goes to part_states (part_sums) for merge_row_stats_parts. With
-// scores_out (row_stats_with_scores), the scores are written out too.
+// state holds l and a). Each block first raises m to its own max where that is larger,
+// moving l, a (and U, V) to it as merge() does, then adds its weights e^(s-m) and
+// e^(s-m)(s-m) about m itself: one exponential per score and none per block, where a state
+// per block merged into the running one took two per row and block and, for U and V, a
+// second pass over the weights of every block that did not hold the max. With template
+// parts, each part's state (and U, V) goes to part_states (part_sums) for
+// merge_row_stats_parts. With scores_out (row_stats_with_scores), the scores are written out
+// too.
 template <typename scalar_t, int kBytes, bool kBf16, bool kWithGrad>
 ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t begin,
                                     int64_t end) {
@@ -522,13 +525,27 @@ ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t be
           std::copy(scores, scores + width,
                     problem.scores_out + (first + i) * problem.num_templates + t0);
         }
+        // The running max m' takes the block's: the sums so far (and U, V) move to it when it
+        // rises (rarely after the first blocks), then the block's weights are e^(s-m').
+        SoftmaxState<scalar_t>& state = scratch.states[i];
+        const scalar_t block_max = block_max_of(scores, width);
+        const scalar_t max = state.max < block_max ? block_max : state.max;
+        if (state.sum_exp != scalar_t(0) && state.max != max) {
+          const scalar_t shift = state.max - max, decay = host_exp(shift);
+          state.sum_exp_shift = decay * (state.sum_exp_shift + shift * state.sum_exp);
+          state.sum_exp *= decay;
+          if constexpr (kWithGrad) {
+            rebase(scratch.dx.data() + i * padded_pixels,
+                   scratch.shifted_dx.data() + i * padded_pixels, padded_pixels, shift);
+          }
+        }
+        state.max = max;
         scalar_t* weights = scratch.grads.data() + i * kTemplateBlock;
         scalar_t* shifted_weights = scratch.shifted_grads.data() + i * kTemplateBlock;
-        const scalar_t block_max = block_max_of(scores, width);
         scalar_t sum_exp = 0, sum_exp_shift = 0;
 #pragma omp simd reduction(+ : sum_exp, sum_exp_shift)
         for (int64_t j = 0; j < width; ++j) {
-          const scalar_t shifted = scores[j] - block_max;
+          const scalar_t shifted = scores[j] - max;
           const scalar_t weight = host_exp(shifted);
           if constexpr (kWithGrad) {
             weights[j] = weight;
@@ -537,23 +554,8 @@ ECLOSS_HOST void online_sweep_tasks(const Problem<scalar_t>& problem, int64_t be
           sum_exp += weight;
           sum_exp_shift += weight * shifted;
         }
-        const SoftmaxState<scalar_t> previous = scratch.states[i];
-        scratch.states[i] = merge(previous, {block_max, sum_exp, sum_exp_shift});
-        if constexpr (!kWithGrad) continue;
-        const scalar_t max = scratch.states[i].max;
-        if (previous.sum_exp != scalar_t(0) && previous.max != max) {
-          rebase(scratch.dx.data() + i * padded_pixels,
-                 scratch.shifted_dx.data() + i * padded_pixels, padded_pixels,
-                 previous.max - max);
-        }
-        if (block_max != max) {
-          const scalar_t shift = block_max - max, decay = host_exp(shift);
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            shifted_weights[j] = decay * (shifted_weights[j] + shift * weights[j]);
-            weights[j] *= decay;
-          }
-        }
+        state.sum_exp += sum_exp;
+        state.sum_exp_shift += sum_exp_shift;
       }
       if constexpr (kWithGrad) {
         accumulate_input_grads<scalar_t, kBytes, kBf16, 2>(

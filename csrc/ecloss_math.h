@@ -58,11 +58,13 @@ ECLOSS_HOST float host_exp(float x) {
   constexpr float kLn2Hi = 0.693359375f;  // exact in 9 bits, so n * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kLowest = -87.3f;  // exp(kLowest) is just above the smallest normal
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   float clamped = x < kLowest ? kLowest : x;
   clamped = clamped > 88.3f ? 88.3f : clamped;
-  const float finite = clamped == clamped ? clamped : 0.0f;  // NaN must not reach the int cast
-  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
-  const float n = (finite * kLog2e + 12582912.0f) - 12582912.0f;
+  // Adding 1.5 * 2^23 rounds to the nearest integer n without a libm call, and leaves n in
+  // the low bits of the sum, whence 2^n without a float-to-int conversion (NaN needs none).
+  const float rounded = clamped * kLog2e + kRound;
+  const float n = rounded - kRound;
   const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
   float poly = 1.0f / 5040.0f;
   poly = poly * r + 1.0f / 720.0f;
@@ -72,7 +74,9 @@ ECLOSS_HOST float host_exp(float x) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  uint32_t bits;  // 1.5 * 2^23 + n: its bits past the 23rd leave in the shift
+  std::memcpy(&bits, &rounded, sizeof bits);
+  bits = (bits + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return x < kLowest ? 0.0f : poly * scale;
@@ -83,10 +87,11 @@ ECLOSS_HOST double host_exp(double x) {
   constexpr double kLn2Hi = 6.93147180369123816490e-01;
   constexpr double kLn2Lo = 1.90821492927058770002e-10;
   constexpr double kLowest = -708.0;  // exp(kLowest) is just above the smallest normal
+  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
   double clamped = x < kLowest ? kLowest : x;
   clamped = clamped > 709.0 ? 709.0 : clamped;
-  const double finite = clamped == clamped ? clamped : 0.0;
-  const double n = (finite * kLog2e + 6755399441055744.0) - 6755399441055744.0;  // 1.5 * 2^52
+  const double rounded = clamped * kLog2e + kRound;
+  const double n = rounded - kRound;
   const double r = (clamped - n * kLn2Hi) - n * kLn2Lo;
   double poly = 1.0 / 479001600.0;  // 1/12!
   constexpr double kInverseFactorials[12] = {
@@ -94,7 +99,9 @@ ECLOSS_HOST double host_exp(double x) {
       1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,    1.0 / 24.0,
       1.0 / 6.0,        0.5,             1.0,            1.0};
   for (double coefficient : kInverseFactorials) poly = poly * r + coefficient;
-  const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(n) + 1023) << 52;
+  uint64_t bits;
+  std::memcpy(&bits, &rounded, sizeof bits);
+  bits = (bits + 1023u) << 52;
   double scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return x < kLowest ? 0.0 : poly * scale;
