@@ -85,7 +85,7 @@ struct Problem {
   const scalar_t* panels;  // (ceil(N / W), K, W) with W the tile width: template t, pixel
                            // k at [(t / W) * K + k] * W + t % W, zero past N
   const scalar_t* padded;  // (N, padded_pixels), zero past K; input_grad only
-  int64_t padded_pixels;   // K rounded up to the tile width
+  int64_t padded_pixels;   // K rounded up to the vector width (bf16: the tile width)
   // bfloat16 products (precision "bf16", float32 only): the same two layouts with the
   // reduction axis in pairs, as vdpbf16ps takes them (pack_templates_bf16).
   const uint16_t* panel_pairs;
@@ -319,9 +319,13 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
   using S = Simd<scalar_t, kBytes>;
   const scalar_t* row_panels = scratch.row_panels.data();
   const int64_t pixels = problem.pixels;
+  constexpr int64_t kLineScalars = 64 / sizeof(scalar_t);
+  const scalar_t* panels_end = problem.panels + (problem.num_templates + S::kTileWidth - 1) /
+                                                    S::kTileWidth * S::kTileWidth * pixels;
   // Template panel outermost: it stays in L1 while every row tile of the block reads it.
   for (int64_t j0 = 0; j0 < width; j0 += S::kTileWidth) {
     const scalar_t* panel = problem.panels + (t0 + j0) * pixels;
+    const scalar_t* next = panel + S::kTileWidth * pixels;
     for (int64_t i0 = 0; i0 < block.count; i0 += kRowTile) {
       const scalar_t* rows = row_panels + i0 * pixels;
       typename S::Vector accumulators[kRowTile][kTileVectors] = {};
@@ -329,6 +333,11 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
         typename S::Vector templates[kTileVectors];
         for (int64_t v = 0; v < kTileVectors; ++v) {
           templates[v] = S::load(panel + k * S::kTileWidth + v * S::kLanes);
+        }
+        if (i0 == 0 && next < panels_end) {  // the next panel, as the first row tile reads this
+          for (int64_t line = 0; line < S::kTileWidth; line += kLineScalars) {
+            __builtin_prefetch(next + k * S::kTileWidth + line, 0, 2);
+          }
         }
 #pragma GCC unroll 6
         for (int64_t i = 0; i < kRowTile; ++i) {
@@ -351,27 +360,82 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
 // 16 ymm (AVX2) or xmm (x86-64's SSE2).
 constexpr int64_t vector_registers(int bytes) { return bytes >= 64 ? 32 : 16; }
 
-// Rows per tile of accumulate_input_grads with kSets weight sets: the largest divisor of
-// kRowTile whose kSets x rows x kTileVectors accumulators fit the registers beside the
-// kTileVectors template vectors and the broadcast weight. With two sets that is 6 rows on
-// AVX-512 (24 + 3 of 32 registers) and 3 on AVX2 (12 + 3 of 16): 6 rows there kept 11 of
-// the 24 accumulators on the stack, a load and a store per FMA (14x14, B=8, C=64, one
-// thread of an AMD EPYC, AVX2: row_stats_with_grad 230 -> 167 ms, input_grad under a prior
-// 230 -> 169).
-template <int kBytes, int kSets>
+// Rows per tile of accumulate_input_grads with kSets weight sets and kVectors vectors per
+// tile row: the largest divisor of kRowTile whose kSets x rows x kVectors accumulators fit the
+// registers beside the kVectors template vectors and the broadcast weight. With two sets and
+// two vectors that is 6 rows on AVX-512 (24 + 3 of 32 registers) and 3 on AVX2 (12 + 3 of
+// 16): 6 rows there kept 11 of the 24 accumulators on the stack, a load and a store per FMA
+// (14x14, B=8, C=64, one thread of an AMD EPYC, AVX2: row_stats_with_grad 230 -> 167 ms,
+// input_grad under a prior 230 -> 169).
+template <int kBytes, int kSets, int kVectors>
 constexpr int64_t accumulate_tile_rows() {
-  constexpr int64_t free_registers = vector_registers(kBytes) - kTileVectors - 1;
+  constexpr int64_t free_registers = vector_registers(kBytes) - kVectors - 1;
   for (int64_t rows = kRowTile; rows > 1; --rows) {
-    if (kRowTile % rows == 0 && kSets * rows * kTileVectors <= free_registers) return rows;
+    if (kRowTile % rows == 0 && kSets * rows * kVectors <= free_registers) return rows;
   }
   return 1;
+}
+
+// accumulate_input_grads over the pixel slices k_begin .. k_end of kVectors vectors each.
+template <typename scalar_t, int kBytes, int kSets, int kVectors>
+ECLOSS_HOST void accumulate_slices(const Problem<scalar_t>& problem, const RowBlock& block,
+                                   const scalar_t* const (&grads)[kSets], int64_t t0,
+                                   int64_t width, scalar_t* const (&dx)[kSets], int64_t k_begin,
+                                   int64_t k_end) {
+  using S = Simd<scalar_t, kBytes>;
+  constexpr int64_t kRows = accumulate_tile_rows<kBytes, kSets, kVectors>();
+  constexpr int64_t kSliceWidth = kVectors * S::kLanes;
+  constexpr int64_t kLineScalars = 64 / sizeof(scalar_t);
+  const int64_t padded_pixels = problem.padded_pixels;
+  // Pixel slice outermost: its templates stay in L1 while every row tile reads them.
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kSliceWidth) {
+    for (int64_t i0 = 0; i0 < block.count; i0 += kRows) {
+      typename S::Vector accumulators[kSets][kRows][kVectors] = {};
+      const scalar_t* templates = problem.padded + t0 * padded_pixels + k0;
+      for (int64_t j = 0; j < width; ++j) {
+        typename S::Vector row[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) {
+          row[v] = S::load(templates + j * padded_pixels + v * S::kLanes);
+        }
+        // While the first row tile reads a slice, the next block's same slice is fetched
+        // into L2: its rows lie 4 * padded_pixels bytes apart, a stride across pages that the
+        // hardware prefetchers did not follow while the score sweep streamed its panels beside
+        // it (B=8, C=64, 14x14, 2 threads, AMD EPYC Zen 4: row_stats_with_grad 73 -> 62 ms on
+        // the AVX2 path, 70 -> 65 on AVX-512; input_grad 54 -> 44 and 50 -> 43).
+        if (i0 == 0 && t0 + kTemplateBlock + j < problem.num_templates) {
+          const scalar_t* next = templates + (kTemplateBlock + j) * padded_pixels;
+          for (int64_t line = 0; line < kSliceWidth; line += kLineScalars) {
+            __builtin_prefetch(next + line, 0, 2);
+          }
+        }
+        for (int set = 0; set < kSets; ++set) {
+#pragma GCC unroll 6
+          for (int64_t i = 0; i < kRows; ++i) {
+            const scalar_t grad = grads[set][(i0 + i) * kTemplateBlock + j];
+            for (int64_t v = 0; v < kVectors; ++v) accumulators[set][i][v] += row[v] * grad;
+          }
+        }
+      }
+      for (int set = 0; set < kSets; ++set) {
+#pragma GCC unroll 6
+        for (int64_t i = 0; i < kRows; ++i) {
+          for (int64_t v = 0; v < kVectors; ++v) {
+            scalar_t* target = dx[set] + (i0 + i) * padded_pixels + k0 + v * S::kLanes;
+            S::store(target, S::load(target) + accumulators[set][i][v]);
+          }
+        }
+      }
+    }
+  }
 }
 
 // dx[s][i, :] += sum_j grads[s][i, j] * T[t0 + j, :] for kSets weight sets at once (one
 // stream of the templates for U and V, or U and Z), over the block's rows rounded up to
 // whole tiles: rows past count hold stale weights and are never written out. Each
 // accumulator adds its block in template order whatever the tile's rows, so the tile
-// changes no result.
+// changes no result. Slices of a whole tile width, then the one vector K leaves past them
+// (padded_pixels is K rounded up to a vector, not a tile: 208 of K = 196 with AVX-512, where
+// 224 added 14% to these products).
 template <typename scalar_t, int kBytes, bool kBf16, int kSets>
 ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const RowBlock& block,
                                         Scratch<scalar_t>& scratch,
@@ -385,52 +449,11 @@ ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const 
     return;
   }
   using S = Simd<scalar_t, kBytes>;
-  constexpr int64_t kRows = accumulate_tile_rows<kBytes, kSets>();
-  constexpr int64_t kLineScalars = 64 / sizeof(scalar_t);
-  constexpr int64_t kLinesPerTileRow = (S::kTileWidth + kLineScalars - 1) / kLineScalars;
-  const int64_t padded_pixels = problem.padded_pixels;
-  // Pixel slice outermost: its templates stay in L1 while every row tile reads them.
-  for (int64_t k0 = 0; k0 < padded_pixels; k0 += S::kTileWidth) {
-    for (int64_t i0 = 0; i0 < block.count; i0 += kRows) {
-      typename S::Vector accumulators[kSets][kRows][kTileVectors] = {};
-      const scalar_t* templates = problem.padded + t0 * padded_pixels + k0;
-      for (int64_t j = 0; j < width; ++j) {
-        typename S::Vector row[kTileVectors];
-        for (int64_t v = 0; v < kTileVectors; ++v) {
-          row[v] = S::load(templates + j * padded_pixels + v * S::kLanes);
-        }
-        // While the first row tile reads a slice, the next block's same slice is fetched
-        // into L2: its rows lie 4 * padded_pixels bytes apart, a stride across pages that the
-        // hardware prefetchers did not follow while the score sweep streamed its panels beside
-        // it (B=8, C=64, 14x14, 2 threads, AMD EPYC Zen 4: row_stats_with_grad 73 -> 62 ms on
-        // the AVX2 path, 70 -> 65 on AVX-512; input_grad 54 -> 44 and 50 -> 43).
-        if (i0 == 0 && t0 + kTemplateBlock + j < problem.num_templates) {
-          const scalar_t* next = templates + (kTemplateBlock + j) * padded_pixels;
-          for (int64_t line = 0; line < kLinesPerTileRow; ++line) {
-            __builtin_prefetch(next + line * kLineScalars, 0, 2);
-          }
-        }
-        for (int set = 0; set < kSets; ++set) {
-#pragma GCC unroll 6
-          for (int64_t i = 0; i < kRows; ++i) {
-            const scalar_t grad = grads[set][(i0 + i) * kTemplateBlock + j];
-            for (int64_t v = 0; v < kTileVectors; ++v) {
-              accumulators[set][i][v] += row[v] * grad;
-            }
-          }
-        }
-      }
-      for (int set = 0; set < kSets; ++set) {
-#pragma GCC unroll 6
-        for (int64_t i = 0; i < kRows; ++i) {
-          for (int64_t v = 0; v < kTileVectors; ++v) {
-            scalar_t* target = dx[set] + (i0 + i) * padded_pixels + k0 + v * S::kLanes;
-            S::store(target, S::load(target) + accumulators[set][i][v]);
-          }
-        }
-      }
-    }
-  }
+  const int64_t whole = problem.padded_pixels / S::kTileWidth * S::kTileWidth;
+  accumulate_slices<scalar_t, kBytes, kSets, kTileVectors>(problem, block, grads, t0, width,
+                                                           dx, 0, whole);
+  accumulate_slices<scalar_t, kBytes, kSets, 1>(problem, block, grads, t0, width, dx, whole,
+                                                problem.padded_pixels);
 }
 
 template <typename scalar_t, int kBytes, bool kBf16>
@@ -1041,7 +1064,8 @@ void pack_templates(const at::Tensor& templates, int64_t tile_width, at::Tensor&
                     at::Tensor& padded) {
   const int64_t count = templates.size(0), pixels = templates.size(1);
   const int64_t panel_count = (count + tile_width - 1) / tile_width;
-  const int64_t padded_pixels = (pixels + tile_width - 1) / tile_width * tile_width;
+  const int64_t lanes = tile_width / kTileVectors;
+  const int64_t padded_pixels = (pixels + lanes - 1) / lanes * lanes;
   panels = at::empty({panel_count, pixels, tile_width}, templates.options());
   padded = at::zeros({count, padded_pixels}, templates.options());
   const scalar_t* source = templates.data_ptr<scalar_t>();
