@@ -85,7 +85,7 @@ struct Problem {
   const scalar_t* panels;  // (ceil(N / W), K, W) with W the tile width: template t, pixel
                            // k at [(t / W) * K + k] * W + t % W, zero past N
   const scalar_t* padded;  // (N, padded_pixels), zero past K; input_grad only
-  int64_t padded_pixels;   // K rounded up to the vector width (bf16: the tile width)
+  int64_t padded_pixels;   // K rounded up to the vector width
   // bfloat16 products (precision "bf16", float32 only): the same two layouts with the
   // reduction axis in pairs, as vdpbf16ps takes them (pack_templates_bf16).
   const uint16_t* panel_pairs;
@@ -139,7 +139,7 @@ struct Scratch {
   explicit Scratch(const Problem<scalar_t>& problem)
       : row_panels(kRowBlock * problem.pixels),
         row_pairs(problem.panel_pairs != nullptr ? kRowBlock * 2 * problem.pixel_pairs : 0),
-        grad_pairs(problem.panel_pairs != nullptr ? kRowBlock * kTemplateBlock : 0),
+        grad_pairs(problem.panel_pairs != nullptr ? 2 * kRowBlock * kTemplateBlock : 0),
         scores(kRowBlock * kTemplateBlock),
         grads(kRowBlock * kTemplateBlock, scalar_t(0)),
         shifted_grads(kRowBlock * kTemplateBlock, scalar_t(0)),
@@ -151,7 +151,7 @@ struct Scratch {
         references(kRowBlock) {}
   std::vector<scalar_t> row_panels;  // (kRowBlock / kRowTile, K, kRowTile)
   std::vector<uint16_t> row_pairs;   // bf16: (kRowBlock, 2 ceil(K/2)), rows in bfloat16
-  std::vector<uint16_t> grad_pairs;  // bf16: (kRowBlock, kTemplateBlock), grads in bfloat16
+  std::vector<uint16_t> grad_pairs;  // bf16: (2, kRowBlock, kTemplateBlock), grads in bfloat16
   std::vector<scalar_t> scores;      // (kRowBlock, kTemplateBlock), s = tau * <x, T[t]>
   // Weights of the template products of a block, (kRowBlock, kTemplateBlock): the score
   // gradient over the row weight, or e^(s-m) (with a prior: p); shifted_grads: e^(s-m) (s-m)
@@ -215,26 +215,38 @@ ECLOSS_HOST void pack_rows(const Problem<scalar_t>& problem, const RowBlock& blo
 constexpr int64_t kBf16Lanes = 16;
 constexpr int64_t kBf16TileWidth = kTileVectors * kBf16Lanes;
 
-// accumulators[i][v] += sum over the pairs p of rows[i * row_stride + 2p .. +1] . the two
-// templates' vector v of pair p (at vectors + p * vector_stride + v * 2 * kBf16Lanes): one
-// tile of either micro-kernel below.
+// accumulators[s][i][v] += sum over the pairs p of rows[s][i * row_stride + 2p .. +1] . the
+// two templates' vector v of pair p (at vectors + p * vector_stride + v * 2 * kBf16Lanes), for
+// kSets row sets at once: one tile of either micro-kernel below. With `upcoming`, the same
+// vectors there (the next template block's) are fetched into L2 as these are read (see
+// accumulate_slices).
+template <int kSets, int kVectors>
 ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_bf16_tile(
-    __m512 (&accumulators)[kRowTile][kTileVectors], const uint16_t* vectors,
-    int64_t vector_stride, const uint16_t* rows, int64_t row_stride, int64_t pairs) {
-  for (auto& row : accumulators) for (auto& value : row) value = _mm512_setzero_ps();
+    __m512 (&accumulators)[kSets][kRowTile][kVectors], const uint16_t* vectors,
+    int64_t vector_stride, const uint16_t* const (&rows)[kSets], int64_t row_stride,
+    int64_t pairs, const uint16_t* upcoming) {
+  for (auto& set : accumulators) {
+    for (auto& row : set) for (auto& value : row) value = _mm512_setzero_ps();
+  }
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    __m512bh templates[kTileVectors];
-    for (int64_t v = 0; v < kTileVectors; ++v) {
+    __m512bh templates[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) {
       templates[v] = (__m512bh)_mm512_loadu_si512(vectors + pair * vector_stride +
                                                   v * 2 * kBf16Lanes);
+      if (upcoming != nullptr) {
+        __builtin_prefetch(upcoming + pair * vector_stride + v * 2 * kBf16Lanes, 0, 2);
+      }
     }
+    for (int set = 0; set < kSets; ++set) {
 #pragma GCC unroll 6
-    for (int64_t i = 0; i < kRowTile; ++i) {
-      int32_t both;
-      std::memcpy(&both, rows + i * row_stride + 2 * pair, sizeof both);
-      const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
-      for (int64_t v = 0; v < kTileVectors; ++v) {
-        accumulators[i][v] = _mm512_dpbf16_ps(accumulators[i][v], value, templates[v]);
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        int32_t both;
+        std::memcpy(&both, rows[set] + i * row_stride + 2 * pair, sizeof both);
+        const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          accumulators[set][i][v] = _mm512_dpbf16_ps(accumulators[set][i][v], value,
+                                                     templates[v]);
+        }
       }
     }
   }
@@ -242,63 +254,119 @@ ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_bf16_ti
 
 // scores[i, j] = tau * <x[row i], T[t0 + j]> from bfloat16 rows (row i at rows + i * 2 pairs)
 // and panels of kBf16TileWidth templates ((t / 32) pairs 32 2 layout: template t, pixel k at
-// [((t / 32) * pairs + k / 2) * 32 + t % 32] * 2 + k % 2).
+// [((t / 32) * pairs + k / 2) * 32 + t % 32] * 2 + k % 2). Panel outermost, as score_block.
 ECLOSS_BF16_TARGET void score_block_bf16(const uint16_t* rows, int64_t count,
                                          const uint16_t* panels, int64_t pairs, int64_t t0,
-                                         int64_t width, float tau, float* scores) {
+                                         int64_t width, int64_t num_templates, float tau,
+                                         float* scores) {
   const __m512 scale = _mm512_set1_ps(tau);
-  for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
-    for (int64_t j0 = 0; j0 < width; j0 += kBf16TileWidth) {
-      const uint16_t* panel = panels + (t0 + j0) / kBf16TileWidth * pairs * 2 * kBf16TileWidth;
-      __m512 accumulators[kRowTile][kTileVectors];
-      accumulate_bf16_tile(accumulators, panel, 2 * kBf16TileWidth, rows + i0 * 2 * pairs,
-                           2 * pairs, pairs);
+  const int64_t panel_size = pairs * 2 * kBf16TileWidth;
+  for (int64_t j0 = 0; j0 < width; j0 += kBf16TileWidth) {
+    const uint16_t* panel = panels + (t0 + j0) / kBf16TileWidth * panel_size;
+    const uint16_t* next = t0 + j0 + kBf16TileWidth < num_templates ? panel + panel_size
+                                                                    : nullptr;
+    for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
+      __m512 accumulators[1][kRowTile][kTileVectors];
+      accumulate_bf16_tile<1, kTileVectors>(accumulators, panel, 2 * kBf16TileWidth,
+                                            {rows + i0 * 2 * pairs}, 2 * pairs, pairs,
+                                            i0 == 0 ? next : nullptr);
       for (int64_t i = 0; i < kRowTile; ++i) {
         for (int64_t v = 0; v < kTileVectors; ++v) {
           _mm512_storeu_ps(scores + (i0 + i) * kTemplateBlock + j0 + v * kBf16Lanes,
-                           _mm512_mul_ps(accumulators[i][v], scale));
+                           _mm512_mul_ps(accumulators[0][i][v], scale));
         }
       }
     }
   }
 }
 
-// dx[i, :] += sum_j grads[i, j] T[t0 + j, :], the grads rounded to bfloat16 into grad_pairs
-// (zero past width, so an odd block's last pair adds nothing), the templates in pairs of
-// rows (template t, pixel k at [(t / 2) * padded_pixels + k] * 2 + t % 2).
-ECLOSS_BF16_TARGET void accumulate_input_grad_bf16(const float* grads, int64_t count,
-                                                   int64_t width, uint16_t* grad_pairs,
-                                                   const uint16_t* padded_pairs,
-                                                   int64_t padded_pixels, int64_t t0, float* dx) {
-  const int64_t padded_count = (count + kRowTile - 1) / kRowTile * kRowTile;
-  const int64_t pairs = (width + 1) / 2;
-  for (int64_t i = 0; i < padded_count; ++i) {
-    for (int64_t j = 0; j < 2 * pairs; ++j) {
-      grad_pairs[i * kTemplateBlock + j] =
-          j < width ? bfloat16_bits(grads[i * kTemplateBlock + j]) : uint16_t(0);
+// grads (rows x kTemplateBlock floats, width of them read) rounded to bfloat16 into pairs of
+// the same layout, zero past width (so an odd block's last pair adds nothing): vcvtne2ps2bf16,
+// round to nearest even as bfloat16_bits (NaN stays NaN; subnormal weights, which bfloat16
+// products would lose anyway, become 0).
+ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void round_to_bf16(
+    const float* grads, int64_t rows, int64_t width, uint16_t* pairs) {
+  constexpr int64_t kVectors = kTemplateBlock / kBf16Lanes;
+  __mmask16 kept[kVectors];  // the lanes of each vector below width
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const int64_t lanes = std::clamp<int64_t>(width - v * kBf16Lanes, 0, kBf16Lanes);
+    kept[v] = static_cast<__mmask16>((1u << lanes) - 1u);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t v = 0; v < kVectors; v += 2) {
+      const float* first = grads + i * kTemplateBlock + v * kBf16Lanes;
+      const __m512 high = _mm512_maskz_loadu_ps(kept[v + 1], first + kBf16Lanes);
+      const __m512bh both = _mm512_cvtne2ps_pbh(high, _mm512_maskz_loadu_ps(kept[v], first));
+      _mm512_storeu_si512(pairs + i * kTemplateBlock + v * kBf16Lanes, (__m512i)both);
     }
   }
-  const uint16_t* first_pair = padded_pairs + t0 / 2 * padded_pixels * 2;
-  for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
-    for (int64_t k0 = 0; k0 < padded_pixels; k0 += kBf16TileWidth) {
-      __m512 accumulators[kRowTile][kTileVectors];
-      accumulate_bf16_tile(accumulators, first_pair + k0 * 2, padded_pixels * 2,
-                           grad_pairs + i0 * kTemplateBlock, kTemplateBlock, pairs);
-      for (int64_t i = 0; i < kRowTile; ++i) {
-        for (int64_t v = 0; v < kTileVectors; ++v) {
-          float* target = dx + (i0 + i) * padded_pixels + k0 + v * kBf16Lanes;
-          _mm512_storeu_ps(target, _mm512_add_ps(_mm512_loadu_ps(target), accumulators[i][v]));
+}
+
+// accumulate_input_grads_bf16 over the pixel slices k_begin .. k_end of kVectors vectors each,
+// from the rounded grads of each set (rows[s], kTemplateBlock apart).
+template <int kSets, int kVectors>
+ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_slices_bf16(
+    const uint16_t* const (&rounded)[kSets], int64_t count, int64_t pairs,
+    const uint16_t* first_pair, const uint16_t* next_block, int64_t padded_pixels,
+    int64_t k_begin, int64_t k_end, float* const (&dx)[kSets]) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kVectors * kBf16Lanes) {
+    for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
+      const uint16_t* rows[kSets];
+      for (int set = 0; set < kSets; ++set) rows[set] = rounded[set] + i0 * kTemplateBlock;
+      __m512 accumulators[kSets][kRowTile][kVectors];
+      accumulate_bf16_tile<kSets, kVectors>(
+          accumulators, first_pair + k0 * 2, padded_pixels * 2, rows, kTemplateBlock, pairs,
+          i0 == 0 && next_block != nullptr ? next_block + k0 * 2 : nullptr);
+      for (int set = 0; set < kSets; ++set) {
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          for (int64_t v = 0; v < kVectors; ++v) {
+            float* target = dx[set] + (i0 + i) * padded_pixels + k0 + v * kBf16Lanes;
+            _mm512_storeu_ps(target,
+                             _mm512_add_ps(_mm512_loadu_ps(target), accumulators[set][i][v]));
+          }
         }
       }
     }
   }
 }
+
+// The bfloat16 form of accumulate_input_grads: dx[s][i, :] += sum_j grads[s][i, j] T[t0 + j, :]
+// for kSets weight sets in one stream of the templates, the grads rounded to bfloat16 into
+// grad_pairs (kSets blocks of kRowBlock x kTemplateBlock), the templates in pairs of rows
+// (template t, pixel k at [(t / 2) * padded_pixels + k] * 2 + t % 2). As the float32 form:
+// pixel slices outermost, tiles of two vectors then the one vector K leaves, the next block's
+// slice fetched while the first row tile reads this one's.
+template <int kSets>
+ECLOSS_BF16_TARGET void accumulate_input_grads_bf16(
+    const float* const (&grads)[kSets], int64_t count, int64_t width, uint16_t* grad_pairs,
+    const uint16_t* padded_pairs, int64_t padded_pixels, int64_t t0, int64_t num_templates,
+    float* const (&dx)[kSets]) {
+  const int64_t padded_count = (count + kRowTile - 1) / kRowTile * kRowTile;
+  const int64_t pairs = (width + 1) / 2;
+  const uint16_t* rounded[kSets];
+  for (int set = 0; set < kSets; ++set) {
+    uint16_t* target = grad_pairs + set * kRowBlock * kTemplateBlock;
+    round_to_bf16(grads[set], padded_count, width, target);
+    rounded[set] = target;
+  }
+  const uint16_t* first_pair = padded_pairs + t0 / 2 * padded_pixels * 2;
+  const uint16_t* next_block = t0 + kTemplateBlock < num_templates
+                                   ? first_pair + kTemplateBlock / 2 * padded_pixels * 2
+                                   : nullptr;
+  const int64_t whole = padded_pixels / kBf16TileWidth * kBf16TileWidth;
+  accumulate_slices_bf16<kSets, kTileVectors>(rounded, count, pairs, first_pair, next_block,
+                                              padded_pixels, 0, whole, dx);
+  accumulate_slices_bf16<kSets, 1>(rounded, count, pairs, first_pair, next_block,
+                                   padded_pixels, whole, padded_pixels, dx);
+}
 #else
 // Without AVX-512 BF16 in the compiler the bf16 tasks are never selected (select_bf16_tasks).
 void score_block_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
-                      float, float*) {}
-void accumulate_input_grad_bf16(const float*, int64_t, int64_t, uint16_t*, const uint16_t*,
-                                int64_t, int64_t, float*) {}
+                      int64_t, float, float*) {}
+template <int kSets>
+void accumulate_input_grads_bf16(const float* const (&)[kSets], int64_t, int64_t, uint16_t*,
+                                 const uint16_t*, int64_t, int64_t, int64_t,
+                                 float* const (&)[kSets]) {}
 #endif
 
 // scores[i, j] = s = tau * <x[row i], T[t0 + j]> for the block's rows and templates
@@ -313,7 +381,8 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
                              scalar_t* scores) {
   if constexpr (kBf16) {
     score_block_bf16(scratch.row_pairs.data(), block.count, problem.panel_pairs,
-                     problem.pixel_pairs, t0, width, problem.tau, scores);
+                     problem.pixel_pairs, t0, width, problem.num_templates, problem.tau,
+                     scores);
     return;
   }
   using S = Simd<scalar_t, kBytes>;
@@ -442,10 +511,9 @@ ECLOSS_HOST void accumulate_input_grads(const Problem<scalar_t>& problem, const 
                                         const scalar_t* const (&grads)[kSets], int64_t t0,
                                         int64_t width, scalar_t* const (&dx)[kSets]) {
   if constexpr (kBf16) {
-    for (int set = 0; set < kSets; ++set) {
-      accumulate_input_grad_bf16(grads[set], block.count, width, scratch.grad_pairs.data(),
-                                 problem.padded_pairs, problem.padded_pixels, t0, dx[set]);
-    }
+    accumulate_input_grads_bf16<kSets>(grads, block.count, width, scratch.grad_pairs.data(),
+                                       problem.padded_pairs, problem.padded_pixels, t0,
+                                       problem.num_templates, dx);
     return;
   }
   using S = Simd<scalar_t, kBytes>;
@@ -1095,7 +1163,8 @@ void pack_templates_bf16(const at::Tensor& templates, int64_t tile_width, at::Te
   const int64_t count = templates.size(0), pixels = templates.size(1);
   const int64_t pairs = (pixels + 1) / 2;
   const int64_t panel_count = (count + tile_width - 1) / tile_width;
-  const int64_t padded_pixels = (pixels + tile_width - 1) / tile_width * tile_width;
+  const int64_t lanes = tile_width / kTileVectors;
+  const int64_t padded_pixels = (pixels + lanes - 1) / lanes * lanes;
   const auto options = templates.options().dtype(at::kShort);
   panels = at::zeros({panel_count, pairs, tile_width, 2}, options);
   padded = at::zeros({(count + 1) / 2, padded_pixels, 2}, options);
