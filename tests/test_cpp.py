@@ -240,6 +240,42 @@ def test_bfloat16_products_meet_the_bf16_bound(shape, maps, marginal, cpu_isa):
 
 
 @needs_extension
+@pytest.mark.skipif("avx512_bf16" not in CPU_ISA_PATHS, reason="this CPU has no AVX-512 BF16")
+@pytest.mark.parametrize("marginal", [False, True])
+@pytest.mark.parametrize("shape", [(7, 2, 3, 3), (3, 5, 4, 6), (2, 3, 14, 14), (2, 2, 28, 28)])
+def test_bfloat16_products_match_float64_at_their_rounded_operands(shape, marginal):
+    """On the avx512_bf16 path the products are exact and the sums float32, so the kernels
+    meet float64 evaluated at the bfloat16-rounded maps and templates to float32's accuracy;
+    the gradients' weights are rounded to bfloat16 too (2^-9 each: 1.2% in norm for the
+    3x3 maps' neg_entropy_grad, a difference of two sums; at most 0.2% elsewhere). The bf16
+    bound above (against float64 at the unrounded operands, or 8 times the rounding's own
+    error) is too wide to see a dx that loses its last pixels: K of 9, 24, 196 and 784 end in
+    a partial pair of vectors, or in whole ones (without the last vector of K, 2.5% to 100%
+    of dx's norm here)."""
+    os.environ[cpp_cpu.ISA_VARIABLE] = "avx512_bf16"
+    b, c, h, w = shape
+    x = peaked_maps(b, c, h, w, dtype=torch.float32, seed=h * w).reshape(b, c, h * w)
+    templates = contract_templates(h, w, torch.float32)
+    weight = (torch.rand(c, generator=torch.Generator().manual_seed(c), dtype=torch.float64)
+              + 0.5).expand(b, c)
+    truth = evaluate_contract(rounded(x, "bf16").double(), rounded(templates, "bf16").double(),
+                              weight, marginal)
+    row_max, log_sum, neg_entropy = cpp_cpu.row_stats(x, templates, TAU, "bf16")
+    for name, got, expected in (("row_max", row_max, truth.row_max),
+                                ("log_sum", log_sum, truth.log_sum)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+    neg_entropy_grad = cpp_cpu.row_stats_with_grad(x, templates, TAU, "bf16")[3]
+    sums = cpp_cpu.column_sums(x, templates, TAU, row_max, log_sum, "bf16")
+    prior = marginal_prior(sums, weight[0].float()) if marginal else None
+    dx = cpp_cpu.input_grad(x, templates, TAU, row_max, log_sum, neg_entropy, prior,
+                            weight.float().contiguous(), "bf16")
+    for name, got, expected in (("neg_entropy_grad", neg_entropy_grad, truth.neg_entropy_grad),
+                                ("column_sums", sums, truth.column_sums), ("dx", dx, truth.dx)):
+        error = (got.double() - expected).norm() / expected.norm()
+        assert error < 2e-2, f"{name}: relative error {error:.3g}"
+
+
+@needs_extension
 @pytest.mark.parametrize("precision", ["ieee", "bf16"])
 def test_packed_templates_are_reused_only_while_the_matrix_is_unchanged(precision, cpu_isa):
     # The kernels keep packed copies of recent template matrices: an in-place change, or a
