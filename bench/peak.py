@@ -31,7 +31,7 @@ from bench.cpu import cpu_flags, has_bf16_arithmetic
 from bench.timing import CLOCKS, TimingPlan, matmul_peak_tflops
 
 __all__ = ["FmaPeakUnavailable", "FmaKernel", "FmaLibrary", "build_fma_library", "fma_rate_tflops",
-           "measure_peaks", "PRECISIONS"]
+           "measure_peaks", "higher_peaks", "PRECISIONS"]
 
 PRECISIONS = ("bf16", "tf32", "ieee")
 _SOURCE = Path(__file__).with_name("fma_peak.c")
@@ -255,3 +255,25 @@ def measure_peaks(device: torch.device, clock: str = "wall") -> dict:
     peaks = _cpu_peaks(torch.get_num_threads(), clock, matmul)
     peaks["fma_peak"]["seconds"] = round(time.perf_counter() - started, 2)
     return {"matmul_peak_tflops": matmul, **peaks}
+
+
+_RATES = ("matmul_peak_tflops", "peak_tflops", "fma_peak_tflops", "path_peak_tflops")
+
+
+def higher_peaks(first: dict, second: dict) -> dict:
+    """``first`` (``measure_peaks``'s fields) with each rate the higher of its two
+    measurements: a measured rate is a lower bound of what the hardware does, and another
+    process on the machine can only lower it (2026-12-07, a shared 2-core VM: one run of
+    four measured the bf16 FMA rate at half its value, 0.234 against 0.467 TFLOP/s, and put
+    every bf16 route under its floor). ``python -m bench`` measures the CPU's peaks before
+    and after its cases."""
+    def higher(one, other):
+        if isinstance(one, dict):
+            other = other if isinstance(other, dict) else {}
+            return {key: higher(value, other.get(key)) for key, value in one.items()}
+        if isinstance(one, float) and isinstance(other, float):
+            return max(one, other)
+        return one
+
+    return {**first, **{key: higher(first[key], second.get(key)) for key in _RATES
+                        if key in first}}

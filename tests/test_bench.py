@@ -23,7 +23,7 @@ from bench import cpu as bench_cpu
 from bench.__main__ import main as bench_main
 from bench.cost import Workload, gemm_count
 from bench.grids import GRIDS, Case
-from bench.peak import FmaPeakUnavailable, build_fma_library, fma_rate_tflops
+from bench.peak import FmaPeakUnavailable, build_fma_library, fma_rate_tflops, higher_peaks
 from bench.report import enrich, markdown
 from bench import routes
 from bench.routes import REFERENCE_COMPILED, Route, case_backends, make_loss
@@ -472,3 +472,20 @@ def test_cpu_path_routes_run_their_path_and_meet_their_own_floor(monkeypatch):
     gemm_ms = 2 * 64 * 100 * 49 / 1e9
     assert [r["over_floor"]["forward_backward"] for r in seen] \
         == pytest.approx([1.0 / (3 * gemm_ms / 0.5), 1.0 / (3 * gemm_ms / 0.25)])
+
+
+def test_the_floors_take_the_higher_of_two_peak_measurements():
+    """Every rate the higher of the two (hand-made measurements), None and text kept."""
+    first = {"matmul_peak_tflops": {"ieee": 0.15, "bf16": None}, "peak_tflops": {"ieee": 0.23},
+             "fma_peak_tflops": {"float32": 0.23, "bf16": 0.234},
+             "path_peak_tflops": {"avx2": {"float32": 0.2}, "avx512_bf16": {"bf16": 0.234}},
+             "peak_source": {"ieee": "FMA microbenchmark"}}
+    second = {"matmul_peak_tflops": {"ieee": 0.14, "bf16": None}, "peak_tflops": {"ieee": 0.21},
+              "fma_peak_tflops": {"float32": 0.21, "bf16": 0.467},
+              "path_peak_tflops": {"avx2": {"float32": 0.233}, "avx512_bf16": {"bf16": 0.467}},
+              "peak_source": {"ieee": "another"}}
+    assert higher_peaks(first, second) == {
+        "matmul_peak_tflops": {"ieee": 0.15, "bf16": None}, "peak_tflops": {"ieee": 0.23},
+        "fma_peak_tflops": {"float32": 0.23, "bf16": 0.467},
+        "path_peak_tflops": {"avx2": {"float32": 0.233}, "avx512_bf16": {"bf16": 0.467}},
+        "peak_source": {"ieee": "FMA microbenchmark"}}
