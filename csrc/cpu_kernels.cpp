@@ -467,7 +467,7 @@ ECLOSS_HOST void accumulate_slices(const Problem<scalar_t>& problem, const RowBl
           row[v] = S::load(templates + j * padded_pixels + v * S::kLanes);
         }
         // While the first row tile reads a slice, the next block's same slice is fetched
-        // into L2: its rows lie 4 * padded_pixels bytes apart, a stride across pages that the
+        // into L2: its rows lie padded_pixels scalars apart, a stride across pages that the
         // hardware prefetchers did not follow while the score sweep streamed its panels beside
         // it (B=8, C=64, 14x14, 2 threads, AMD EPYC Zen 4: row_stats_with_grad 73 -> 62 ms on
         // the AVX2 path, 70 -> 65 on AVX-512; input_grad 54 -> 44 and 50 -> 43).
