@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import shutil
 import warnings
 import weakref
@@ -932,3 +933,96 @@ def test_cuda_kernels_reject_missing_or_misshapen_operand_templates():
         torch.ops.ecloss_fast_C.row_stats(x, templates, TAU, "bf16", operands[:-32])
     with pytest.raises(TypeError, match="operand_templates must be"):
         torch.ops.ecloss_fast_C.row_stats(x, templates, TAU, "tf32", operands)
+
+
+def _probabilities_to_log(dtype, finite=False):
+    """q over every binade the floor keeps and the ones it floors: 0, subnormals, the smallest
+    normal, both sides of the reduction's sqrt(1/2) and of 1, near-uniform and peaked
+    softmax columns, and (unless ``finite``) the values that come back as they are (NaN,
+    +inf)."""
+    info = torch.finfo(dtype)
+    generator = torch.Generator().manual_seed(5)
+    special = torch.tensor([0.0, info.tiny / 4, info.tiny, info.tiny * 3, 0.70710677, 0.70710678,
+                            0.7071068, 1 - info.eps, 1.0, 1 + info.eps, 2.0, 1.4142135,
+                            *(() if finite else (float("nan"), float("inf")))],
+                           dtype=torch.float64)
+    spread = torch.logspace(math.log10(info.tiny) - 2, 0, 3000, dtype=torch.float64)
+    softmax = torch.rand(5000, generator=generator, dtype=torch.float64) / 19307
+    return torch.cat([special, spread, softmax]).to(dtype).reshape(2, -1).contiguous()
+
+
+def _float64_log_floored(q):
+    """log max(q, tiny) evaluated in float64 by torch (NaN and +inf as they are)."""
+    floored = torch.where(q < torch.finfo(q.dtype).tiny, torch.finfo(q.dtype).tiny, q)
+    return floored.double().log()
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_floored_matches_float64_within_two_ulps(dtype, cpu_isa):
+    q = _probabilities_to_log(dtype)
+    scale = torch.tensor([1.0, -0.375], dtype=dtype)
+    expected = _float64_log_floored(q)
+    for factors, got in ((None, cpp_cpu.log_floored(q)),
+                         (scale, cpp_cpu.log_floored(q, scale))):
+        assert got.dtype == dtype and got.shape == q.shape
+        reference = expected if factors is None else expected * factors.double()[:, None]
+        finite = reference.isfinite()
+        assert torch.equal(got.isnan(), reference.isnan())
+        infinite = ~finite & ~reference.isnan()
+        assert torch.equal(got[infinite], reference[infinite].to(dtype))
+        ulps = ((got.double() - reference).abs()[finite]
+                / (torch.finfo(dtype).eps * reference.abs()[finite].clamp_min(1e-300)))
+        assert ulps.max() <= 2.0, f"{ulps.max():.2f} ulps"
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_log_sums_match_float64(dtype, cpu_isa):
+    q = _probabilities_to_log(dtype, finite=True)
+    weights = torch.rand(q.shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    got = cpp_cpu.weighted_log_sums(weights, q)
+    expected = (weights.double() * _float64_log_floored(q)).sum(-1)
+    # Each product is within ~2.5 ulps in dtype (the log's 1.25, the product's rounding); the
+    # float64 sum of N same-signed terms adds ~sqrt(N) float64 ulps (the float64 case's bound).
+    columns = q.shape[-1]
+    relative = torch.finfo(dtype).eps * 3 + torch.finfo(torch.float64).eps * 2 * math.sqrt(columns)
+    torch.testing.assert_close(got.double(), expected, rtol=relative, atol=0)
+
+
+@needs_extension
+@pytest.mark.parametrize("call, says", [
+    (lambda: cpp_cpu.log_floored(torch.rand(4, 6).t()), "must be a contiguous (R, N) float32"),
+    (lambda: cpp_cpu.log_floored(torch.rand(4, 6, dtype=torch.float16)), "float32 or float64"),
+    (lambda: cpp_cpu.log_floored(torch.rand(24)), "(R, N)"),
+    (lambda: cpp_cpu.log_floored(torch.rand(4, 6), torch.rand(6)), "the scale must be (R,)"),
+    (lambda: cpp_cpu.log_floored(torch.rand(4, 6), torch.rand(4, dtype=torch.float64)),
+     "in the dtype of probabilities"),
+    (lambda: cpp_cpu.weighted_log_sums(torch.rand(4, 5), torch.rand(4, 6)),
+     "the weights must be (R, N)")])
+def test_log_floored_rejects_malformed_input_saying_why(call, says):
+    with pytest.raises(RuntimeError, match=re.escape(says)):
+        call()
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])  # reference: autograd, not the op
+def test_the_marginal_takes_the_same_logarithms_with_and_without_the_kernels(
+        backend, dtype, monkeypatch):
+    # The op layer takes log pbar of CPU tensors with log_floored and weighted_log_sums
+    # (ecloss_fast/_ops.py); torch's log elsewhere. Both give the marginal loss and dx.
+    def loss_and_grad():
+        x = peaked_maps(3, 4, 7, 7, dtype=dtype, seed=7).requires_grad_()
+        loss = ef.ecloss(x, estimator="marginal", backend=backend).sum()
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    from ecloss_fast import _ops
+
+    with_kernels = loss_and_grad()
+    assert _ops._cpu_kernels(with_kernels[0]) is not None
+    monkeypatch.setattr(_ops, "_cpu_kernels", lambda tensor: None)
+    with_torch = loss_and_grad()
+    relative = RELATIVE[dtype]
+    for got, expected in zip(with_kernels, with_torch):
+        torch.testing.assert_close(got, expected, rtol=relative, atol=relative * expected.abs().max())

@@ -19,6 +19,10 @@ call, so a test or a user can force each path the CPU has). ``"avx512_bf16"`` di
 templates (965 MB at 28x28) twice, where the fused sweeps stream them 3 (uniform) or 4
 times (marginal) and compute 3 or 5 GEMMs' products against 2.
 
+``log_floored`` and ``weighted_log_sums`` are not of the backend contract: the op layer takes
+the marginal estimator's logarithms of CPU tensors with them, whichever backend runs
+(``ecloss_fast/_ops.py``).
+
 The extension records the torch version it was built against (``ecloss_fast._build_info``);
 one built against another torch is not loaded: ``availability`` and ``build_problem`` say
 so and how to rebuild, and ``backend="auto"`` warns before running another backend.
@@ -36,7 +40,8 @@ from ecloss_fast._precision import PRECISIONS, extension_precision
 __all__ = ["availability", "supports", "build_problem", "row_stats", "row_stats_with_grad",
            "column_sums", "input_grad", "extension_error", "extension_torch_version", "TAKES",
            "ISA_PATHS", "ISA_VARIABLE", "isa_paths", "isa_in_use", "slower_here",
-           "row_stats_with_scores", "input_grad_from_scores"]
+           "row_stats_with_scores", "input_grad_from_scores", "log_floored",
+           "weighted_log_sums"]
 
 ISA_VARIABLE = "ECLOSS_FAST_CPU_ISA"
 ISA_PATHS = ("baseline", "avx2", "avx512", "avx512_bf16")
@@ -65,7 +70,7 @@ def _torch_mismatch(path: str | None) -> str | None:
 # The extension's ops this module calls: a build from older sources may lack some.
 _EXTENSION_OPS = ("row_stats", "row_stats_with_grad", "column_sums", "input_grad",
                   "row_stats_with_scores", "input_grad_from_scores", "cpu_isa_paths",
-                  "cpu_isa", "set_cpu_isa")
+                  "cpu_isa", "set_cpu_isa", "log_floored", "weighted_log_sums")
 
 
 def _other_sources() -> str | None:
@@ -205,3 +210,17 @@ def input_grad_from_scores(scores, templates, tau, row_max, log_sum, neg_entropy
     return torch.ops.ecloss_fast_C.input_grad_from_scores(
         scores, templates, tau, row_max, log_sum, neg_entropy, prior, row_weight,
         extension_precision(precision, "ieee"))
+
+
+def log_floored(probabilities, scale=None):
+    """``scale[r] * log max(q[r, t], tiny)`` (``scale=None``: the logarithm) of a contiguous
+    ``(R, N)`` float32 or float64 tensor, ``tiny`` its dtype's smallest normal; NaN and +inf
+    come back as they are. Within 1.25 ulp of float64's log (float32; 1 ulp in float64)."""
+    _apply_isa_variable()
+    return torch.ops.ecloss_fast_C.log_floored(probabilities, scale)
+
+
+def weighted_log_sums(weights, probabilities):
+    """``sum_t weights[r, t] * log max(q[r, t], tiny)`` per row, summed in float64."""
+    _apply_isa_variable()
+    return torch.ops.ecloss_fast_C.weighted_log_sums(weights, probabilities)
