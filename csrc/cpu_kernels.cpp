@@ -215,26 +215,70 @@ ECLOSS_HOST void pack_rows(const Problem<scalar_t>& problem, const RowBlock& blo
 constexpr int64_t kBf16Lanes = 16;
 constexpr int64_t kBf16TileWidth = kTileVectors * kBf16Lanes;
 
+// The vectors of the bfloat16 micro-kernels: float32 accumulators of kLanes lanes and the
+// pairs of bfloat16 operands beside them, 512 bits, or 256 for the half vector that K leaves
+// on the accumulation's last slice (accumulate_input_grads_bf16).
+template <int kLanes>
+struct Bf16Vectors;
+
+template <>
+struct Bf16Vectors<16> {
+  using Sums = __m512;
+  using Pairs = __m512bh;
+  static ECLOSS_BF16_TARGET Sums zero() { return _mm512_setzero_ps(); }
+  static ECLOSS_BF16_TARGET Pairs load(const uint16_t* pairs) {
+    return (__m512bh)_mm512_loadu_si512(pairs);
+  }
+  static ECLOSS_BF16_TARGET Pairs broadcast(int32_t both) {
+    return (__m512bh)_mm512_set1_epi32(both);
+  }
+  static ECLOSS_BF16_TARGET Sums dot(Sums sums, Pairs first, Pairs second) {
+    return _mm512_dpbf16_ps(sums, first, second);
+  }
+  static ECLOSS_BF16_TARGET void add_to(float* target, Sums sums) {
+    _mm512_storeu_ps(target, _mm512_add_ps(_mm512_loadu_ps(target), sums));
+  }
+};
+
+template <>
+struct Bf16Vectors<8> {
+  using Sums = __m256;
+  using Pairs = __m256bh;
+  static ECLOSS_BF16_TARGET Sums zero() { return _mm256_setzero_ps(); }
+  static ECLOSS_BF16_TARGET Pairs load(const uint16_t* pairs) {
+    return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+  }
+  static ECLOSS_BF16_TARGET Pairs broadcast(int32_t both) {
+    return (__m256bh)_mm256_set1_epi32(both);
+  }
+  static ECLOSS_BF16_TARGET Sums dot(Sums sums, Pairs first, Pairs second) {
+    return _mm256_dpbf16_ps(sums, first, second);
+  }
+  static ECLOSS_BF16_TARGET void add_to(float* target, Sums sums) {
+    _mm256_storeu_ps(target, _mm256_add_ps(_mm256_loadu_ps(target), sums));
+  }
+};
+
 // accumulators[s][i][v] += sum over the pairs p of rows[s][i * row_stride + 2p .. +1] . the
-// two templates' vector v of pair p (at vectors + p * vector_stride + v * 2 * kBf16Lanes), for
+// two templates' vector v of pair p (at vectors + p * vector_stride + v * 2 * kLanes), for
 // kSets row sets at once: one tile of either micro-kernel below. With `upcoming`, the same
 // vectors there (the next template block's) are fetched into L2 as these are read (see
 // accumulate_slices).
-template <int kSets, int kVectors>
+template <int kSets, int kVectors, int kLanes = kBf16Lanes>
 ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_bf16_tile(
-    __m512 (&accumulators)[kSets][kRowTile][kVectors], const uint16_t* vectors,
-    int64_t vector_stride, const uint16_t* const (&rows)[kSets], int64_t row_stride,
-    int64_t pairs, const uint16_t* upcoming) {
+    typename Bf16Vectors<kLanes>::Sums (&accumulators)[kSets][kRowTile][kVectors],
+    const uint16_t* vectors, int64_t vector_stride, const uint16_t* const (&rows)[kSets],
+    int64_t row_stride, int64_t pairs, const uint16_t* upcoming) {
+  using V = Bf16Vectors<kLanes>;
   for (auto& set : accumulators) {
-    for (auto& row : set) for (auto& value : row) value = _mm512_setzero_ps();
+    for (auto& row : set) for (auto& value : row) value = V::zero();
   }
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    __m512bh templates[kVectors];
+    typename V::Pairs templates[kVectors];
     for (int64_t v = 0; v < kVectors; ++v) {
-      templates[v] = (__m512bh)_mm512_loadu_si512(vectors + pair * vector_stride +
-                                                  v * 2 * kBf16Lanes);
+      templates[v] = V::load(vectors + pair * vector_stride + v * 2 * kLanes);
       if (upcoming != nullptr) {
-        __builtin_prefetch(upcoming + pair * vector_stride + v * 2 * kBf16Lanes, 0, 2);
+        __builtin_prefetch(upcoming + pair * vector_stride + v * 2 * kLanes, 0, 2);
       }
     }
     for (int set = 0; set < kSets; ++set) {
@@ -242,10 +286,9 @@ ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_bf16_ti
       for (int64_t i = 0; i < kRowTile; ++i) {
         int32_t both;
         std::memcpy(&both, rows[set] + i * row_stride + 2 * pair, sizeof both);
-        const __m512bh value = (__m512bh)_mm512_set1_epi32(both);
+        const typename V::Pairs value = V::broadcast(both);
         for (int64_t v = 0; v < kVectors; ++v) {
-          accumulators[set][i][v] = _mm512_dpbf16_ps(accumulators[set][i][v], value,
-                                                     templates[v]);
+          accumulators[set][i][v] = V::dot(accumulators[set][i][v], value, templates[v]);
         }
       }
     }
@@ -302,27 +345,27 @@ ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void round_to_bf16(
   }
 }
 
-// accumulate_input_grads_bf16 over the pixel slices k_begin .. k_end of kVectors vectors each,
-// from the rounded grads of each set (rows[s], kTemplateBlock apart).
-template <int kSets, int kVectors>
+// accumulate_input_grads_bf16 over the pixel slices k_begin .. k_end of kVectors vectors of
+// kLanes each, from the rounded grads of each set (rows[s], kTemplateBlock apart).
+template <int kSets, int kVectors, int kLanes = kBf16Lanes>
 ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_slices_bf16(
     const uint16_t* const (&rounded)[kSets], int64_t count, int64_t pairs,
     const uint16_t* first_pair, const uint16_t* next_block, int64_t padded_pixels,
     int64_t k_begin, int64_t k_end, float* const (&dx)[kSets]) {
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kVectors * kBf16Lanes) {
+  using V = Bf16Vectors<kLanes>;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kVectors * kLanes) {
     for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
       const uint16_t* rows[kSets];
       for (int set = 0; set < kSets; ++set) rows[set] = rounded[set] + i0 * kTemplateBlock;
-      __m512 accumulators[kSets][kRowTile][kVectors];
-      accumulate_bf16_tile<kSets, kVectors>(
+      typename V::Sums accumulators[kSets][kRowTile][kVectors];
+      accumulate_bf16_tile<kSets, kVectors, kLanes>(
           accumulators, first_pair + k0 * 2, padded_pixels * 2, rows, kTemplateBlock, pairs,
           i0 == 0 && next_block != nullptr ? next_block + k0 * 2 : nullptr);
       for (int set = 0; set < kSets; ++set) {
         for (int64_t i = 0; i < kRowTile; ++i) {
           for (int64_t v = 0; v < kVectors; ++v) {
-            float* target = dx[set] + (i0 + i) * padded_pixels + k0 + v * kBf16Lanes;
-            _mm512_storeu_ps(target,
-                             _mm512_add_ps(_mm512_loadu_ps(target), accumulators[set][i][v]));
+            V::add_to(dx[set] + (i0 + i) * padded_pixels + k0 + v * kLanes,
+                      accumulators[set][i][v]);
           }
         }
       }
@@ -334,8 +377,9 @@ ECLOSS_BF16_TARGET inline __attribute__((always_inline)) void accumulate_slices_
 // for kSets weight sets in one stream of the templates, the grads rounded to bfloat16 into
 // grad_pairs (kSets blocks of kRowBlock x kTemplateBlock), the templates in pairs of rows
 // (template t, pixel k at [(t / 2) * padded_pixels + k] * 2 + t % 2). As the float32 form:
-// pixel slices outermost, tiles of two vectors then the one vector K leaves, the next block's
-// slice fetched while the first row tile reads this one's.
+// pixel slices outermost, tiles of two vectors, then the vectors and the half vector K leaves
+// (padded_pixels is K rounded up to 8, as the float32 AVX-512 path's), the next block's slice
+// fetched while the first row tile reads this one's.
 template <int kSets>
 ECLOSS_BF16_TARGET void accumulate_input_grads_bf16(
     const float* const (&grads)[kSets], int64_t count, int64_t width, uint16_t* grad_pairs,
@@ -354,10 +398,14 @@ ECLOSS_BF16_TARGET void accumulate_input_grads_bf16(
                                    ? first_pair + kTemplateBlock / 2 * padded_pixels * 2
                                    : nullptr;
   const int64_t whole = padded_pixels / kBf16TileWidth * kBf16TileWidth;
+  const int64_t vectors = padded_pixels / kBf16Lanes * kBf16Lanes;
   accumulate_slices_bf16<kSets, kTileVectors>(rounded, count, pairs, first_pair, next_block,
                                               padded_pixels, 0, whole, dx);
   accumulate_slices_bf16<kSets, 1>(rounded, count, pairs, first_pair, next_block,
-                                   padded_pixels, whole, padded_pixels, dx);
+                                   padded_pixels, whole, vectors, dx);
+  accumulate_slices_bf16<kSets, 1, kBf16Lanes / 2>(rounded, count, pairs, first_pair,
+                                                   next_block, padded_pixels, vectors,
+                                                   padded_pixels, dx);
 }
 #else
 // Without AVX-512 BF16 in the compiler the bf16 tasks are never selected (select_bf16_tasks).
@@ -1285,8 +1333,8 @@ void pack_templates_bf16(const at::Tensor& templates, int64_t tile_width, at::Te
   const int64_t count = templates.size(0), pixels = templates.size(1);
   const int64_t pairs = (pixels + 1) / 2;
   const int64_t panel_count = (count + tile_width - 1) / tile_width;
-  const int64_t lanes = tile_width / kTileVectors;
-  const int64_t padded_pixels = (pixels + lanes - 1) / lanes * lanes;
+  const int64_t half_vector = tile_width / kTileVectors / 2;  // accumulate_input_grads_bf16
+  const int64_t padded_pixels = (pixels + half_vector - 1) / half_vector * half_vector;
   const auto options = templates.options().dtype(at::kShort);
   panels = at::zeros({panel_count, pairs, tile_width, 2}, options);
   padded = at::zeros({(count + 1) / 2, padded_pixels, 2}, options);
