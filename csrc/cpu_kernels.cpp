@@ -60,6 +60,8 @@ static_assert(kTemplateBlock % (kTileVectors * 64 / sizeof(float)) == 0 &&
                   kRowBlock % kRowTile == 0,
               "blocks must hold whole micro-kernel tiles at every vector width");
 
+constexpr int64_t kCacheLine = 64;  // bytes: what one prefetch fetches
+
 // A vector of kBytes bytes; kTileWidth scalars make one micro-kernel tile row.
 template <typename scalar_t, int kBytes>
 struct Simd {
@@ -436,7 +438,6 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
   using S = Simd<scalar_t, kBytes>;
   const scalar_t* row_panels = scratch.row_panels.data();
   const int64_t pixels = problem.pixels;
-  constexpr int64_t kLineScalars = 64 / sizeof(scalar_t);
   const scalar_t* panels_end = problem.panels + (problem.num_templates + S::kTileWidth - 1) /
                                                     S::kTileWidth * S::kTileWidth * pixels;
   // Template panel outermost: it stays in L1 while every row tile of the block reads it.
@@ -452,7 +453,7 @@ ECLOSS_HOST void score_block(const Problem<scalar_t>& problem, const RowBlock& b
           templates[v] = S::load(panel + k * S::kTileWidth + v * S::kLanes);
         }
         if (i0 == 0 && next < panels_end) {  // the next panel, as the first row tile reads this
-          for (int64_t line = 0; line < S::kTileWidth; line += kLineScalars) {
+          for (int64_t line = 0; line < S::kTileWidth; line += kCacheLine / sizeof(scalar_t)) {
             __builtin_prefetch(next + k * S::kTileWidth + line, 0, 2);
           }
         }
@@ -502,7 +503,6 @@ ECLOSS_HOST void accumulate_slices(const Problem<scalar_t>& problem, const RowBl
   using S = Simd<scalar_t, kBytes>;
   constexpr int64_t kRows = accumulate_tile_rows<kBytes, kSets, kVectors>();
   constexpr int64_t kSliceWidth = kVectors * S::kLanes;
-  constexpr int64_t kLineScalars = 64 / sizeof(scalar_t);
   const int64_t padded_pixels = problem.padded_pixels;
   // Pixel slice outermost: its templates stay in L1 while every row tile reads them.
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kSliceWidth) {
@@ -521,7 +521,7 @@ ECLOSS_HOST void accumulate_slices(const Problem<scalar_t>& problem, const RowBl
         // the AVX2 path, 70 -> 65 on AVX-512; input_grad 54 -> 44 and 50 -> 43).
         if (i0 == 0 && t0 + kTemplateBlock + j < problem.num_templates) {
           const scalar_t* next = templates + (kTemplateBlock + j) * padded_pixels;
-          for (int64_t line = 0; line < kSliceWidth; line += kLineScalars) {
+          for (int64_t line = 0; line < kSliceWidth; line += kCacheLine / sizeof(scalar_t)) {
             __builtin_prefetch(next + line, 0, 2);
           }
         }
