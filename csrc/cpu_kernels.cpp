@@ -1728,7 +1728,8 @@ int64_t rows_per_task(int64_t columns) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, columns));
 }
 
-at::Tensor log_floored_cpu(const at::Tensor& probabilities, const std::optional<at::Tensor>& scale) {
+at::Tensor log_floored_cpu(const at::Tensor& probabilities,
+                           const std::optional<at::Tensor>& scale) {
   check_log_arguments("log_floored", probabilities, scale ? &*scale : nullptr, 1);
   at::Tensor out = at::empty_like(probabilities);
   const int64_t rows = probabilities.size(0), columns = probabilities.size(1);
