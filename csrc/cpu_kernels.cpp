@@ -1127,9 +1127,11 @@ ECLOSS_HOST void log_floored_rows(const scalar_t* q, const scalar_t* scale, scal
   }
 }
 
-// sums[r] = sum_t weights[r, t] log max(q[r, t], tiny) for the rows begin .. end, summed in
-// float64 (the forward's sum_t (sum_b p) log pbar, whose N terms of size log N cancel
-// against the entropies to the loss).
+// sums[r] = sum_t weights[r, t] log max(q[r, t], tiny) for the rows begin .. end, in float64
+// with Neumaier's compensation in each vector lane: the forward's sum_t (sum_b p) log pbar,
+// whose N terms of size log N cancel against the entropies to the loss. (Plainly summed,
+// float64 maps of zeros at 4x4, N = 137, gave marginal losses of -1.2e-14 where torch's
+// vecdot gave -8.9e-16: 12 ulps of the sum.)
 template <typename scalar_t>
 ECLOSS_HOST void weighted_log_sums_rows(const scalar_t* weights, const scalar_t* q,
                                         scalar_t* sums, int64_t columns, int64_t begin,
@@ -1137,12 +1139,16 @@ ECLOSS_HOST void weighted_log_sums_rows(const scalar_t* weights, const scalar_t*
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t* weight = weights + row * columns;
     const scalar_t* source = q + row * columns;
-    double total = 0;
-#pragma omp simd reduction(+ : total)
+    double total = 0, compensation = 0;
+#pragma omp simd reduction(+ : total, compensation)
     for (int64_t t = 0; t < columns; ++t) {
-      total += static_cast<double>(weight[t] * log_floored(source[t]));
+      const double term = static_cast<double>(weight[t] * log_floored(source[t]));
+      const double next = total + term;
+      compensation += std::abs(total) >= std::abs(term) ? (total - next) + term
+                                                         : (term - next) + total;
+      total = next;
     }
-    sums[row] = static_cast<scalar_t>(total);
+    sums[row] = static_cast<scalar_t>(total + compensation);
   }
 }
 
