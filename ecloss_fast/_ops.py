@@ -147,9 +147,9 @@ def _global_batch(local_sums, batch, group, like):
 def _cpu_kernels(tensor):
     """The ``cpu`` backend's module where ``tensor`` is on the CPU and the extension is
     built, else ``None``: its ``log_floored`` and ``weighted_log_sums`` take the marginal's
-    logarithms in one pass each (C=64, N=19,307, 2 threads, AMD EPYC Zen 4: 0.19 and 0.26 ms
-    where torch's clamp, log and vecdot took 0.74 and 0.92; a marginal step 1.9-2.6 ms
-    faster, bench/NOTES.md "The marginal's logarithms")."""
+    logarithms in one pass each (C=64, N=19,307, 2 threads, AMD EPYC Zen 4: 0.19 and 0.46 ms
+    where torch's clamp, log and vecdot took 0.74 and 0.92; a marginal step ~2 ms faster,
+    bench/NOTES.md "The marginal's logarithms")."""
     if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
         return None
     try:
