@@ -87,7 +87,7 @@ struct Problem {
   const scalar_t* panels;  // (ceil(N / W), K, W) with W the tile width: template t, pixel
                            // k at [(t / W) * K + k] * W + t % W, zero past N
   const scalar_t* padded;  // (N, padded_pixels), zero past K; input_grad only
-  int64_t padded_pixels;   // K rounded up to the vector width
+  int64_t padded_pixels;   // K rounded up for the accumulation (padded_pixel_count)
   // bfloat16 products (precision "bf16", float32 only): the same two layouts with the
   // reduction axis in pairs, as vdpbf16ps takes them (pack_templates_bf16).
   const uint16_t* panel_pairs;
@@ -1059,7 +1059,7 @@ void merge_input_grad_parts(const Problem<scalar_t>& problem, int64_t row) {
 // 2^e m with m in [sqrt(1/2), sqrt(2)) read from the bits (musl's reduction), log m =
 // 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...) with s = (m - 1) / (m + 1), |s| <= 0.1716, to
 // s^9 for float and s^21 for double (the next term below 2e-9 and 1e-18 of the sum), and
-// e ln 2 in two parts (host_exp's). For normal x; log_floored floors below them.
+// e ln 2 in two parts (Ln2, as host_exp). For normal x; log_floored floors below them.
 template <typename scalar_t>
 struct LogConstants;
 template <>
@@ -1069,7 +1069,6 @@ struct LogConstants<float> {
   static constexpr Bits kHalfSqrt2 = 0x3f3504f3u;  // the bits of sqrt(1/2)
   static constexpr int kMantissaBits = 23;
   static constexpr int kTerms = 5;  // 1, s^2/3, ..., s^8/9
-  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 };
 template <>
 struct LogConstants<double> {
@@ -1078,8 +1077,6 @@ struct LogConstants<double> {
   static constexpr Bits kHalfSqrt2 = 0x3fe6a09e667f3bcdull;
   static constexpr int kMantissaBits = 52;
   static constexpr int kTerms = 11;  // 1, s^2/3, ..., s^20/21
-  static constexpr double kLn2Hi = 6.93147180369123816490e-01;
-  static constexpr double kLn2Lo = 1.90821492927058770002e-10;
 };
 
 template <typename scalar_t>
@@ -1100,7 +1097,8 @@ ECLOSS_HOST scalar_t host_log(scalar_t x) {
     series = series * s2 + scalar_t(1) / scalar_t(2 * term + 1);
   }
   const scalar_t twice = s + s;
-  return exponent * L::kLn2Hi + (exponent * L::kLn2Lo + (twice + twice * s2 * series));
+  return exponent * Ln2<scalar_t>::kHi +
+         (exponent * Ln2<scalar_t>::kLo + (twice + twice * s2 * series));
 }
 
 // log max(q, tiny), tiny the smallest normal: finite for q = 0, so that a term with q = 0
@@ -1299,6 +1297,14 @@ const Tasks<scalar_t>& tasks_for(c10::string_view precision) {
   return tasks_at<scalar_t>(isa);
 }
 
+// K rounded up for the accumulation's layout of vectors of `lanes` scalars of `bytes` each:
+// to a whole vector, or to half of a 512-bit one, whose last half the accumulation takes in
+// 256-bit instructions (accumulate_input_grads, accumulate_input_grads_bf16).
+int64_t padded_pixel_count(int64_t pixels, int64_t lanes, int64_t bytes) {
+  const int64_t step = lanes * bytes == 64 ? lanes / 2 : lanes;
+  return (pixels + step - 1) / step * step;
+}
+
 // The template matrix in the two layouts the micro-kernels read (see Problem), for tiles
 // `tile_width` scalars wide.
 template <typename scalar_t>
@@ -1306,10 +1312,8 @@ void pack_templates(const at::Tensor& templates, int64_t tile_width, at::Tensor&
                     at::Tensor& padded) {
   const int64_t count = templates.size(0), pixels = templates.size(1);
   const int64_t panel_count = (count + tile_width - 1) / tile_width;
-  const int64_t lanes = tile_width / kTileVectors;
-  // AVX-512: K rounded up to half a vector (accumulate_input_grads).
-  const int64_t step = lanes * sizeof(scalar_t) == 64 ? lanes / 2 : lanes;
-  const int64_t padded_pixels = (pixels + step - 1) / step * step;
+  const int64_t padded_pixels =
+      padded_pixel_count(pixels, tile_width / kTileVectors, sizeof(scalar_t));
   panels = at::empty({panel_count, pixels, tile_width}, templates.options());
   padded = at::zeros({count, padded_pixels}, templates.options());
   const scalar_t* source = templates.data_ptr<scalar_t>();
@@ -1339,8 +1343,8 @@ void pack_templates_bf16(const at::Tensor& templates, int64_t tile_width, at::Te
   const int64_t count = templates.size(0), pixels = templates.size(1);
   const int64_t pairs = (pixels + 1) / 2;
   const int64_t panel_count = (count + tile_width - 1) / tile_width;
-  const int64_t half_vector = tile_width / kTileVectors / 2;  // accumulate_input_grads_bf16
-  const int64_t padded_pixels = (pixels + half_vector - 1) / half_vector * half_vector;
+  const int64_t padded_pixels = padded_pixel_count(pixels, tile_width / kTileVectors,
+                                                   sizeof(float));
   const auto options = templates.options().dtype(at::kShort);
   panels = at::zeros({panel_count, pairs, tile_width, 2}, options);
   padded = at::zeros({(count + 1) / 2, padded_pixels, 2}, options);

@@ -53,10 +53,23 @@ struct SoftmaxState {
 // underflows adds nothing to any sum (a floor at the smallest normal would add
 // p * (s - max), a multiple of the score's size, to neg_entropy). The upper clamp keeps 2^n
 // inside the exponent field whatever the argument.
+// ln 2 in two parts for the exponent reductions of host_exp and the CPU's host_log: the high
+// part has few enough bits that n * kHi is exact for every exponent n they meet.
+template <typename scalar_t>
+struct Ln2;
+template <>
+struct Ln2<float> {
+  static constexpr float kHi = 0.693359375f;  // exact in 9 bits
+  static constexpr float kLo = -2.12194440e-4f;
+};
+template <>
+struct Ln2<double> {
+  static constexpr double kHi = 6.93147180369123816490e-01;
+  static constexpr double kLo = 1.90821492927058770002e-10;
+};
+
 ECLOSS_HOST float host_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // exact in 9 bits, so n * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kLowest = -87.3f;  // exp(kLowest) is just above the smallest normal
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   float clamped = x < kLowest ? kLowest : x;
@@ -65,7 +78,7 @@ ECLOSS_HOST float host_exp(float x) {
   // the low bits of the sum, whence 2^n without a float-to-int conversion (NaN needs none).
   const float rounded = clamped * kLog2e + kRound;
   const float n = rounded - kRound;
-  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  const float r = (clamped - n * Ln2<float>::kHi) - n * Ln2<float>::kLo;
   float poly = 1.0f / 5040.0f;
   poly = poly * r + 1.0f / 720.0f;
   poly = poly * r + 1.0f / 120.0f;
@@ -84,15 +97,13 @@ ECLOSS_HOST float host_exp(float x) {
 
 ECLOSS_HOST double host_exp(double x) {
   constexpr double kLog2e = 1.4426950408889634074;
-  constexpr double kLn2Hi = 6.93147180369123816490e-01;
-  constexpr double kLn2Lo = 1.90821492927058770002e-10;
   constexpr double kLowest = -708.0;  // exp(kLowest) is just above the smallest normal
   constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
   double clamped = x < kLowest ? kLowest : x;
   clamped = clamped > 709.0 ? 709.0 : clamped;
   const double rounded = clamped * kLog2e + kRound;
   const double n = rounded - kRound;
-  const double r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  const double r = (clamped - n * Ln2<double>::kHi) - n * Ln2<double>::kLo;
   double poly = 1.0 / 479001600.0;  // 1/12!
   constexpr double kInverseFactorials[12] = {
       1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
